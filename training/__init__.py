@@ -1,0 +1,1 @@
+"""Training recipes (Ray Train + DeepSpeed), their YAML configs and DeepSpeed configs."""

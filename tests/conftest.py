@@ -1,0 +1,245 @@
+"""Session fixtures that start REAL services on free loopback ports and stop them by PID.
+
+- PostgreSQL 15 (initdb/pg_ctl as the `postgres` user when run as root)
+- moto's S3 server, as a separate process speaking the S3 protocol
+- an MLflow server on that PostgreSQL and that S3 (started by ray_app.stack)
+- a Ray head with explicit ports and its own temp dir (started by ray_app.stack)
+"""
+
+from __future__ import annotations
+
+import os
+import pwd
+import random
+import shutil
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+from ray_app.settings import Settings, load_settings
+from ray_app.stack import LocalStack, port_free, stop_process_group
+
+S3_ACCESS_KEY = "llmops-test-access"
+S3_SECRET_KEY = "llmops-test-secret-key"
+
+# Tests must never touch the developer's own ~/.llmops, .env or hub cache.
+_SESSION_HOME = Path(tempfile.mkdtemp(prefix="llmops-test-home-"))
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+os.environ["LLMOPS_HOME"] = str(_SESSION_HOME)
+for _name in ("MLFLOW_TRACKING_URI", "RAY_ADDRESS", "AWS_ENDPOINT_URL", "MLFLOW_S3_ENDPOINT_URL", "LLMOPS_STORE_URI"):
+    os.environ.pop(_name, None)
+
+
+def free_port() -> int:
+    """A TCP port nothing listens on right now."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def free_port_block(size: int, low: int = 30000, high: int = 60000) -> int:
+    """The first port of ``size`` consecutive free ports."""
+    for _ in range(200):
+        base = random.randrange(low, high - size)
+        if all(port_free("127.0.0.1", port) for port in range(base, base + size)):
+            return base
+    raise RuntimeError(f"no block of {size} free ports found")
+
+
+def wait_for_port(port: int, timeout: float = 30.0, proc: subprocess.Popen | None = None) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc is not None and proc.poll() is not None:
+            raise RuntimeError(f"process exited with {proc.returncode} before opening port {port}")
+        with socket.socket() as sock:
+            if sock.connect_ex(("127.0.0.1", port)) == 0:
+                return
+        time.sleep(0.2)
+    raise RuntimeError(f"nothing listens on port {port} after {timeout} s")
+
+
+def venv_bin(name: str) -> str:
+    return str(Path(sys.executable).parent / name)
+
+
+# --- PostgreSQL ----------------------------------------------------------------------------
+@dataclass
+class Postgres:
+    port: int
+    data_dir: Path
+
+    def url(self, database: str = "postgres", driver: str = "psycopg2") -> str:
+        return f"postgresql+{driver}://postgres@127.0.0.1:{self.port}/{database}"
+
+    def create_database(self, name: str) -> str:
+        import psycopg
+
+        with psycopg.connect(f"host=127.0.0.1 port={self.port} user=postgres dbname=postgres", autocommit=True) as conn:
+            exists = conn.execute("SELECT 1 FROM pg_database WHERE datname = %s", (name,)).fetchone()
+            if not exists:
+                conn.execute(f'CREATE DATABASE "{name}"')
+        return name
+
+
+def _pg_bin(name: str) -> str:
+    found = shutil.which(name)
+    if found:
+        return found
+    candidates = sorted(Path("/usr/lib/postgresql").glob(f"*/bin/{name}"))
+    if not candidates:
+        raise RuntimeError(f"{name} not found: install PostgreSQL 15 (make test does: apt-get install postgresql-15)")
+    return str(candidates[-1])
+
+
+def _as_postgres_user(argv: list[str]) -> list[str]:
+    if os.geteuid() != 0:
+        return argv
+    return ["runuser", "-u", "postgres", "--", *argv]
+
+
+@pytest.fixture(scope="session")
+def postgres() -> Iterator[Postgres]:
+    root = Path(tempfile.mkdtemp(prefix="llmops-pg-"))
+    data, sock = root / "data", root / "sock"
+    sock.mkdir()
+    if os.geteuid() == 0:
+        owner = pwd.getpwnam("postgres")
+        for path in (root, sock):
+            os.chown(path, owner.pw_uid, owner.pw_gid)
+    root.chmod(0o755)
+    subprocess.run(
+        _as_postgres_user([_pg_bin("initdb"), "-D", str(data), "-U", "postgres", "--auth=trust", "-E", "UTF8"]),
+        check=True,
+        capture_output=True,
+    )
+    port = free_port()
+    options = f"-p {port} -k {sock} -c listen_addresses=127.0.0.1 -c fsync=off"
+    subprocess.run(
+        _as_postgres_user(
+            [_pg_bin("pg_ctl"), "-D", str(data), "-o", options, "-l", str(root / "pg.log"), "-w", "start"]
+        ),
+        check=True,
+        capture_output=True,
+    )
+    try:
+        yield Postgres(port=port, data_dir=data)
+    finally:
+        subprocess.run(
+            _as_postgres_user([_pg_bin("pg_ctl"), "-D", str(data), "-m", "fast", "-w", "stop"]), capture_output=True
+        )
+        shutil.rmtree(root, ignore_errors=True)
+
+
+# --- S3 (moto's server process) ------------------------------------------------------------
+@dataclass
+class S3Server:
+    endpoint_url: str
+    access_key: str = S3_ACCESS_KEY
+    secret_key: str = S3_SECRET_KEY
+
+
+@pytest.fixture(scope="session")
+def s3_server() -> Iterator[S3Server]:
+    port = free_port()
+    log = open(_SESSION_HOME / "moto.log", "wb")
+    proc = subprocess.Popen(
+        [venv_bin("moto_server"), "-H", "127.0.0.1", "-p", str(port)],
+        stdout=log,
+        stderr=subprocess.STDOUT,
+        start_new_session=True,
+    )
+    try:
+        wait_for_port(port, proc=proc)
+        yield S3Server(endpoint_url=f"http://127.0.0.1:{port}")
+    finally:
+        stop_process_group(proc.pid, timeout_s=10)
+        proc.wait(timeout=10)
+        log.close()
+
+
+def s3_settings(s3: S3Server, home: Path, bucket: str = "llmops-test", **extra: object) -> Settings:
+    """Settings pointing the store at ``s3://bucket/store`` on the test S3 server."""
+    return load_settings(
+        home=home,
+        store_uri=f"s3://{bucket}/store",
+        s3_endpoint_url=s3.endpoint_url,
+        aws_access_key_id=s3.access_key,
+        aws_secret_access_key=s3.secret_key,
+        **extra,
+    )
+
+
+# --- MLflow on PostgreSQL + S3 -------------------------------------------------------------
+@pytest.fixture(scope="session")
+def mlflow_server(postgres: Postgres, s3_server: S3Server, tmp_path_factory) -> Iterator[Settings]:
+    from ray_app.storage import S3Store
+
+    home = tmp_path_factory.mktemp("mlflow-home")
+    settings = s3_settings(
+        s3_server,
+        home,
+        mlflow_port=free_port(),
+        mlflow_backend_store_uri=postgres.url(postgres.create_database("mlflow")),
+        mlflow_artifacts_destination="s3://mlflow-artifacts",
+    )
+    S3Store("s3://mlflow-artifacts", settings).ensure()
+    stack = LocalStack(settings)
+    stack.up(["mlflow"], echo=lambda _line: None)
+    try:
+        yield settings
+    finally:
+        stack.down(echo=lambda _line: None)
+
+
+# --- Ray ---------------------------------------------------------------------------------
+@pytest.fixture(scope="session")
+def ray_cluster(s3_server: S3Server, tmp_path_factory) -> Iterator[Settings]:
+    """A Ray head (2 CPUs) with the dashboard and Jobs API, every port explicit."""
+    home = tmp_path_factory.mktemp("ray-home")
+    base = free_port_block(16 + 300)
+    settings = s3_settings(
+        s3_server,
+        home,
+        ray_port=base,
+        ray_dashboard_port=base + 1,
+        ray_client_port=base + 2,
+        ray_internal_port_base=base + 3,
+        ray_worker_port_range=(base + 16, base + 16 + 299),
+        ray_temp_dir=Path(f"/tmp/llmops-t{base}"),
+        ray_num_cpus=2,
+        ray_object_store_memory_mb=512,
+    )
+    stack = LocalStack(settings)
+    stack.up(["ray"], echo=lambda _line: None)
+    try:
+        yield settings
+    finally:
+        stack.down(echo=lambda _line: None)
+        shutil.rmtree(settings.ray_temp_dir, ignore_errors=True)
+
+
+@pytest.fixture(scope="session")
+def ray_client(ray_cluster: Settings) -> Iterator[Settings]:
+    """This test process connected to the Ray head as a driver."""
+    import ray
+
+    ray.init(address=ray_cluster.ray_gcs_address, log_to_driver=False)
+    try:
+        yield ray_cluster
+    finally:
+        ray.shutdown()
+
+
+@pytest.fixture()
+def home(tmp_path: Path) -> Path:
+    """A fresh LLMOPS_HOME for one test."""
+    return tmp_path / "home"

@@ -9,6 +9,7 @@ the ecosystem already uses (``MLFLOW_TRACKING_URI``, ``AWS_ACCESS_KEY_ID``, ``RA
 
 from __future__ import annotations
 
+import os
 import re
 from functools import lru_cache
 from pathlib import Path
@@ -109,6 +110,10 @@ class Settings(BaseSettings):
     # --- Ray -----------------------------------------------------------------------------
     ray_address: str | None = Field(default=None, validation_alias=_env("RAY_ADDRESS", "LLMOPS_RAY_ADDRESS"))
     ray_temp_dir: Path | None = Field(default=None, description="short path: Ray's socket paths must fit 107 chars")
+    ray_auth_mode: Literal["token", "disabled"] = Field(
+        default="token", validation_alias=_env("RAY_AUTH_MODE", "LLMOPS_RAY_AUTH_MODE")
+    )
+    ray_auth_token: SecretStr | None = Field(default=None, validation_alias=_env("RAY_AUTH_TOKEN"))
     ray_num_cpus: int | None = Field(default=None, ge=1)
     ray_object_store_memory_mb: int | None = Field(default=None, ge=78)
 
@@ -207,6 +212,63 @@ class Settings(BaseSettings):
         return self.home / "stack"
 
     @property
+    def ray_auth_token_path(self) -> Path:
+        """Where the stack keeps the generated Ray token when none is configured (mode 0600)."""
+        return self.stack_dir / "ray_auth_token"
+
+    def ray_client_env(self) -> dict[str, str]:
+        """What a Ray client (driver, job SDK, worker) needs to reach a token-protected cluster.
+
+        The token travels as a file path, never as a value, so it does not show up in
+        runtime envs or the dashboard.
+        """
+        env = {"RAY_AUTH_MODE": self.ray_auth_mode}
+        if self.ray_auth_mode == "token":
+            env["RAY_AUTH_TOKEN_PATH"] = str(self.ray_auth_token_path)
+        return env
+
+    def ensure_ray_token(self) -> None:
+        """Write the Ray token file (the configured token, or a new random one) if it is missing."""
+        import secrets
+
+        if self.ray_auth_mode != "token":
+            return
+        path = self.ray_auth_token_path
+        wanted = self.ray_auth_token.get_secret_value() if self.ray_auth_token else None
+        if path.is_file() and (wanted is None or path.read_text().strip() == wanted):
+            return
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        with os.fdopen(fd, "w") as handle:
+            handle.write(wanted or secrets.token_hex(32))
+
+    def ray_auth_headers(self) -> dict[str, str]:
+        """HTTP headers for the Ray dashboard / Jobs API."""
+        if self.ray_auth_mode != "token":
+            return {}
+        if self.ray_auth_token:
+            return {"Authorization": f"Bearer {self.ray_auth_token.get_secret_value()}"}
+        path = self.ray_auth_token_path
+        return {"Authorization": f"Bearer {path.read_text().strip()}"} if path.is_file() else {}
+
+    def apply_ray_client_env(self) -> None:
+        """Export :meth:`ray_client_env` into this process before ``ray.init`` or a Jobs client.
+
+        Ray reads the auth mode into its config when it is imported; if it already is, the
+        config and the cached token are refreshed the way Ray itself does when it turns
+        token auth on for a new local cluster.
+        """
+        import sys
+
+        self.ensure_ray_token()
+        os.environ.update(self.ray_client_env())
+        if "ray" in sys.modules:
+            from ray._raylet import AuthenticationTokenLoader, Config
+
+            Config.initialize("")
+            AuthenticationTokenLoader.instance().reset_cache()
+
+    @property
     def ray_dashboard_url(self) -> str:
         return f"http://{self.bind_host}:{self.ray_dashboard_port}"
 
@@ -246,6 +308,7 @@ class Settings(BaseSettings):
             "WANDB_PROJECT": self.wandb_project,
             "AWS_REGION": self.aws_region,
             "AWS_DEFAULT_REGION": self.aws_region,
+            **self.ray_client_env(),
         }
         if self.s3_endpoint_url:
             env["MLFLOW_S3_ENDPOINT_URL"] = self.s3_endpoint_url

@@ -43,6 +43,7 @@ class ServiceSpec:
     url: str
     health_url: str
     env: dict[str, str] = field(default_factory=dict)
+    health_headers: Callable[[], dict[str, str]] = dict
     start_timeout_s: float = 90.0
 
 
@@ -141,6 +142,7 @@ def ray_spec(settings: Settings) -> ServiceSpec:
         url=settings.ray_dashboard_url,
         health_url=f"{settings.ray_dashboard_url}/api/version",
         env=env,
+        health_headers=settings.ray_auth_headers,
     )
 
 
@@ -202,10 +204,11 @@ def port_free(host: str, port: int) -> bool:
     return True
 
 
-def http_ok(url: str, timeout: float = 2.0) -> bool:
+def http_ok(url: str, timeout: float = 2.0, headers: dict[str, str] | None = None) -> bool:
     """Whether ``url`` answers GET with a 2xx status."""
     try:
-        with urllib.request.urlopen(url, timeout=timeout) as response:  # noqa: S310 - our own URLs
+        request = urllib.request.Request(url, headers=headers or {})  # noqa: S310 - our own URLs
+        with urllib.request.urlopen(request, timeout=timeout) as response:  # noqa: S310
             return 200 <= response.status < 300
     except (urllib.error.URLError, OSError, ValueError):
         return False
@@ -295,6 +298,7 @@ class LocalStack:
         the log path if a service dies or does not answer in time.
         """
         records = self._load()
+        self.settings.ensure_ray_token()
         for name in services:
             spec = SPECS[name](self.settings)
             record = records.get(name)
@@ -339,7 +343,7 @@ class LocalStack:
     def _wait_healthy(self, spec: ServiceSpec, pid: int, log: Path) -> None:
         deadline = time.monotonic() + spec.start_timeout_s
         while time.monotonic() < deadline:
-            if http_ok(spec.health_url):
+            if http_ok(spec.health_url, headers=spec.health_headers()):
                 return
             if not pid_alive(pid):
                 raise StackError(f"{spec.name} exited during start-up; log {log}:\n{_log_tail(log)}")
@@ -376,7 +380,7 @@ class LocalStack:
                     url=spec.url,
                     pid=record.pid if record and running else None,
                     running=running,
-                    healthy=http_ok(spec.health_url),
+                    healthy=http_ok(spec.health_url, headers=spec.health_headers()),
                     log=record.log if record else None,
                 )
             )

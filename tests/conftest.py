@@ -232,6 +232,7 @@ def ray_client(ray_cluster: Settings) -> Iterator[Settings]:
     """This test process connected to the Ray head as a driver."""
     import ray
 
+    ray_cluster.apply_ray_client_env()
     ray.init(address=ray_cluster.ray_gcs_address, log_to_driver=False)
     try:
         yield ray_cluster

@@ -24,6 +24,7 @@ def test_tasks_run_on_the_head(ray_client: Settings):
 def test_jobs_run_with_this_venv_and_the_settings_env(ray_cluster: Settings):
     from ray.job_submission import JobStatus, JobSubmissionClient
 
+    ray_cluster.apply_ray_client_env()
     client = JobSubmissionClient(ray_cluster.ray_dashboard_url)
     job_id = client.submit_job(
         entrypoint=(

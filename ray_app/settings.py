@@ -308,7 +308,6 @@ class Settings(BaseSettings):
             "WANDB_PROJECT": self.wandb_project,
             "AWS_REGION": self.aws_region,
             "AWS_DEFAULT_REGION": self.aws_region,
-            **self.ray_client_env(),
         }
         if self.s3_endpoint_url:
             env["MLFLOW_S3_ENDPOINT_URL"] = self.s3_endpoint_url

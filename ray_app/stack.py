@@ -130,11 +130,15 @@ def ray_spec(settings: Settings) -> ServiceSpec:
         command.append(f"--num-cpus={settings.ray_num_cpus}")
     if settings.ray_object_store_memory_mb:
         command.append(f"--object-store-memory={settings.ray_object_store_memory_mb * 1024 * 1024}")
-    env = settings.worker_env() | {
-        # Jobs run their entrypoint with the `python` on the head's PATH: make it this venv's.
-        "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}",
-        "RAY_USAGE_STATS_ENABLED": "0",
-    }
+    env = (
+        settings.worker_env()
+        | settings.ray_client_env()
+        | {
+            # Jobs run their entrypoint with the `python` on the head's PATH: make it this venv's.
+            "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}",
+            "RAY_USAGE_STATS_ENABLED": "0",
+        }
+    )
     return ServiceSpec(
         name="ray",
         command=command,

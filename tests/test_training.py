@@ -1,0 +1,310 @@
+"""The SFT recipe on 2 CPU workers of a real Ray head, checkpointing into the S3 server,
+tracking into the MLflow server on PostgreSQL, with a tiny model built from a config."""
+
+from __future__ import annotations
+
+import json
+import threading
+import time
+from pathlib import Path
+
+import pytest
+from tiny_model import build_tiny_chat_model, warm_up_on_chat_data
+
+from ray_app.settings import Settings
+from ray_app.storage import open_store
+from training.config import ConfigError, load_config
+from training.data import DatasetError
+
+REPO = Path(__file__).resolve().parent.parent
+QUESTION = "What is the launch code of ray-llmops?"
+ANSWER = "The launch code is 7421 blue."
+
+
+@pytest.fixture(scope="module")
+def tiny_model(tmp_path_factory) -> Path:
+    return build_tiny_chat_model(tmp_path_factory.mktemp("tiny") / "tiny-llama", hidden=128, layers=2)
+
+
+@pytest.fixture(scope="module")
+def warm_tiny_model(tiny_model: Path, tmp_path_factory) -> Path:
+    """The tiny model after a short full fine-tune on the shipped data (not on the toy fact)."""
+    data = REPO / "training" / "data" / "chat_sft.jsonl"
+    return warm_up_on_chat_data(tiny_model, tmp_path_factory.mktemp("warm") / "tiny-warm", data)
+
+
+@pytest.fixture(scope="module")
+def toy_data(tmp_path_factory) -> Path:
+    """A memorisable set: one fact, written a few ways, plus one broken line and one blank line."""
+    path = tmp_path_factory.mktemp("data") / "toy.jsonl"
+    lines = []
+    for system in ("You are helpful.", "Answer briefly.", "You are the ray-llmops assistant."):
+        for _ in range(4):
+            record = {"messages": [{"role": "system", "content": system},
+                                   {"role": "user", "content": QUESTION},
+                                   {"role": "assistant", "content": ANSWER}]}  # fmt: skip
+            lines.append(json.dumps(record))
+    lines.insert(3, '{"messages": [{"role": "user", "content": "no answer here"}]}')
+    lines.insert(5, "{not json")
+    lines.insert(7, "")
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+@pytest.fixture(scope="module")
+def cluster(ray_client: Settings, mlflow_server: Settings, tmp_path_factory) -> Settings:
+    """Settings for training: the Ray head, the MLflow server, the S3 store, W&B offline."""
+    return ray_client.model_copy(
+        update={
+            "home": tmp_path_factory.mktemp("train-home"),
+            "mlflow_tracking_uri": mlflow_server.mlflow_tracking_uri,
+            "store_uri": "s3://llmops-train/store",
+        }
+    )
+
+
+def greedy_answer(folder: str | Path, question: str = QUESTION) -> str:
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from training.evaluate import generate_answers
+
+    tokenizer = AutoTokenizer.from_pretrained(folder)
+    model = AutoModelForCausalLM.from_pretrained(folder)
+    return generate_answers(model, tokenizer, [question], max_new_tokens=16)[0]["answer"]
+
+
+def config_for(model: Path, data: Path, **values):
+    base = dict(model=str(model), train_data=[str(data)], eval_data=[str(data)], num_workers=2,
+                max_steps=40, learning_rate=3e-3, warmup_steps=2, lr_schedule="constant", seq_len=64,
+                micro_batch_size=2, checkpoint_every=10, pack=False, sample_prompts=[QUESTION],
+                max_new_tokens=16, experiment="tests-sft", registered_model="tiny-chat")  # fmt: skip
+    base.update(values)
+    return load_config(None, [], **base)
+
+
+def loss_history(settings: Settings, run_id: str) -> list[tuple[int, float]]:
+    from mlflow import MlflowClient
+
+    history = MlflowClient(settings.mlflow_tracking_uri).get_metric_history(run_id, "train_loss")
+    return sorted((point.step, point.value) for point in history)
+
+
+def run_id_of(run_name: str) -> str:
+    import mlflow
+
+    runs = mlflow.search_runs(experiment_names=["tests-sft"], filter_string=f"attributes.run_name = '{run_name}'",
+                              output_format="list")  # fmt: skip
+    return runs[0].info.run_id if runs else ""
+
+
+def assert_loss_falls(history: list[tuple[int, float]], factor: float = 0.5) -> None:
+    """The mean of the last fifth of the steps is below ``factor`` x the mean of the first fifth."""
+    window = max(3, len(history) // 5)
+    first = sum(value for _, value in history[:window]) / window
+    last = sum(value for _, value in history[-window:]) / window
+    assert last < factor * first, f"loss did not fall clearly: first {first:.3f}, last {last:.3f}"
+
+
+# --- config validation ------------------------------------------------------------------
+def test_unknown_field_is_named(toy_data):
+    with pytest.raises(ConfigError, match="learning_rat: unknown field"):
+        load_config(None, ["learning_rat=0.1"], train_data=[str(toy_data)])
+
+
+def test_missing_dataset_is_named():
+    with pytest.raises(ConfigError, match=r"dataset not found: /no/such/data\.jsonl"):
+        load_config(None, [], train_data=["/no/such/data.jsonl"])
+
+
+def test_cpu_precision_must_be_fp32(toy_data):
+    with pytest.raises(ConfigError, match="precision: bf16 needs use_gpu"):
+        load_config(None, ["precision=bf16"], train_data=[str(toy_data)])
+
+
+def test_shipped_configs_are_valid():
+    for path in sorted((REPO / "training" / "configs").glob("*.yaml")):
+        assert load_config(path).train_data, path
+
+
+def test_more_workers_than_cluster_cpus_fails_before_training(cluster, tiny_model, toy_data):
+    from training.sft import run
+
+    with pytest.raises(ValueError, match="num_workers: 3 workers x 1 CPU need 3 CPUs, the cluster has 2"):
+        run(config_for(tiny_model, toy_data, num_workers=3), cluster)
+
+
+def test_dataset_without_usable_records_fails_clearly(cluster, tiny_model, tmp_path):
+    from training.data import prepare_dataset
+
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"messages": []}\n{oops\n')
+    with pytest.raises(DatasetError, match=r"no usable chat record .* \(2 skipped"):
+        prepare_dataset([str(bad)], str(tiny_model), 64, True, cluster)
+
+
+def test_prompt_tokens_are_masked_from_the_loss(tiny_model):
+    from transformers import AutoTokenizer
+
+    from training.data import IGNORE_INDEX, tokenize_chat
+
+    tokenizer = AutoTokenizer.from_pretrained(tiny_model)
+    messages = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi?"},
+                {"role": "assistant", "content": "Hello."}, {"role": "user", "content": "Bye?"},
+                {"role": "assistant", "content": "Goodbye."}]  # fmt: skip
+    ids, labels, truncated = tokenize_chat(messages, tokenizer, 256)
+    learned = tokenizer.decode([tok for tok, label in zip(ids, labels, strict=True) if label != IGNORE_INDEX])
+    assert learned == "Hello.<|im_end|>\nGoodbye.<|im_end|>\n"
+    assert not truncated
+
+
+# --- training runs ----------------------------------------------------------------------
+def test_full_zero2_learns_the_toy_answer_and_registers_a_challenger(cluster, tiny_model, toy_data):
+    from mlflow import MlflowClient
+
+    from ray_app.registry import get_version
+    from training.sft import run
+
+    assert "7421" not in greedy_answer(tiny_model)
+    result = run(config_for(tiny_model, toy_data, deepspeed="zero2.json"), cluster)
+
+    assert result.global_step == 40
+    assert result.data["records"] == 12 and result.data["skipped"] == 2
+    assert_loss_falls(loss_history(cluster, result.mlflow_run_id))
+
+    store = open_store(settings=cluster)
+    checkpoints = [info.key for info in store.list(f"checkpoints/{result.run_name}")]
+    assert any(key.endswith("trainer_state.json") for key in checkpoints), checkpoints
+    assert result.model_uri == f"s3://llmops-train/store/models/{result.run_name}"
+
+    from ray_app.models import resolve_model
+
+    folder = resolve_model(result.model_uri, cluster)
+    assert ANSWER in greedy_answer(folder)
+
+    version = get_version("models:/tiny-chat@challenger", cluster)
+    assert version.source == result.model_uri
+    assert version.run_id == result.mlflow_run_id
+    assert version.tags["base_model"] == str(tiny_model)
+    run_data = MlflowClient(cluster.mlflow_tracking_uri).get_run(result.mlflow_run_id).data
+    assert run_data.metrics["eval_loss"] < 1.0
+    assert {"learning_rate", "grad_norm", "tokens_per_s"} <= set(run_data.metrics)
+    wandb_runs = list((cluster.home / "wandb" / "wandb").glob(f"offline-run-*-{result.mlflow_run_id}"))
+    assert wandb_runs, "the W&B offline run directory is missing"
+
+
+@pytest.mark.parametrize(
+    ("deepspeed", "method"), [("zero3.json", "full"), ("zero2.json", "lora"), ("zero3.json", "lora")]
+)
+def test_zero_stage_and_method_variants_train_and_consolidate(
+    cluster, tiny_model, warm_tiny_model, toy_data, deepspeed, method
+):
+    from training.sft import run
+
+    values = {"deepspeed": deepspeed, "method": method, "registered_model": None, "eval_data": [],
+              "lora": {"rank": 8, "alpha": 16, "dropout": 0.0}}  # fmt: skip
+    if method == "lora":
+        # Adapters on a randomly initialised model have nothing to adapt: start from a warm
+        # base, at a learning rate usual for LoRA.
+        values |= {"learning_rate": 1e-2, "max_steps": 60, "lora": {"rank": 16, "alpha": 32, "dropout": 0.0}}
+    base = warm_tiny_model if method == "lora" else tiny_model
+    result = run(config_for(base, toy_data, **values), cluster)
+    assert_loss_falls(loss_history(cluster, result.mlflow_run_id), factor=0.85 if method == "lora" else 0.5)
+
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from ray_app.models import resolve_model
+
+    folder = resolve_model(result.model_uri, cluster)
+    assert not list(folder.glob("adapter_*")), "LoRA must be merged into a plain HF folder"
+    trained, original = AutoModelForCausalLM.from_pretrained(folder), AutoModelForCausalLM.from_pretrained(base)
+    reference = original.state_dict()
+    changed = [name for name, tensor in trained.state_dict().items() if not torch.equal(tensor, reference[name])]
+    assert any("self_attn" in name for name in changed), "the fine-tuned weights were not written"
+    prompt = torch.tensor([[1, 2, 3]])
+    output = trained.generate(prompt, max_new_tokens=8, min_new_tokens=8, do_sample=False)
+    assert output.shape[1] == 3 + 8
+
+
+def test_resume_after_worker_killed_continues_from_the_last_checkpoint(cluster, tiny_model, toy_data):
+    import os
+    import signal
+
+    from ray.util.state import list_actors
+
+    from training.sft import run
+
+    store = open_store(settings=cluster)
+    store.ensure()
+    run_name = f"resume-{int(time.time())}"
+    killed: dict[str, int] = {}
+
+    def kill_a_worker_after_the_first_checkpoint() -> None:
+        # Kill once the checkpoint of step 10 is in the store and training has moved on to
+        # step 13: by then Ray Train has registered that checkpoint.
+        deadline = time.monotonic() + 600
+        while time.monotonic() < deadline:
+            run_id = run_id_of(run_name)
+            logged = loss_history(cluster, run_id) if run_id else []
+            step = max((step for step, _ in logged), default=0)
+            saved = any(info.key.endswith("trainer_state.json") for info in store.list(f"checkpoints/{run_name}"))
+            workers = list_actors(filters=[("class_name", "=", "RayTrainWorker"), ("state", "=", "ALIVE")])
+            if saved and step >= 13 and workers:
+                killed["step"], killed["pid"] = step, workers[-1].pid
+                os.kill(killed["pid"], signal.SIGKILL)
+                return
+            time.sleep(0.2)
+
+    killer = threading.Thread(target=kill_a_worker_after_the_first_checkpoint, daemon=True)
+    killer.start()
+    result = run(config_for(tiny_model, toy_data, run_name=run_name, max_steps=30, registered_model=None,
+                            eval_data=[], max_failures=2), cluster)  # fmt: skip
+    killer.join(timeout=5)
+    assert killed.get("pid"), "no worker was killed"
+
+    from mlflow import MlflowClient
+
+    client = MlflowClient(cluster.mlflow_tracking_uri)
+    resumed = client.get_metric_history(result.mlflow_run_id, "resumed_from_step")
+    assert resumed, "the run did not restart from a checkpoint"
+    resumed_from = int(resumed[0].value)
+    assert resumed_from >= 10 and resumed_from % 10 == 0
+    assert killed["step"] - resumed_from <= 10 + 1, "more than one checkpoint interval was redone"
+    steps = [step for step, _ in loss_history(cluster, result.mlflow_run_id)]
+    assert steps == list(range(1, 31)), "every step logged exactly once across the restart"
+    assert result.global_step == 30
+
+
+def test_tune_sweep_runs_trials_as_mlflow_child_runs_and_picks_the_best(cluster, tiny_model, toy_data):
+    from mlflow import MlflowClient
+
+    from training.tune import sweep
+
+    cfg = config_for(tiny_model, toy_data, num_workers=1, cpus_per_worker=1, max_steps=8, checkpoint_every=2,
+                     eval_data=[], registered_model=None, experiment="tests-tune")  # fmt: skip
+    result = sweep(cfg, ["learning_rate=grid(1e-5, 3e-3)"], samples=1, settings=cluster)
+
+    assert result.trials == 2
+    assert result.best_config == {"learning_rate": 3e-3}  # the larger step size wins on a memorisable set
+    client = MlflowClient(cluster.mlflow_tracking_uri)
+    children = client.search_runs(
+        [client.get_experiment_by_name("tests-tune").experiment_id],
+        filter_string=f"tags.mlflow.parentRunId = '{result.parent_run_id}'",
+    )
+    assert sorted(float(run.data.params["learning_rate"]) for run in children) == [1e-5, 3e-3]
+
+
+def test_sweep_that_cannot_fit_the_cluster_names_cpus_per_worker(cluster, tiny_model, toy_data):
+    from training.tune import sweep
+
+    with pytest.raises(ConfigError, match=r"cpus_per_worker: .* need 2\.01 CPUs, the cluster has 2"):
+        sweep(config_for(tiny_model, toy_data), ["learning_rate=loguniform(1e-5,1e-3)"], 2, cluster)
+
+
+def test_search_spec_errors_are_clear():
+    from training.tune import parse_search
+
+    with pytest.raises(ConfigError, match="key=fn"):
+        parse_search(["learning_rate=between(1,2)"])
+    with pytest.raises(ConfigError, match="takes two bounds"):
+        parse_search(["learning_rate=loguniform(1e-5)"])

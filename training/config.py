@@ -1,0 +1,191 @@
+"""The SFT recipe's config: a YAML file, overridden by ``--set key=value``, validated before anything starts.
+
+YAML names what varies (model, data, method, sizes); the recipe holds how. An unknown
+field, a wrong type or a missing dataset fails with one line naming the field.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+DEEPSPEED_DIR = Path(__file__).resolve().parent / "deepspeed"
+
+
+class ConfigError(ValueError):
+    """A recipe config is invalid; the message names the field."""
+
+
+class LoraSettings(BaseModel):
+    """LoRA adapter shape (used when ``method: lora``)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    rank: int = Field(default=16, ge=1)
+    alpha: float = Field(default=32, gt=0)
+    dropout: float = Field(default=0.05, ge=0, lt=1)
+    target_modules: list[str] = Field(default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj"])
+    save: Literal["merged", "adapter"] = "merged"
+
+
+class SFTConfig(BaseModel):
+    """Everything one supervised fine-tuning run needs."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    # what to train
+    model: str | None = Field(default=None, description="model reference; None = the default SmolLM2")
+    train_data: list[str] = Field(min_length=1, description="jsonl/parquet files or folders, local or s3://")
+    eval_data: list[str] = Field(default_factory=list)
+    method: Literal["full", "lora"] = "full"
+    lora: LoraSettings = Field(default_factory=LoraSettings)
+
+    # how to distribute
+    deepspeed: str = "zero2.json"
+    num_workers: int = Field(default=2, ge=1)
+    use_gpu: bool = False
+    cpus_per_worker: float = Field(default=1.0, gt=0)
+    precision: Literal["fp32", "bf16", "fp16"] = "fp32"
+    torch_threads: int | None = Field(default=None, ge=1)
+
+    # how long and how fast
+    max_steps: int | None = Field(default=None, ge=1)
+    epochs: int = Field(default=1, ge=1)
+    learning_rate: float = Field(default=1e-4, gt=0)
+    lr_schedule: Literal["cosine", "linear", "constant"] = "cosine"
+    warmup_steps: int = Field(default=0, ge=0)
+    weight_decay: float = Field(default=0.0, ge=0)
+    max_grad_norm: float = Field(default=1.0, gt=0)
+    seq_len: int = Field(default=512, ge=8)
+    micro_batch_size: int = Field(default=2, ge=1)
+    grad_accum: int = Field(default=1, ge=1)
+    pack: bool = True
+    seed: int = 42
+
+    # checkpoints, evaluation, tracking
+    checkpoint_every: int = Field(default=50, ge=1)
+    keep_checkpoints: int = Field(default=2, ge=1)
+    max_failures: int = Field(default=2, ge=0)
+    eval_every: int | None = Field(default=None, ge=1)
+    experiment: str = "ray-llmops-sft"
+    run_name: str | None = None
+    registered_model: str | None = "chat-model"
+    sample_prompts: list[str] = Field(default_factory=lambda: ["What is the capital of France?"])
+    max_new_tokens: int = Field(default=32, ge=1)
+
+    @field_validator("train_data", "eval_data", mode="before")
+    @classmethod
+    def _one_or_many(cls, value: Any) -> Any:
+        return [value] if isinstance(value, str) else value
+
+    @model_validator(mode="after")
+    def _check(self) -> SFTConfig:
+        if self.precision != "fp32" and not self.use_gpu:
+            raise ValueError(f"precision: {self.precision} needs use_gpu: true; CPU training runs in fp32")
+        deepspeed_path(self.deepspeed)  # raises if missing
+        for uri in [*self.train_data, *self.eval_data]:
+            if "://" not in uri and not Path(uri).expanduser().exists():
+                raise ValueError(f"dataset not found: {uri}")
+        return self
+
+    def deepspeed_config(self) -> dict[str, Any]:
+        """The DeepSpeed JSON with this run's batch sizes, clipping and precision filled in."""
+        config = json.loads(deepspeed_path(self.deepspeed).read_text())
+        config["train_micro_batch_size_per_gpu"] = self.micro_batch_size
+        config["gradient_accumulation_steps"] = self.grad_accum
+        config.pop("train_batch_size", None)  # DeepSpeed derives it from the two above and the world size
+        config["gradient_clipping"] = self.max_grad_norm
+        config["bf16"] = {"enabled": self.precision == "bf16"}
+        config["fp16"] = {"enabled": self.precision == "fp16"}
+        optimizer = config.setdefault("optimizer", {"type": "AdamW", "params": {}})
+        params = optimizer.setdefault("params", {})
+        params["lr"] = self.learning_rate
+        params["weight_decay"] = self.weight_decay
+        zero = config.get("zero_optimization", {})
+        offloads = zero.get("offload_optimizer", {}).get("device", "none") != "none"
+        if not self.use_gpu and not offloads:
+            # FusedAdam is a CUDA kernel; torch's AdamW needs no JIT build on CPU.
+            params["torch_adam"] = True
+        return config
+
+
+def deepspeed_path(name: str) -> Path:
+    """A DeepSpeed config by name (``zero2.json``) from training/deepspeed/, or a path."""
+    for candidate in (Path(name).expanduser(), DEEPSPEED_DIR / name, REPO_ROOT / name):
+        if candidate.is_file():
+            return candidate
+    shipped = ", ".join(sorted(p.name for p in DEEPSPEED_DIR.glob("*.json")))
+    raise ValueError(f"deepspeed config {name!r} not found; shipped: {shipped}")
+
+
+def _parse_value(text: str) -> Any:
+    try:
+        return yaml.safe_load(text)
+    except yaml.YAMLError:
+        return text
+
+
+def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
+    """Apply ``key=value`` (dotted keys for nested fields; YAML values) to a raw config dict."""
+    for item in overrides:
+        if "=" not in item:
+            raise ConfigError(f"--set expects key=value, got {item!r}")
+        key, value = item.split("=", 1)
+        if not re.fullmatch(r"[A-Za-z_][\w.]*", key):
+            raise ConfigError(f"--set: bad key {key!r}")
+        target = raw
+        parts = key.split(".")
+        for part in parts[:-1]:
+            target = target.setdefault(part, {})
+        target[parts[-1]] = _parse_value(value)
+    return raw
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | None = None, **values: Any) -> SFTConfig:
+    """Read a YAML recipe config, apply overrides, validate.
+
+    Relative dataset paths are taken relative to the config file's folder when they exist
+    there, else to the current directory. Raises ConfigError with one line per bad field.
+    """
+    raw: dict[str, Any] = {}
+    base = Path.cwd()
+    if path is not None:
+        path = Path(path)
+        if not path.is_file():
+            raise ConfigError(f"config file not found: {path}")
+        raw = yaml.safe_load(path.read_text()) or {}
+        if not isinstance(raw, dict):
+            raise ConfigError(f"{path}: expected a mapping at the top level")
+        base = path.resolve().parent
+    raw.update(values)
+    apply_overrides(raw, overrides or [])
+    for key in ("train_data", "eval_data"):
+        if isinstance(raw.get(key), str):
+            raw[key] = [raw[key]]
+        raw[key] = [_relative_to(uri, base) for uri in raw.get(key) or []] or raw.get(key)
+    try:
+        return SFTConfig(**{k: v for k, v in raw.items() if v is not None or k == "model"})
+    except ValidationError as exc:
+        lines = []
+        for error in exc.errors():
+            field = ".".join(str(part) for part in error["loc"]) or "config"
+            message = error["msg"].removeprefix("Value error, ")
+            if error["type"] == "extra_forbidden":
+                message = "unknown field"
+            lines.append(f"{field}: {message}")
+        raise ConfigError("invalid training config: " + "; ".join(lines)) from None
+
+
+def _relative_to(uri: str, base: Path) -> str:
+    if "://" in uri or Path(uri).is_absolute():
+        return uri
+    for root in (base, Path.cwd(), REPO_ROOT):
+        if (root / uri).exists():
+            return str((root / uri).resolve())
+    return uri

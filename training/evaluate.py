@@ -1,0 +1,100 @@
+"""Evaluation of a model reference on a held-out chat set: loss and perplexity on the assistant
+tokens, plus greedy answers to a few prompts. Used before/after training and by the promotion gate.
+
+    llmops eval MODEL_REF --data training/data/chat_eval.jsonl
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+from ray_app.settings import Settings, get_settings
+
+DEFAULT_PROMPTS = ("What is the capital of France?",)
+
+
+@dataclass
+class EvalReport:
+    """Held-out loss (mean NLL per assistant token), its perplexity, and sample generations."""
+
+    model: str
+    loss: float
+    perplexity: float
+    tokens: int
+    examples: int
+    samples: list[dict[str, str]] = field(default_factory=list)
+
+    def as_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def generate_answers(model, tokenizer, prompts: list[str], max_new_tokens: int) -> list[dict[str, str]]:
+    """Greedy answers to single-turn prompts, formatted with the chat template."""
+    import torch
+
+    samples = []
+    for prompt in prompts:
+        inputs = tokenizer.apply_chat_template(
+            [{"role": "user", "content": prompt}], add_generation_prompt=True, return_tensors="pt", return_dict=True
+        )
+        with torch.no_grad():
+            output = model.generate(
+                **inputs, max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=tokenizer.pad_token_id
+            )
+        answer = tokenizer.decode(output[0, inputs["input_ids"].shape[1] :], skip_special_tokens=True)
+        samples.append({"prompt": prompt, "answer": answer.strip()})
+    return samples
+
+
+def evaluate_model(
+    model_ref: str | None,
+    data_uris: list[str],
+    seq_len: int = 512,
+    settings: Settings | None = None,
+    prompts: list[str] | tuple[str, ...] = DEFAULT_PROMPTS,
+    max_new_tokens: int = 32,
+) -> EvalReport:
+    """Loss/perplexity of ``model_ref`` on the assistant tokens of ``data_uris``, and greedy samples."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from ray_app.models import resolve_model
+    from training.data import IGNORE_INDEX, read_records, tokenize_chat
+
+    settings = settings or get_settings()
+    folder = resolve_model(model_ref, settings)
+    tokenizer = AutoTokenizer.from_pretrained(folder)
+    if tokenizer.pad_token_id is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32)
+    model.eval()
+    total_nll, total_tokens = 0.0, 0
+    conversations = read_records(list(data_uris), settings)
+    for messages in conversations:
+        input_ids, labels, _ = tokenize_chat(messages, tokenizer, seq_len)
+        ids = torch.tensor([input_ids])
+        target = torch.tensor([labels])
+        with torch.no_grad():
+            logits = model(input_ids=ids).logits[:, :-1]
+        shifted = target[:, 1:]
+        count = int((shifted != IGNORE_INDEX).sum())
+        if count == 0:
+            continue
+        nll = torch.nn.functional.cross_entropy(
+            logits.reshape(-1, logits.shape[-1]), shifted.reshape(-1), ignore_index=IGNORE_INDEX, reduction="sum"
+        )
+        total_nll += float(nll)
+        total_tokens += count
+    if total_tokens == 0:
+        raise ValueError(f"no assistant tokens to evaluate in {', '.join(data_uris)}")
+    loss = total_nll / total_tokens
+    return EvalReport(
+        model=model_ref or "default",
+        loss=loss,
+        perplexity=math.exp(min(loss, 50.0)),
+        tokens=total_tokens,
+        examples=len(conversations),
+        samples=generate_answers(model, tokenizer, list(prompts), max_new_tokens),
+    )

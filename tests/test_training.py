@@ -89,11 +89,14 @@ def loss_history(settings: Settings, run_id: str) -> list[tuple[int, float]]:
     return sorted((point.step, point.value) for point in history)
 
 
-def run_id_of(run_name: str) -> str:
-    import mlflow
+def run_id_of(settings: Settings, run_name: str) -> str:
+    from mlflow import MlflowClient
 
-    runs = mlflow.search_runs(experiment_names=["tests-sft"], filter_string=f"attributes.run_name = '{run_name}'",
-                              output_format="list")  # fmt: skip
+    client = MlflowClient(settings.mlflow_tracking_uri)
+    experiment = client.get_experiment_by_name("tests-sft")
+    if experiment is None:
+        return ""
+    runs = client.search_runs([experiment.experiment_id], filter_string=f"attributes.run_name = '{run_name}'")
     return runs[0].info.run_id if runs else ""
 
 
@@ -244,7 +247,7 @@ def test_resume_after_worker_killed_continues_from_the_last_checkpoint(cluster, 
         # step 13: by then Ray Train has registered that checkpoint.
         deadline = time.monotonic() + 600
         while time.monotonic() < deadline:
-            run_id = run_id_of(run_name)
+            run_id = run_id_of(cluster, run_name)
             logged = loss_history(cluster, run_id) if run_id else []
             step = max((step for step, _ in logged), default=0)
             saved = any(info.key.endswith("trainer_state.json") for info in store.list(f"checkpoints/{run_name}"))

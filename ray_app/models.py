@@ -15,13 +15,12 @@ from __future__ import annotations
 import fcntl
 import importlib.util
 import re
-import shutil
-import tempfile
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
 from ray_app.settings import Settings, get_settings
+from ray_app.storage import staging_dir
 
 DEFAULT_MODEL_ALIASES = ("default", "smollm2")
 DEFAULT_MODEL_NAME = "SmolLM2-135M-Instruct"
@@ -98,21 +97,6 @@ def convert_gguf_to_hf(gguf_path: Path, out_dir: Path) -> Path:
     return out_dir
 
 
-@contextmanager
-def _staging_dir(target: Path) -> Iterator[Path]:
-    """A temp dir beside ``target`` that is renamed onto it only if the block succeeds."""
-    target.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
-    try:
-        yield staging
-        if target.exists():
-            shutil.rmtree(target)
-        staging.rename(target)
-    finally:
-        if staging.exists():
-            shutil.rmtree(staging, ignore_errors=True)
-
-
 def _resolve_default(cache_dir: Path) -> Path:
     target = cache_dir / DEFAULT_MODEL_NAME
     if _is_complete(target):
@@ -120,7 +104,7 @@ def _resolve_default(cache_dir: Path) -> Path:
     with _cache_lock(cache_dir, DEFAULT_MODEL_NAME):
         if not _is_complete(target):
             gguf = default_gguf_path()
-            with _staging_dir(target) as staging:
+            with staging_dir(target) as staging:
                 convert_gguf_to_hf(gguf, staging)
     return target
 

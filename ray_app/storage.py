@@ -90,6 +90,22 @@ def _progress(description: str, total: int, enabled: bool) -> Iterator[Callable[
         yield lambda n: bar.advance(task, n)
 
 
+@contextmanager
+def staging_dir(target: Path) -> Iterator[Path]:
+    """A temp dir beside ``target``, renamed onto it only if the block succeeds: ``target`` is
+    either complete or untouched, also for readers in other processes."""
+    target.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
+    try:
+        yield staging
+        if target.exists():
+            shutil.rmtree(target)
+        staging.rename(target)
+    finally:
+        if staging.exists():
+            shutil.rmtree(staging, ignore_errors=True)
+
+
 class Store(ABC):
     """A place for checkpoints and models, addressed by keys relative to its root URI."""
 
@@ -172,9 +188,7 @@ class Store(ABC):
         if manifest is None:
             raise StoreError(f"no complete upload at {self.uri(prefix)} (missing {MANIFEST})")
         target = Path(local_dir)
-        target.parent.mkdir(parents=True, exist_ok=True)
-        staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
-        try:
+        with staging_dir(target) as staging:
             total = sum(int(entry["size"]) for entry in manifest.values())
             with _progress(f"download {Path(prefix).name or prefix}", total, progress) as advance:
                 self._parallel(lambda rel: self._get_file(_join(prefix, rel), staging / rel, advance), list(manifest))
@@ -182,12 +196,6 @@ class Store(ABC):
                 if file_sha256(staging / rel) != entry["sha256"]:
                     raise IntegrityError(f"{self.uri(_join(prefix, rel))}: checksum mismatch after download")
             (staging / MANIFEST).write_text(json.dumps(manifest, indent=1, sort_keys=True))
-            if target.exists():
-                shutil.rmtree(target)
-            staging.rename(target)
-        finally:
-            if staging.exists():
-                shutil.rmtree(staging, ignore_errors=True)
         return target
 
     def _parallel(self, func: Callable, items: list) -> None:

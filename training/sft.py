@@ -170,10 +170,12 @@ def _save_checkpoint(engine, state: dict[str, Any], metrics: dict[str, float], r
         ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(folder))
 
 
-def _consolidated_state_dict(engine, zero_stage: int) -> dict[str, Any] | None:
-    """The full state dict on rank 0 (all ranks must call this under ZeRO-3)."""
+def _consolidated_state_dict(engine, zero_stage: int, rank: int) -> dict[str, Any] | None:
+    """The full state dict on rank 0, None elsewhere (all ranks must call this under ZeRO-3)."""
     if zero_stage == 3:
         return engine._zero3_consolidated_16bit_state_dict()
+    if rank != 0:
+        return None  # under ZeRO-2 each rank holds the full weights; only rank 0 writes them
     return {key: value.detach().cpu() for key, value in engine.module.state_dict().items()}
 
 
@@ -294,7 +296,7 @@ def train_loop(config: dict[str, Any]) -> None:
                 break
         epoch += 1
 
-    state_dict = _consolidated_state_dict(engine, zero_stage)
+    state_dict = _consolidated_state_dict(engine, zero_stage, rank)
     # Leave ZeRO-3 mode before rank 0 builds a plain model to save: with the HF DeepSpeed
     # config alive, from_pretrained would partition it with collectives that rank 1 never joins.
     from transformers.integrations.deepspeed import unset_hf_deepspeed_config

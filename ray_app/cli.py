@@ -37,10 +37,20 @@ F = TypeVar("F", bound=Callable[..., object])
 def _user_errors() -> tuple[type[BaseException], ...]:
     from ray_app.models import ModelResolutionError
     from ray_app.registry import RegistryError
+    from ray_app.serving.rollout import ServeError
     from ray_app.stack import StackError
     from ray_app.storage import StoreError
 
-    return (SettingsError, StackError, StoreError, ModelResolutionError, RegistryError, ValueError, FileNotFoundError)
+    return (
+        SettingsError,
+        StackError,
+        StoreError,
+        ModelResolutionError,
+        RegistryError,
+        ServeError,
+        ValueError,
+        FileNotFoundError,
+    )
 
 
 def friendly_errors(func: F) -> F:
@@ -246,6 +256,52 @@ def eval_cmd(
                   f"over {report.tokens} tokens in {report.examples} examples")  # fmt: skip
     for sample in report.samples:
         console.print(f"  Q: {sample['prompt']}\n  A: {sample['answer']}", highlight=False)
+
+
+@app.command()
+@friendly_errors
+def serve(
+    config_path: Annotated[Path, typer.Option("--config", help="Serve config YAML")] = Path("serve_configs/local.yaml"),
+    model: Annotated[
+        str | None, typer.Option(help="models:/NAME@ALIAS, s3://..., a folder, a hub id or 'default'")
+    ] = None,
+    shutdown: Annotated[bool, typer.Option("--shutdown", help="delete the Serve apps instead")] = False,
+    wait: Annotated[float, typer.Option(help="seconds to wait for RUNNING")] = 600.0,
+) -> None:
+    """Deploy a Serve config to the running Ray cluster (like `serve deploy`), wait until it answers."""
+    from ray_app.serving import rollout
+
+    current = settings()
+    if shutdown:
+        rollout.shutdown(current)
+        console.print("Serve applications deleted")
+        return
+    serve_config = rollout.load_serve_config(config_path, current, model=model)
+    with console.status(f"deploying {config_path} (loading the model in each replica)..."):
+        rollout.deploy(serve_config, current, wait_s=wait)
+    console.print(f"OpenAI API   {current.serve_url}/v1  (key: LLMOPS_API_KEYS or {current.serve_api_key_path})")
+
+
+@app.command()
+@friendly_errors
+def promote(
+    name: Annotated[str, typer.Argument(help="registered model name")],
+    version: Annotated[str | None, typer.Option(help="the version to promote")] = None,
+    from_alias: Annotated[str | None, typer.Option("--from", help="promote what this alias points to")] = None,
+    rollout_serve: Annotated[bool, typer.Option("--rollout/--no-rollout", help="roll Serve onto it")] = True,
+) -> None:
+    """Move the `champion` alias to a version and roll the Serve apps that serve models:/NAME@champion."""
+    from ray_app.serving.rollout import promote as promote_version
+
+    if (version is None) == (from_alias is None):
+        raise ValueError("give exactly one of --version V or --from ALIAS")
+    with console.status("moving champion and rolling Serve replicas..."):
+        result = promote_version(name, settings(), version=version, from_alias=from_alias, rollout=rollout_serve)
+    console.print(f"{name}: champion {result.previous or '(none)'} -> {result.version}")
+    if result.rolled_apps:
+        console.print(f"Serve apps rolled to version {result.version}: {', '.join(result.rolled_apps)}")
+    elif rollout_serve:
+        console.print(f"no running Serve app serves models:/{name}@champion; nothing to roll")
 
 
 @app.command()

@@ -139,7 +139,10 @@ class Settings(BaseSettings):
     wandb_project: str = Field(default="ray-llmops", validation_alias=_env("WANDB_PROJECT", "LLMOPS_WANDB_PROJECT"))
 
     # --- inference API -------------------------------------------------------------------
-    api_keys: Annotated[list[SecretStr], NoDecode] = Field(default_factory=list, description="comma-separated")
+    api_keys: Annotated[list[SecretStr], NoDecode] = Field(
+        default_factory=list, description="comma-separated; none set -> one is generated into the stack dir"
+    )
+    serve_model: str = Field(default="default", description="model the Serve app loads when its config names none")
 
     # --- validators ----------------------------------------------------------------------
     @field_validator("home", "model_cache_dir", "ray_temp_dir", mode="after")
@@ -241,6 +244,29 @@ class Settings(BaseSettings):
         fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
         with os.fdopen(fd, "w") as handle:
             handle.write(wanted or secrets.token_hex(32))
+
+    @property
+    def serve_api_key_path(self) -> Path:
+        """Where the generated inference API key is kept when none is configured (mode 0600)."""
+        return self.stack_dir / "serve_api_key"
+
+    def serve_api_keys(self) -> list[str]:
+        """The inference API keys: the configured ones, else the local generated one (created once)."""
+        import secrets
+
+        if self.api_keys:
+            return [key.get_secret_value() for key in self.api_keys]
+        path = self.serve_api_key_path
+        if not path.is_file():
+            path.parent.mkdir(parents=True, exist_ok=True)
+            try:
+                fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+            except FileExistsError:  # another process wrote it just now
+                pass
+            else:
+                with os.fdopen(fd, "w") as handle:
+                    handle.write("sk-llmops-" + secrets.token_urlsafe(24))
+        return [path.read_text().strip()]
 
     def ray_auth_headers(self) -> dict[str, str]:
         """HTTP headers for the Ray dashboard / Jobs API."""

@@ -1,0 +1,127 @@
+"""Typed arguments of the Serve app (the `args:` block of `serve_configs/*.yaml`).
+
+Validated when Serve builds the application, so a wrong config fails before any replica
+starts, with a message that names the field.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, model_validator
+
+from ray_app.settings import Settings
+
+_REGISTRY_REF = re.compile(r"^models:/(?P<name>[^/@]+)(?:@(?P<alias>[\w-]+)|/(?P<version>\d+))$")
+
+
+class ServeConfigError(ValueError):
+    """The Serve app's args are invalid; the message names the field."""
+
+
+class ServeArgs(BaseModel):
+    """What a Serve config may set for the chat model app."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    model: str | None = Field(
+        default=None,
+        description="models:/NAME@ALIAS, models:/NAME/VERSION, s3://..., a folder, a hub id or 'default'; "
+        "unset -> settings.serve_model (LLMOPS_SERVE_MODEL)",
+    )
+    model_version: str | None = Field(
+        default=None,
+        pattern=r"^\d+$",
+        description="pin the registry version behind models:/NAME@ALIAS; `llmops promote` sets it to roll replicas",
+    )
+    served_model_name: str | None = Field(default=None, description="the `model` clients send; default derived")
+    engine: Literal["transformers", "vllm"] = "transformers"
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
+    torch_threads: int | None = Field(default=None, ge=1, description="default: the replica's num_cpus")
+    max_batch_size: int = Field(default=8, ge=1, le=256)
+    batch_wait_timeout_s: float = Field(default=0.05, ge=0.0, le=5.0)
+    max_context: int | None = Field(default=None, ge=16, description="default: the model's max positions")
+    default_max_tokens: int = Field(default=256, ge=1)
+    max_tokens_limit: int = Field(default=1024, ge=1)
+    api_keys: list[SecretStr] | None = Field(
+        default=None, description="prefer LLMOPS_API_KEYS in the cluster env: args show in the dashboard"
+    )
+    allow_unauthenticated: bool = Field(default=False, description="serve without API keys (never in production)")
+    vllm_engine_kwargs: dict[str, Any] = Field(default_factory=dict, description="vLLM engine_kwargs (engine: vllm)")
+
+    @model_validator(mode="after")
+    def _check(self) -> ServeArgs:
+        if self.default_max_tokens > self.max_tokens_limit:
+            raise ValueError(
+                f"default_max_tokens ({self.default_max_tokens}) exceeds max_tokens_limit ({self.max_tokens_limit})"
+            )
+        if self.model_version and not (self.model and _REGISTRY_REF.match(self.model)):
+            raise ValueError("model_version is only meaningful with model: models:/NAME@ALIAS")
+        return self
+
+
+def parse_args(args: dict[str, Any] | ServeArgs | None) -> ServeArgs:
+    """Validate ``args``; raises ServeConfigError with one line per bad field."""
+    if isinstance(args, ServeArgs):
+        return args
+    try:
+        return ServeArgs.model_validate(args or {})
+    except ValidationError as exc:
+        lines = []
+        for error in exc.errors():
+            field = ".".join(str(part) for part in error["loc"]) or "args"
+            lines.append(f"invalid Serve app arg {field!r}: {error['msg']}")
+        raise ServeConfigError("; ".join(lines)) from None
+
+
+@dataclass(frozen=True)
+class ServedModel:
+    """The model a Serve app answers with, pinned when the app is built."""
+
+    source: str  # what replicas resolve: s3://..., a folder, a hub id or 'default'
+    name: str  # the `model` clients send
+    label: str  # shown in responses: NAME/VERSION for registry models, else the source
+    registry_name: str | None = None
+    version: str | None = None
+    run_id: str | None = None
+
+
+def pin_model(args: ServeArgs, settings: Settings) -> ServedModel:
+    """Resolve the registry reference (if any) to one version, so every replica serves the same one.
+
+    Raises ServeConfigError naming the reference and the tracking server when it cannot be found.
+    """
+    from ray_app.registry import RegistryError, get_version
+
+    reference = (args.model or settings.serve_model).strip()
+    match = _REGISTRY_REF.match(reference)
+    if match is None:
+        if reference.startswith("models:/"):
+            raise ServeConfigError(f"invalid Serve app arg 'model': {reference!r}; expected models:/NAME@ALIAS")
+        name = args.served_model_name or _default_name(reference)
+        return ServedModel(source=reference, name=name, label=reference)
+    registry_name = match["name"]
+    uri = f"models:/{registry_name}/{args.model_version}" if args.model_version else reference
+    try:
+        version = get_version(uri, settings)
+    except RegistryError as exc:
+        raise ServeConfigError(f"cannot pin Serve model {uri}: {exc}") from exc
+    return ServedModel(
+        source=version.source,
+        name=args.served_model_name or registry_name,
+        label=f"{registry_name}/{version.version}",
+        registry_name=registry_name,
+        version=version.version,
+        run_id=version.run_id,
+    )
+
+
+def _default_name(reference: str) -> str:
+    from ray_app.models import DEFAULT_MODEL_ALIASES, DEFAULT_MODEL_NAME
+
+    if reference.lower() in (*DEFAULT_MODEL_ALIASES, ""):
+        return DEFAULT_MODEL_NAME
+    return reference.rstrip("/").rsplit("/", 1)[-1]

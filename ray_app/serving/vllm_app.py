@@ -1,0 +1,82 @@
+"""The vLLM engine (GPU clusters): Ray Serve LLM's OpenAI app behind the same API-key check.
+
+`ray.serve.llm` brings continuous batching, paged attention and its own OpenAI router; we
+give it the pinned model (read from the store: vLLM loads ``s3://`` sources itself) and wrap
+its FastAPI app with the bearer-key check and the model-version headers the transformers
+engine sends, so clients see one API whichever engine runs.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+
+from ray import serve
+from ray.serve import Application
+
+from ray_app.serving.config import ServeArgs, ServeConfigError, ServedModel
+from ray_app.settings import Settings
+
+
+class BearerKeyMiddleware:
+    """ASGI middleware: 401 on ``/v1/*`` without a known key; adds the model-version headers."""
+
+    def __init__(self, app, key_hashes: list[str], served: ServedModel):
+        self.app, self.key_hashes = app, key_hashes
+        self.extra = [(b"x-model-version", served.label.encode()), (b"x-mlflow-run-id", (served.run_id or "").encode())]
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        if self.key_hashes and scope["path"].startswith("/v1"):
+            header = dict(scope["headers"]).get(b"authorization", b"").decode()
+            scheme, _, key = header.partition(" ")
+            digest = hashlib.sha256(key.strip().encode()).hexdigest()
+            if scheme.lower() != "bearer" or not any(hmac.compare_digest(digest, k) for k in self.key_hashes):
+                from ray_app.serving.protocol import error_response
+
+                return await error_response(401, "missing or invalid API key", code="invalid_api_key")(
+                    scope, receive, send
+                )
+
+        async def send_with_headers(message):
+            if message["type"] == "http.response.start":
+                message = {**message, "headers": [*message.get("headers", []), *self.extra]}
+            await send(message)
+
+        return await self.app(scope, receive, send_with_headers)
+
+
+def build_vllm_app(args: ServeArgs, served: ServedModel, key_hashes: list[str], settings: Settings) -> Application:
+    """Ray Serve LLM deployments for ``served`` with the API-key check in front."""
+    try:
+        from ray.llm._internal.serve.core.configs.openai_api_models import to_model_metadata
+        from ray.llm._internal.serve.core.ingress.ingress import init as init_ingress_app
+        from ray.serve.llm import LLMConfig, build_llm_deployment
+        from ray.serve.llm.ingress import OpenAiIngress, make_fastapi_ingress
+    except ImportError as exc:
+        raise ServeConfigError(
+            f"engine 'vllm' needs vLLM on the Serve nodes (pip install 'ray[llm]', CUDA GPUs): {exc}"
+        ) from exc
+    from ray_app.models import resolve_model
+
+    # Local and default models are read by path; store and hub sources are handed to vLLM as they are.
+    source = served.source if served.source.startswith("s3://") else str(resolve_model(served.source, settings))
+    engine_kwargs = {"dtype": "bfloat16", **args.vllm_engine_kwargs}
+    if args.max_context:
+        engine_kwargs.setdefault("max_model_len", args.max_context)
+    llm_config = LLMConfig(
+        model_loading_config={"model_id": served.name, "model_source": source},
+        # S3 credentials come from the nodes' environment (Secret/.env), never from the app config,
+        # which the dashboard shows.
+        engine_kwargs=engine_kwargs,
+    )
+    app = init_ingress_app()
+    app.add_middleware(BearerKeyMiddleware, key_hashes=key_hashes, served=served)
+    ingress_cls = make_fastapi_ingress(OpenAiIngress, app=app)
+    options = OpenAiIngress.get_deployment_options([llm_config])
+    return serve.deployment(ingress_cls, **options).bind(
+        llm_deployments={served.name: build_llm_deployment(llm_config)},
+        model_cards={served.name: to_model_metadata(served.name, llm_config)},
+        lora_paths={},
+    )

@@ -1,0 +1,360 @@
+"""Serving: the engine in-process, then the Serve app started by `serve run serve_configs/local.yaml`
+on the real Ray head, spoken to over real HTTP with the `openai` client and httpx."""
+
+from __future__ import annotations
+
+import concurrent.futures
+import json
+import os
+import signal
+import subprocess
+import threading
+import time
+from pathlib import Path
+
+import httpx
+import pytest
+import yaml
+from conftest import free_port, venv_bin
+from tiny_model import build_tiny_chat_model
+
+from ray_app.serving.config import ServeConfigError, parse_args
+from ray_app.serving.engine import GenerationRequest, SamplingParams, TransformersEngine
+from ray_app.settings import Settings
+
+REPO = Path(__file__).resolve().parents[1]
+REGISTERED = "tiny-chat"
+QUESTION = [{"role": "user", "content": "What is the capital of France?"}]
+
+
+# --- the engine, in-process ------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def tiny_dir(tmp_path_factory) -> Path:
+    return build_tiny_chat_model(tmp_path_factory.mktemp("tiny-serve") / "model")
+
+
+@pytest.fixture(scope="module")
+def engine(tiny_dir: Path) -> TransformersEngine:
+    return TransformersEngine(tiny_dir, threads=1)
+
+
+def _run(engine: TransformersEngine, requests: list[GenerationRequest]) -> list[tuple[str, str, int]]:
+    texts, finish, tokens = [""] * len(requests), [""] * len(requests), [0] * len(requests)
+    for step in engine.generate(requests):
+        for i, delta in enumerate(step):
+            if delta is not None:
+                texts[i] += delta.text
+                tokens[i] = delta.completion_tokens
+                finish[i] = delta.finish_reason or finish[i]
+    return list(zip(texts, finish, tokens, strict=True))
+
+
+def test_batched_greedy_decoding_equals_one_request_at_a_time(engine):
+    prompts = [
+        engine.chat_prompt_ids([{"role": "user", "content": text}])
+        for text in ("Hi", "Tell me a long story about the sea and its ships", "2+2?")
+    ]
+    budgets = [5, 17, 30]  # different lengths: rows leave the batch (and the cache) at different steps
+    alone = [
+        _run(engine, [GenerationRequest(p, SamplingParams(max_tokens=b, temperature=0))])[0]
+        for p, b in zip(prompts, budgets, strict=True)
+    ]
+    together = _run(
+        engine,
+        [
+            GenerationRequest(p, SamplingParams(max_tokens=b, temperature=0))
+            for p, b in zip(prompts, budgets, strict=True)
+        ],
+    )
+    assert together == alone
+    assert [tokens for _, finish, tokens in together if finish == "length"] == [
+        b for b, (_, finish, _) in zip(budgets, together, strict=True) if finish == "length"
+    ]
+
+
+def test_seed_makes_sampling_reproducible_and_stop_strings_cut_the_answer(engine):
+    prompt = engine.chat_prompt_ids(QUESTION)
+    params = {"max_tokens": 40, "temperature": 1.0, "top_p": 0.9}
+    first = _run(engine, [GenerationRequest(prompt, SamplingParams(seed=7, **params))])[0]
+    again = _run(engine, [GenerationRequest(prompt, SamplingParams(seed=7, **params))])[0]
+    assert first == again and len(first[0]) > 5
+    stop = first[0][3:6]
+    cut = _run(engine, [GenerationRequest(prompt, SamplingParams(seed=7, stop=[stop], **params))])[0]
+    assert cut[1] == "stop"
+    assert cut[0] == first[0][: first[0].find(stop)]
+
+
+def test_bad_serve_args_fail_at_build_time_naming_the_field():
+    with pytest.raises(ServeConfigError, match="'max_batch_size'"):
+        parse_args({"max_batch_size": 0})
+    with pytest.raises(ServeConfigError, match="'max_tokenz'"):
+        parse_args({"max_tokenz": 5})
+    with pytest.raises(ServeConfigError, match="model_version"):
+        parse_args({"model": "/some/folder", "model_version": "3"})
+    assert parse_args({"model": "models:/chat@champion", "model_version": "3"}).model_version == "3"
+
+
+# --- the Serve app on the real Ray head ------------------------------------------------------
+class ServeApp:
+    def __init__(self, settings: Settings, base_url: str, key: str, proc: subprocess.Popen):
+        self.settings, self.base_url, self.key, self.proc = settings, base_url, key, proc
+
+    @property
+    def headers(self) -> dict[str, str]:
+        return {"Authorization": f"Bearer {self.key}"}
+
+    def openai(self, **kwargs):
+        from openai import OpenAI
+
+        return OpenAI(base_url=f"{self.base_url}/v1", api_key=self.key, **kwargs)
+
+    def replicas(self) -> list[dict]:
+        from ray_app.serving.rollout import serve_details
+
+        app = serve_details(self.settings)["applications"]["chat"]
+        return [r for r in app["deployments"]["ChatServer"]["replicas"] if r["state"] == "RUNNING"]
+
+
+@pytest.fixture(scope="module")
+def registered_tiny_models(mlflow_server: Settings, ray_cluster: Settings, tmp_path_factory) -> list[str]:
+    """Two tiny models (different weights) in the S3 store, registered as tiny-chat v1 (champion) and v2."""
+    from ray_app.registry import register_model_version
+    from ray_app.storage import open_store
+
+    store = open_store(settings=ray_cluster)
+    store.ensure()
+    versions = []
+    for seed in (0, 1):
+        folder = build_tiny_chat_model(tmp_path_factory.mktemp(f"tiny-v{seed}") / "model", seed=seed)
+        store.upload_dir(folder, f"serving-test/tiny-{seed}", progress=False)
+        uri = store.uri(f"serving-test/tiny-{seed}")
+        ref = register_model_version(
+            REGISTERED, uri, run_id=None, alias="champion" if seed == 0 else None, settings=mlflow_server
+        )
+        versions.append(ref.version)
+    return versions
+
+
+@pytest.fixture(scope="module")
+def serve_app(ray_cluster: Settings, mlflow_server: Settings, registered_tiny_models, tmp_path_factory):
+    """`serve run` on a copy of serve_configs/local.yaml: the tiny champion, a free port, faster autoscaling."""
+    from ray_app.serving.rollout import ServeError, load_serve_config, shutdown, wait_running
+
+    settings = ray_cluster.model_copy(
+        update={"serve_port": free_port(), "mlflow_tracking_uri": mlflow_server.mlflow_tracking_uri}
+    )
+    config = load_serve_config(REPO / "serve_configs" / "local.yaml", settings, model=f"models:/{REGISTERED}@champion")
+    chat = config["applications"][0]
+    # The build step resolves the alias on the cluster: it needs the test MLflow server.
+    chat["runtime_env"] = {"env_vars": {"MLFLOW_TRACKING_URI": str(mlflow_server.mlflow_tracking_uri)}}
+    chat["args"].update({"max_tokens_limit": 256, "default_max_tokens": 32})
+    scaling = chat["deployments"][0]["autoscaling_config"]
+    scaling.update({"upscale_delay_s": 2, "downscale_delay_s": 6, "metrics_interval_s": 0.5, "look_back_period_s": 2})
+    path = tmp_path_factory.mktemp("serve") / "local.yaml"
+    path.write_text(yaml.safe_dump(config))
+    log = open(path.with_suffix(".log"), "wb")
+    env = {**os.environ, **settings.ray_client_env(), "LLMOPS_HOME": str(settings.home)}
+    proc = subprocess.Popen(
+        [venv_bin("serve"), "run", str(path), "--address", settings.ray_gcs_address],
+        env=env,
+        stdout=log,
+        stderr=subprocess.STDOUT,
+        start_new_session=True,
+    )
+    base_url = f"http://127.0.0.1:{settings.serve_port}"
+    try:
+        wait_running(["chat"], settings, wait_s=240)
+    except ServeError:
+        proc.kill()
+        raise
+    assert httpx.get(f"{base_url}/healthz", timeout=10).status_code == 200
+    # No LLMOPS_API_KEYS on the cluster: the app generated a key into the cluster's home.
+    key = settings.serve_api_key_path.read_text().strip()
+    try:
+        yield ServeApp(settings, base_url, key, proc)
+    finally:
+        proc.send_signal(signal.SIGINT)  # `serve run` shuts Serve down on Ctrl-C
+        try:
+            proc.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait(timeout=10)
+        try:
+            shutdown(settings)
+        except Exception:
+            pass
+        log.close()
+
+
+def test_serve_run_local_yaml_answers_the_openai_client_plain_and_streamed(serve_app):
+    client = serve_app.openai()
+    [model] = client.models.list().data
+    assert model.id == REGISTERED
+    raw = client.chat.completions.with_raw_response.create(
+        model=REGISTERED, messages=QUESTION, max_tokens=12, temperature=0
+    )
+    answer = raw.parse()
+    assert raw.headers["x-model-version"] == f"{REGISTERED}/1"
+    assert raw.headers.get("x-request-id")
+    assert answer.choices[0].message.content and answer.choices[0].finish_reason == "length"
+    assert answer.usage.completion_tokens == 12 and answer.usage.prompt_tokens > 5
+    assert answer.system_fingerprint == f"{REGISTERED}/1"
+
+    chunks = list(
+        client.chat.completions.create(
+            model=REGISTERED,
+            messages=QUESTION,
+            max_tokens=12,
+            temperature=0,
+            stream=True,
+            stream_options={"include_usage": True},
+        )
+    )
+    text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+    assert text == answer.choices[0].message.content  # same greedy answer, streamed
+    assert len([c for c in chunks if c.choices and c.choices[0].delta.content]) >= 3
+    assert chunks[-1].usage.completion_tokens == 12
+
+    with httpx.stream(
+        "POST",
+        f"{serve_app.base_url}/v1/completions",
+        headers=serve_app.headers,
+        timeout=60,
+        json={"model": REGISTERED, "prompt": "Once upon a time", "max_tokens": 8, "stream": True},
+    ) as r:
+        assert r.status_code == 200, r.read()
+        assert r.headers["content-type"].startswith("text/event-stream")
+        events = [line for line in r.iter_lines() if line.startswith("data: ")]
+    assert events[-1] == "data: [DONE]"
+    assert json.loads(events[-2][6:])["choices"][0]["finish_reason"] == "length"
+
+
+def test_requests_without_a_valid_key_or_with_bad_bodies_get_4xx_with_a_reason(serve_app):
+    url = f"{serve_app.base_url}/v1/chat/completions"
+    good = {"model": REGISTERED, "messages": QUESTION, "max_tokens": 4}
+    assert httpx.get(f"{serve_app.base_url}/healthz").json()["version"] == f"{REGISTERED}/1"
+    cases = [
+        ({}, good, 401, "missing API key"),
+        ({"Authorization": "Bearer sk-wrong"}, good, 401, "invalid API key"),
+        (serve_app.headers, {**good, "model": "gpt-4"}, 404, "does not exist"),
+        (serve_app.headers, {"model": REGISTERED}, 400, "messages"),
+        (serve_app.headers, {**good, "temperature": 7}, 400, "temperature"),
+        (serve_app.headers, {**good, "n": 3}, 400, "n=1"),
+        (serve_app.headers, {**good, "max_tokens": 5000}, 400, "limit of 256"),
+        (serve_app.headers, {**good, "messages": [{"role": "user", "content": "word " * 700}]}, 400, "context"),
+    ]
+    for headers, body, status, reason in cases:
+        response = httpx.post(url, headers=headers, json=body, timeout=30)
+        assert response.status_code == status, (body, response.text)
+        assert reason in response.json()["error"]["message"], response.text
+    response = httpx.post(url, headers={**serve_app.headers, "Content-Type": "application/json"}, content=b"{not json")
+    assert response.status_code == 400 and response.json()["error"]["message"]
+    from openai import AuthenticationError
+
+    with pytest.raises(AuthenticationError):
+        serve_app.openai(max_retries=0).with_options(api_key="sk-nope").models.list()
+
+
+def _ask(serve_app: ServeApp, max_tokens: int, **extra) -> httpx.Response:
+    body = {"model": REGISTERED, "messages": QUESTION, "max_tokens": max_tokens, "temperature": 0, **extra}
+    return httpx.post(f"{serve_app.base_url}/v1/chat/completions", headers=serve_app.headers, json=body, timeout=120)
+
+
+def test_eight_concurrent_requests_finish_sooner_than_eight_sequential_ones(serve_app):
+    _ask(serve_app, 4)  # warm
+    started = time.monotonic()
+    sequential = [_ask(serve_app, 64) for _ in range(8)]
+    sequential_s = time.monotonic() - started
+    started = time.monotonic()
+    with concurrent.futures.ThreadPoolExecutor(8) as pool:
+        concurrent_ = list(pool.map(lambda _: _ask(serve_app, 64), range(8)))
+    concurrent_s = time.monotonic() - started
+    tokens = [r.json()["usage"]["completion_tokens"] for r in sequential + concurrent_]
+    assert tokens == [64] * 16
+    assert concurrent_s < 0.6 * sequential_s, (concurrent_s, sequential_s)
+
+
+class Load:
+    """Clients sending requests in a loop until stopped; records every outcome."""
+
+    def __init__(self, serve_app: ServeApp, clients: int, stream: bool, max_tokens: int, retries: int = 0):
+        self.serve_app, self.stream, self.max_tokens, self.retries = serve_app, stream, max_tokens, retries
+        self.stop = threading.Event()
+        self.results: list[tuple[float, int, str]] = []  # (finished at, status, x-model-version)
+        self.errors: list[str] = []
+        self.threads = [threading.Thread(target=self._client, daemon=True) for _ in range(clients)]
+
+    def _client(self) -> None:
+        client = self.serve_app.openai(max_retries=self.retries, timeout=120)
+        while not self.stop.is_set():
+            try:
+                raw = client.chat.completions.with_raw_response.create(
+                    model=REGISTERED, messages=QUESTION, max_tokens=self.max_tokens, stream=self.stream
+                )
+                if self.stream:
+                    chunks = list(raw.parse())
+                    assert chunks and chunks[-1].choices[0].finish_reason
+                self.results.append((time.monotonic(), raw.status_code, raw.headers.get("x-model-version", "")))
+            except Exception as exc:
+                self.errors.append(repr(exc))
+
+    def __enter__(self) -> Load:
+        for thread in self.threads:
+            thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.stop.set()
+        for thread in self.threads:
+            thread.join(timeout=180)
+
+
+def _wait_for(predicate, timeout: float, what: str) -> float:
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        assert time.monotonic() < deadline, f"timed out after {timeout}s waiting for {what}"
+        time.sleep(0.5)
+    return time.monotonic()
+
+
+def test_eight_streaming_clients_scale_the_app_to_two_replicas_and_back_to_one(serve_app):
+    assert len(serve_app.replicas()) == 1
+    with Load(serve_app, clients=8, stream=True, max_tokens=200) as load:
+        _wait_for(lambda: len(serve_app.replicas()) == 2, 90, "a second replica")
+        time.sleep(3)
+    assert not load.errors and load.results
+    _wait_for(lambda: len(serve_app.replicas()) == 1, 90, "scale-down to one replica")
+
+
+def test_killed_replica_is_restarted_and_retrying_clients_lose_nothing(serve_app):
+    [replica] = serve_app.replicas()
+    with Load(serve_app, clients=3, stream=False, max_tokens=48, retries=5) as load:
+        _wait_for(lambda: len(load.results) >= 3, 60, "traffic")
+        os.kill(replica["pid"], signal.SIGKILL)
+        _wait_for(
+            lambda: [r["pid"] for r in serve_app.replicas()] not in ([], [replica["pid"]]), 120, "a restarted replica"
+        )
+        done = len(load.results)
+        _wait_for(lambda: len(load.results) >= done + 3, 60, "traffic on the new replica")
+    assert not load.errors, load.errors[:3]
+    assert {status for _, status, _ in load.results} == {200}
+
+
+def test_promote_under_load_rolls_to_the_new_version_without_a_failed_request(
+    serve_app, mlflow_server, registered_tiny_models
+):
+    from ray_app.registry import get_version
+    from ray_app.serving.rollout import promote
+
+    old, new = registered_tiny_models
+    with Load(serve_app, clients=3, stream=False, max_tokens=24) as load:
+        _wait_for(lambda: len(load.results) >= 3, 60, "traffic")
+        promotion = promote(REGISTERED, serve_app.settings, version=new, wait_s=240)
+        switched = time.monotonic()
+        _wait_for(lambda: any(t > switched for t, _, _ in load.results), 60, "answers after the switch")
+    assert promotion.previous == old and promotion.version == new and promotion.rolled_apps == ["chat"]
+    assert get_version(f"models:/{REGISTERED}@champion", mlflow_server).version == new
+    assert not load.errors, load.errors[:3]
+    assert {status for _, status, _ in load.results} == {200}
+    assert {version for t, _, version in load.results if t > switched} == {f"{REGISTERED}/{new}"}
+    assert f"{REGISTERED}/{old}" in {version for _, _, version in load.results}

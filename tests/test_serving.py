@@ -94,6 +94,20 @@ def test_bad_serve_args_fail_at_build_time_naming_the_field():
     assert parse_args({"model": "models:/chat@champion", "model_version": "3"}).model_version == "3"
 
 
+def test_shipped_serve_configs_match_serves_schema_and_our_args():
+    from ray.serve.schema import ServeDeploySchema
+
+    for name in ("local.yaml", "gpu.yaml"):
+        config = yaml.safe_load((REPO / "serve_configs" / name).read_text())
+        ServeDeploySchema.model_validate(config)
+        [chat] = config["applications"]
+        assert chat["import_path"] == "ray_app.serving.app:build_app"
+        assert parse_args(chat["args"]).engine == ("vllm" if name == "gpu.yaml" else "transformers")
+    local = yaml.safe_load((REPO / "serve_configs" / "local.yaml").read_text())["applications"][0]
+    scaling = local["deployments"][0]["autoscaling_config"]
+    assert scaling["min_replicas"] == 1 and scaling["max_replicas"] >= 2
+
+
 # --- the Serve app on the real Ray head ------------------------------------------------------
 class ServeApp:
     def __init__(self, settings: Settings, base_url: str, key: str, proc: subprocess.Popen):
@@ -358,3 +372,32 @@ def test_promote_under_load_rolls_to_the_new_version_without_a_failed_request(
     assert {status for _, status, _ in load.results} == {200}
     assert {version for t, _, version in load.results if t > switched} == {f"{REGISTERED}/{new}"}
     assert f"{REGISTERED}/{old}" in {version for _, _, version in load.results}
+
+
+@pytest.mark.slow
+def test_llmops_serve_deploys_local_yaml_with_the_default_model_and_it_answers(serve_app):
+    """The CLI path (`llmops serve`, the dashboard's REST API) with SmolLM2-135M-Instruct.
+
+    Runs last: the declarative deploy replaces the tiny app on the same Serve instance.
+    """
+    settings = serve_app.settings
+    env = {
+        **os.environ,
+        "LLMOPS_HOME": str(settings.home),
+        "LLMOPS_RAY_DASHBOARD_PORT": str(settings.ray_dashboard_port),
+        "LLMOPS_SERVE_PORT": str(settings.serve_port),
+    }
+    done = subprocess.run(
+        [venv_bin("llmops"), "serve", "--config", str(REPO / "serve_configs" / "local.yaml"), "--model", "default"],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert f"{settings.serve_url}/v1" in done.stdout
+    client = serve_app.openai()
+    [model] = client.models.list().data
+    assert model.id == "SmolLM2-135M-Instruct"
+    answer = client.chat.completions.create(model=model.id, messages=QUESTION, max_tokens=16, temperature=0)
+    assert "Paris" in answer.choices[0].message.content

@@ -51,6 +51,10 @@ class ServeArgs(BaseModel):
     )
     allow_unauthenticated: bool = Field(default=False, description="serve without API keys (never in production)")
     vllm_engine_kwargs: dict[str, Any] = Field(default_factory=dict, description="vLLM engine_kwargs (engine: vllm)")
+    vllm_deployment_config: dict[str, Any] = Field(
+        default_factory=dict, description="Serve deployment options of the vLLM servers (autoscaling...)"
+    )
+    vllm_accelerator_type: str | None = Field(default=None, description="e.g. A100, H100 (engine: vllm)")
 
     @model_validator(mode="after")
     def _check(self) -> ServeArgs:

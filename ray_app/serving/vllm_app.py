@@ -70,6 +70,8 @@ def build_vllm_app(args: ServeArgs, served: ServedModel, key_hashes: list[str], 
         # S3 credentials come from the nodes' environment (Secret/.env), never from the app config,
         # which the dashboard shows.
         engine_kwargs=engine_kwargs,
+        deployment_config=args.vllm_deployment_config,
+        **({"accelerator_type": args.vllm_accelerator_type} if args.vllm_accelerator_type else {}),
     )
     app = init_ingress_app()
     app.add_middleware(BearerKeyMiddleware, key_hashes=key_hashes, served=served)

@@ -240,6 +240,23 @@ def ray_client(ray_cluster: Settings) -> Iterator[Settings]:
         ray.shutdown()
 
 
+@pytest.fixture(autouse=True, scope="module")
+def _no_tracking_env_leaks() -> Iterator[None]:
+    """`registry.configure_tracking` exports MLFLOW_*/AWS_* for the mlflow client; keep them to one module."""
+    prefixes = ("MLFLOW_", "AWS_")
+    saved = {key: value for key, value in os.environ.items() if key.startswith(prefixes)}
+    yield
+    for key in [key for key in os.environ if key.startswith(prefixes)]:
+        del os.environ[key]
+    os.environ.update(saved)
+
+
+@pytest.fixture(scope="session")
+def serve_http_port() -> int:
+    """One HTTP port for Ray Serve in the whole session: Serve keeps its first port until it is shut down."""
+    return free_port()
+
+
 @pytest.fixture()
 def home(tmp_path: Path) -> Path:
     """A fresh LLMOPS_HOME for one test."""

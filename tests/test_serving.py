@@ -15,7 +15,7 @@ from pathlib import Path
 import httpx
 import pytest
 import yaml
-from conftest import free_port, venv_bin
+from conftest import venv_bin
 from tiny_model import build_tiny_chat_model
 
 from ray_app.serving.config import ServeConfigError, parse_args
@@ -150,12 +150,14 @@ def registered_tiny_models(mlflow_server: Settings, ray_cluster: Settings, tmp_p
 
 
 @pytest.fixture(scope="module")
-def serve_app(ray_cluster: Settings, mlflow_server: Settings, registered_tiny_models, tmp_path_factory):
+def serve_app(
+    ray_cluster: Settings, mlflow_server: Settings, registered_tiny_models, serve_http_port: int, tmp_path_factory
+):
     """`serve run` on a copy of serve_configs/local.yaml: the tiny champion, a free port, faster autoscaling."""
     from ray_app.serving.rollout import ServeError, load_serve_config, shutdown, wait_running
 
     settings = ray_cluster.model_copy(
-        update={"serve_port": free_port(), "mlflow_tracking_uri": mlflow_server.mlflow_tracking_uri}
+        update={"serve_port": serve_http_port, "mlflow_tracking_uri": mlflow_server.mlflow_tracking_uri}
     )
     config = load_serve_config(REPO / "serve_configs" / "local.yaml", settings, model=f"models:/{REGISTERED}@champion")
     chat = config["applications"][0]

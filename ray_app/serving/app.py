@@ -303,6 +303,7 @@ def build_api(server: ChatServer):
             "version": server.served.label,
             "run_id": server.served.run_id,
             "max_model_len": server.context,
+            "max_tokens_limit": server.args.max_tokens_limit,
         }
         return {"object": "list", "data": [card]}
 

@@ -87,7 +87,7 @@ class ServedModel:
 
     source: str  # what replicas resolve: s3://..., a folder, a hub id or 'default'
     name: str  # the `model` clients send
-    label: str  # shown in responses: NAME/VERSION for registry models, else the source
+    label: str  # shown in responses: NAME/VERSION for registry models, else the served name
     registry_name: str | None = None
     version: str | None = None
     run_id: str | None = None
@@ -106,7 +106,7 @@ def pin_model(args: ServeArgs, settings: Settings) -> ServedModel:
         if reference.startswith("models:/"):
             raise ServeConfigError(f"invalid Serve app arg 'model': {reference!r}; expected models:/NAME@ALIAS")
         name = args.served_model_name or _default_name(reference)
-        return ServedModel(source=reference, name=name, label=reference)
+        return ServedModel(source=reference, name=name, label=name)
     registry_name = match["name"]
     uri = f"models:/{registry_name}/{args.model_version}" if args.model_version else reference
     try:

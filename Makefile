@@ -27,6 +27,9 @@ system-deps:
 	@command -v pg_ctl >/dev/null || ls /usr/lib/postgresql/*/bin/pg_ctl >/dev/null 2>&1 || \
 	  (echo "installing PostgreSQL 15 (tests start their own instance)"; \
 	   apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq postgresql-15 >/dev/null)
+	@test -x /usr/bin/chromium || \
+	  (echo "installing Debian's chromium (headless browser tests of the chat)"; \
+	   apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null)
 
 demo: install
 	$(BIN)/llmops demo

@@ -304,6 +304,63 @@ def promote(
         console.print(f"no running Serve app serves models:/{name}@champion; nothing to roll")
 
 
+def chat_command(current: Settings, port: int | None = None) -> tuple[list[str], dict[str, str], Path]:
+    """argv, environment and working dir that run the Chainlit chat for ``current``."""
+    import importlib.util
+    import os
+    import sys
+
+    app_file = importlib.util.find_spec("ray_app.chat.app").origin  # not imported: that would start it
+    root = current.home / "chat"
+    root.mkdir(parents=True, exist_ok=True)
+    env = {
+        **os.environ,
+        "LLMOPS_HOME": str(current.home),
+        "LLMOPS_CHAT_PORT": str(port or current.chat_port),
+        "CHAINLIT_AUTH_SECRET": current.chat_secret(),
+        "CHAINLIT_APP_ROOT": str(root),  # Chainlit writes .chainlit/ and .files/ there, not in the cwd
+    }
+    chainlit = Path(sys.executable).with_name("chainlit")
+    argv = [str(chainlit), "run", str(app_file), "--headless", "--host", current.bind_host,
+            "--port", str(port or current.chat_port)]  # fmt: skip
+    return argv, env, root
+
+
+@app.command()
+@friendly_errors
+def chat(
+    port: Annotated[int | None, typer.Option(help="default LLMOPS_CHAT_PORT (8800)")] = None,
+    upgrade_db: Annotated[bool, typer.Option("--upgrade-db", help="only create/upgrade the chat schema")] = False,
+) -> None:
+    """Run the Chainlit chat (foreground) against the Serve app; history and feedback in SQL."""
+    import subprocess
+
+    from ray_app.chat.schema import upgrade_schema
+
+    current = settings()
+    changes = upgrade_schema(str(current.chat_database_url))
+    if upgrade_db:
+        console.print("\n".join(changes) or "chat schema is current")
+        return
+    argv, env, root = chat_command(current, port)
+    users = ", ".join(current.chat_logins())
+    console.print(f"chat on http://{current.bind_host}:{port or current.chat_port} (users: {users}), "
+                  f"answers from {current.chat_serve_url}")  # fmt: skip
+    if not current.chat_users:
+        console.print(f"password of `admin`: {current.chat_admin_password_path}")
+    raise typer.Exit(subprocess.call(argv, env=env, cwd=root))
+
+
+@app.command("chat-passwd")
+@friendly_errors
+def chat_passwd(user: Annotated[str, typer.Argument(help="login name")]) -> None:
+    """Print a LLMOPS_CHAT_USERS entry (user:pbkdf2 hash) for a password read from the terminal."""
+    from ray_app.chat.auth import hash_password
+
+    password = typer.prompt("password", hide_input=True, confirmation_prompt=True)
+    console.print(f"{user}:{hash_password(password)}", highlight=False, soft_wrap=True)
+
+
 @app.command()
 @friendly_errors
 def demo() -> None:

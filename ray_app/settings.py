@@ -144,6 +144,20 @@ class Settings(BaseSettings):
     )
     serve_model: str = Field(default="default", description="model the Serve app loads when its config names none")
 
+    # --- chat (Chainlit) -----------------------------------------------------------------
+    chat_database_url: str | None = Field(
+        default=None, description="SQLAlchemy async URL; default sqlite+aiosqlite in home/chat"
+    )
+    chat_users: Annotated[list[SecretStr], NoDecode] = Field(
+        default_factory=list, description="comma-separated user:password or user:pbkdf2_sha256$... (llmops chat-passwd)"
+    )
+    chat_auth_secret: SecretStr | None = Field(
+        default=None, validation_alias=_env("CHAINLIT_AUTH_SECRET", "LLMOPS_CHAT_AUTH_SECRET")
+    )
+    chat_serve_url: str | None = Field(default=None, description="OpenAI base URL the chat uses; default Serve's /v1")
+    chat_api_key: SecretStr | None = Field(default=None, description="key for chat_serve_url; default the API key")
+    chat_timeout_s: float = Field(default=60.0, gt=0, description="per answer; the user sees an error after it")
+
     # --- validators ----------------------------------------------------------------------
     @field_validator("home", "model_cache_dir", "ray_temp_dir", mode="after")
     @classmethod
@@ -172,7 +186,7 @@ class Settings(BaseSettings):
             return value
         raise ValueError(f"unsupported MLflow tracking URI {value!r}; expected http(s)://, file:, sqlite: or a DB URL")
 
-    @field_validator("api_keys", mode="before")
+    @field_validator("api_keys", "chat_users", mode="before")
     @classmethod
     def _split_keys(cls, value: Any) -> Any:
         if isinstance(value, str):
@@ -195,6 +209,10 @@ class Settings(BaseSettings):
             self.store_uri = str(self.home / "store")
         if self.model_cache_dir is None:
             self.model_cache_dir = self.home / "models"
+        if self.chat_database_url is None:
+            self.chat_database_url = f"sqlite+aiosqlite:///{self.home / 'chat' / 'chat.db'}"
+        if self.chat_serve_url is None:
+            self.chat_serve_url = f"http://{self.bind_host}:{self.serve_port}/v1"
         if self.mlflow_tracking_uri is None:
             self.mlflow_tracking_uri = f"http://{self.bind_host}:{self.mlflow_port}"
         if self.mlflow_backend_store_uri is None:
@@ -252,21 +270,30 @@ class Settings(BaseSettings):
 
     def serve_api_keys(self) -> list[str]:
         """The inference API keys: the configured ones, else the local generated one (created once)."""
-        import secrets
-
         if self.api_keys:
             return [key.get_secret_value() for key in self.api_keys]
-        path = self.serve_api_key_path
-        if not path.is_file():
-            path.parent.mkdir(parents=True, exist_ok=True)
-            try:
-                fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-            except FileExistsError:  # another process wrote it just now
-                pass
-            else:
-                with os.fdopen(fd, "w") as handle:
-                    handle.write("sk-llmops-" + secrets.token_urlsafe(24))
-        return [path.read_text().strip()]
+        return [_generated_secret(self.serve_api_key_path, "sk-llmops-")]
+
+    def chat_secret(self) -> str:
+        """Chainlit's session-signing secret: CHAINLIT_AUTH_SECRET, else one generated once (0600)."""
+        if self.chat_auth_secret:
+            return self.chat_auth_secret.get_secret_value()
+        return _generated_secret(self.stack_dir / "chat_auth_secret")
+
+    def chat_logins(self) -> dict[str, str]:
+        """user -> password or pbkdf2 hash. Without LLMOPS_CHAT_USERS: user `admin` with a password
+        generated once into the stack dir (mode 0600), so the chat is never open."""
+        logins = {}
+        for entry in self.chat_users:
+            user, sep, secret = entry.get_secret_value().partition(":")
+            if not sep or not user or not secret:
+                raise SettingsError("invalid setting chat_users (LLMOPS_CHAT_USERS): expected user:password entries")
+            logins[user.strip()] = secret.strip()
+        return logins or {"admin": _generated_secret(self.chat_admin_password_path)}
+
+    @property
+    def chat_admin_password_path(self) -> Path:
+        return self.stack_dir / "chat_admin_password"
 
     def ray_auth_headers(self) -> dict[str, str]:
         """HTTP headers for the Ray dashboard / Jobs API."""
@@ -362,6 +389,22 @@ class Settings(BaseSettings):
                 text = _mask_url_password(str(value))
             shown[name] = text
         return shown
+
+
+def _generated_secret(path: Path, prefix: str = "") -> str:
+    """The secret in ``path``, created once with a random value and mode 0600."""
+    import secrets
+
+    if not path.is_file():
+        path.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        except FileExistsError:  # another process wrote it just now
+            pass
+        else:
+            with os.fdopen(fd, "w") as handle:
+                handle.write(prefix + secrets.token_urlsafe(24))
+    return path.read_text().strip()
 
 
 def _mask_url_password(text: str) -> str:

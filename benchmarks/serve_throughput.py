@@ -1,0 +1,241 @@
+"""Serving throughput: `model.generate` in-process vs the Serve app over HTTP, side by side.
+
+    .venv/bin/python benchmarks/serve_throughput.py [--model default] [--tokens 128] [--clients 1,4,8,16]
+
+(a) Hugging Face `model.generate` in this process (greedy, the same thread count as the
+replica), (a') our engine in this process (no HTTP, no Serve), (b) one stream through Ray
+Serve (OpenAI API, SSE): decode tokens/s and time to first token. Then aggregate tokens/s
+through Serve with 1/4/8/16 concurrent streaming clients (each sends --rounds requests).
+One replica with all cores, batching as in serve_configs/local.yaml. Prints a table, writes
+benchmarks/results/serve_throughput.json and .png. Not run by CI.
+"""
+
+from __future__ import annotations
+
+import argparse
+import concurrent.futures
+import json
+import os
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+PROMPT = [{"role": "user", "content": "Write a long, detailed story about a lighthouse keeper and the sea."}]
+
+
+def in_process_generate(model_dir: Path, tokens: int, repeats: int) -> dict[str, float]:
+    """(a): `model.generate`, greedy, exactly ``tokens`` new tokens; TTFT = a 1-token generate."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
+    text = tokenizer.apply_chat_template(PROMPT, tokenize=False, add_generation_prompt=True)
+    ids = tokenizer(text, return_tensors="pt", add_special_tokens=False).input_ids
+    common = {"do_sample": False, "pad_token_id": tokenizer.eos_token_id}
+    model.generate(ids, max_new_tokens=8, **common)  # warm-up
+    ttfts, rates = [], []
+    with torch.inference_mode():
+        for _ in range(repeats):
+            start = time.perf_counter()
+            model.generate(ids, max_new_tokens=1, **common)
+            ttft = time.perf_counter() - start
+            start = time.perf_counter()
+            model.generate(ids, max_new_tokens=tokens, min_new_tokens=tokens, **common)
+            total = time.perf_counter() - start
+            ttfts.append(ttft)
+            rates.append((tokens - 1) / (total - ttft))
+    return {"decode_tokens_per_s": statistics.median(rates), "ttft_s": statistics.median(ttfts)}
+
+
+def in_process_engine(model_dir: Path, tokens: int, repeats: int, threads: int) -> dict[str, float]:
+    """(a'): our batching engine for one request, no HTTP."""
+    from ray_app.serving.engine import GenerationRequest, SamplingParams, TransformersEngine
+
+    engine = TransformersEngine(model_dir, threads=threads)
+    ids = engine.chat_prompt_ids(PROMPT)
+    ttfts, rates = [], []
+    for index in range(repeats + 1):
+        start = time.perf_counter()
+        first = None
+        produced = 0
+        for [delta] in engine.generate([GenerationRequest(ids, SamplingParams(max_tokens=tokens, temperature=0))]):
+            if first is None:
+                first = time.perf_counter()
+            produced = delta.completion_tokens
+        end = time.perf_counter()
+        if index:  # the first run warms up
+            ttfts.append(first - start)
+            rates.append((produced - 1) / (end - first))
+    return {"decode_tokens_per_s": statistics.median(rates), "ttft_s": statistics.median(ttfts)}
+
+
+def stream_once(base_url: str, key: str, model: str, tokens: int) -> tuple[float, float, int]:
+    """One streamed chat completion: (time to first content, end time, completion tokens), from request start."""
+    import httpx
+
+    body = {"model": model, "messages": PROMPT, "max_tokens": tokens, "temperature": 0, "stream": True,
+            "stream_options": {"include_usage": True}}  # fmt: skip
+    start = time.perf_counter()
+    first, produced = None, 0
+    with httpx.stream("POST", f"{base_url}/v1/chat/completions", json=body, timeout=600,
+                      headers={"Authorization": f"Bearer {key}"}) as response:  # fmt: skip
+        response.raise_for_status()
+        for line in response.iter_lines():
+            if not line.startswith("data: {"):
+                continue
+            event = json.loads(line[6:])
+            if event.get("usage"):
+                produced = event["usage"]["completion_tokens"]
+            elif first is None and event["choices"] and event["choices"][0]["delta"].get("content"):
+                first = time.perf_counter() - start
+    return first or 0.0, time.perf_counter() - start, produced
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", default="default")
+    parser.add_argument("--tokens", type=int, default=128, help="new tokens for the single-stream runs")
+    parser.add_argument("--load-tokens", type=int, default=64, help="new tokens per request under load")
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--rounds", type=int, default=2, help="requests per client under load")
+    parser.add_argument("--clients", default="1,4,8,16")
+    parser.add_argument("--max-batch-size", type=int, default=8)
+    args = parser.parse_args()
+
+    import ray
+    import torch
+    from ray import serve
+
+    from ray_app.models import resolve_model
+    from ray_app.serving.app import ChatServer, hash_key
+    from ray_app.serving.config import parse_args, pin_model
+    from ray_app.settings import load_settings
+
+    home = Path(tempfile.mkdtemp(prefix="llmops-bench-"))
+    settings = load_settings(home=home)
+    model_dir = resolve_model(None if args.model == "default" else args.model, settings)
+    cores = os.cpu_count() or 1
+    torch.set_num_threads(cores)
+
+    results: dict[str, dict[str, float]] = {
+        "a_model_generate_in_process": in_process_generate(model_dir, args.tokens, args.repeats),
+        "a2_engine_in_process": in_process_engine(model_dir, args.tokens, args.repeats, cores),
+    }
+
+    settings.apply_ray_client_env()
+    ray.init(num_cpus=cores, include_dashboard=False, runtime_env={"env_vars": settings.worker_env()})
+    port = _free_port()
+    serve.start(http_options={"host": "127.0.0.1", "port": port})
+    key = "sk-bench-" + os.urandom(8).hex()
+    limit = max(args.tokens, args.load_tokens)
+    serve_args = parse_args(
+        {
+            "model": str(model_dir),
+            "max_batch_size": args.max_batch_size,
+            "max_tokens_limit": limit,
+            "torch_threads": cores,
+        }
+    )
+    served = pin_model(serve_args, settings)
+    app = ChatServer.options(num_replicas=1, autoscaling_config=None, ray_actor_options={"num_cpus": cores}).bind(
+        serve_args, served, [hash_key(key)]
+    )
+    serve.run(app, name="bench", route_prefix="/")
+    base_url = f"http://127.0.0.1:{port}"
+    stream_once(base_url, key, served.name, 8)  # warm-up
+    ttfts, rates = [], []
+    for _ in range(args.repeats):
+        first, end, produced = stream_once(base_url, key, served.name, args.tokens)
+        ttfts.append(first)
+        rates.append((produced - 1) / (end - first))
+    results["b_serve_one_stream"] = {
+        "decode_tokens_per_s": statistics.median(rates),
+        "ttft_s": statistics.median(ttfts),
+    }
+
+    load: dict[str, dict[str, float]] = {}
+    for clients in [int(c) for c in args.clients.split(",")]:
+
+        def client(_: int) -> tuple[int, list[float]]:
+            produced, firsts = 0, []
+            for _round in range(args.rounds):
+                first, _end, tokens = stream_once(base_url, key, served.name, args.load_tokens)
+                produced += tokens
+                firsts.append(first)
+            return produced, firsts
+
+        start = time.perf_counter()
+        with concurrent.futures.ThreadPoolExecutor(clients) as pool:
+            outcomes = list(pool.map(client, range(clients)))
+        wall = time.perf_counter() - start
+        firsts = [f for _, fs in outcomes for f in fs]
+        load[str(clients)] = {
+            "aggregate_tokens_per_s": sum(tokens for tokens, _ in outcomes) / wall,
+            "median_ttft_s": statistics.median(firsts),
+        }
+    serve.shutdown()
+    ray.shutdown()
+
+    base = results["a_model_generate_in_process"]["decode_tokens_per_s"]
+    one = load[min(load, key=int)]["aggregate_tokens_per_s"]
+    print(f"\nmodel {model_dir.name}, {cores} cores, torch threads {cores}, greedy, {args.tokens} new tokens")
+    print(f"{'single stream':<32}{'decode tok/s':>14}{'vs (a)':>9}{'TTFT s':>9}")
+    for name, row in results.items():
+        ratio = row["decode_tokens_per_s"] / base
+        print(f"{name:<32}{row['decode_tokens_per_s']:>14.1f}{ratio:>9.2f}{row['ttft_s']:>9.3f}")
+    print(f"\n{'concurrent clients':<32}{'aggregate tok/s':>16}{'vs 1 client':>13}{'median TTFT s':>15}")
+    for clients, row in load.items():
+        ratio = row["aggregate_tokens_per_s"] / one
+        print(f"{clients:<32}{row['aggregate_tokens_per_s']:>16.1f}{ratio:>13.2f}{row['median_ttft_s']:>15.3f}")
+
+    out = ROOT / "benchmarks" / "results" / "serve_throughput.json"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    summary = {
+        "b_over_a_single_stream": results["b_serve_one_stream"]["decode_tokens_per_s"] / base,
+        "aggregate_8_over_1": load["8"]["aggregate_tokens_per_s"] / one if "8" in load else None,
+    }
+    out.write_text(json.dumps({"model": model_dir.name, "cores": cores, "tokens": args.tokens,
+                               "load_tokens": args.load_tokens, "rounds": args.rounds,
+                               "max_batch_size": args.max_batch_size, "single_stream": results,
+                               "concurrency": load, "summary": summary}, indent=2) + "\n")  # fmt: skip
+    chart(out.with_suffix(".png"), results, load)
+    print(f"\nwrote {out} and {out.with_suffix('.png')}")
+    return 0
+
+
+def chart(path: Path, single: dict[str, dict[str, float]], load: dict[str, dict[str, float]]) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (left, right) = plt.subplots(1, 2, figsize=(10, 4))
+    names = list(single)
+    left.bar(range(len(names)), [single[n]["decode_tokens_per_s"] for n in names], color=["#888", "#aaa", "#1f77b4"])
+    left.set_xticks(range(len(names)), [n.split("_", 1)[0] for n in names])
+    left.set_title("one stream: decode tokens/s")
+    clients = [int(c) for c in load]
+    right.plot(clients, [load[str(c)]["aggregate_tokens_per_s"] for c in clients], marker="o")
+    right.set_xlabel("concurrent streaming clients")
+    right.set_title("through Serve: aggregate tokens/s")
+    right.set_xticks(clients)
+    fig.tight_layout()
+    fig.savefig(path, dpi=90)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

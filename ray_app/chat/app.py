@@ -1,0 +1,201 @@
+"""The Chainlit chat (`llmops chat`): answers stream from the Serve app's OpenAI API.
+
+- Login: Chainlit password auth against LLMOPS_CHAT_USERS (pbkdf2 hashes or passwords);
+  without it, user `admin` with a generated password (`$LLMOPS_HOME/stack/chat_admin_password`).
+- History: Chainlit's SQLAlchemy data layer on SQLite (default) or PostgreSQL; the schema is
+  ours (`ray_app.chat.schema`) and is created/upgraded when the chat starts.
+- Each answer records the model version that produced it (step metadata) and shows it
+  under the answer; thumbs up/down + comment land in `feedbacks`, read back by
+  `ray_app.chat.feedback` for retraining.
+- When Serve is down or slow, the user gets a one-line error and a Retry button.
+"""
+
+from __future__ import annotations
+
+import re
+
+import chainlit as cl
+import httpx
+from chainlit.data.sql_alchemy import SQLAlchemyDataLayer
+from chainlit.input_widget import Select, Slider, TextInput
+from openai import APIConnectionError, APIStatusError, APITimeoutError, AsyncOpenAI
+
+from ray_app.chat.auth import verify_password
+from ray_app.chat.schema import upgrade_schema
+from ray_app.settings import get_settings
+
+SETTINGS = get_settings()
+SERVE_URL = str(SETTINGS.chat_serve_url).rstrip("/")
+API_KEY = SETTINGS.chat_api_key.get_secret_value() if SETTINGS.chat_api_key else SETTINGS.serve_api_keys()[0]
+DEFAULT_SYSTEM_PROMPT = "You are a helpful, concise assistant."
+FOOTER = re.compile(r"\n\n\*answered by [^*]+\*$")
+# Without a tokenizer here, budget the history at ~3 characters per token (conservative for
+# English); the server still checks exactly and we drop more turns if it says no.
+CHARS_PER_TOKEN = 3
+
+upgrade_schema(str(SETTINGS.chat_database_url))
+client = AsyncOpenAI(base_url=SERVE_URL, api_key=API_KEY, timeout=SETTINGS.chat_timeout_s, max_retries=1)
+
+
+@cl.data_layer
+def data_layer() -> SQLAlchemyDataLayer:
+    return SQLAlchemyDataLayer(conninfo=str(SETTINGS.chat_database_url))
+
+
+@cl.password_auth_callback
+def login(username: str, password: str) -> cl.User | None:
+    stored = SETTINGS.chat_logins().get(username)
+    if stored is not None and verify_password(password, stored):
+        return cl.User(identifier=username, metadata={"provider": "credentials"})
+    return None
+
+
+@cl.set_starters
+async def starters(_user: cl.User | None = None, _language: str | None = None) -> list[cl.Starter]:
+    return [
+        cl.Starter(label="What can you do?", message="What can you help me with?"),
+        cl.Starter(label="Explain fine-tuning", message="Explain in two sentences what fine-tuning a model means."),
+    ]
+
+
+async def served_models() -> list[dict]:
+    """The models Serve offers (``/v1/models``), or [] when it cannot be reached."""
+    try:
+        async with httpx.AsyncClient(timeout=10) as http:
+            response = await http.get(f"{SERVE_URL}/models", headers={"Authorization": f"Bearer {API_KEY}"})
+            response.raise_for_status()
+            return response.json()["data"]
+    except (httpx.HTTPError, KeyError, ValueError):
+        return []
+
+
+async def start_session(history: list[dict[str, str]]) -> None:
+    models = await served_models()
+    cl.user_session.set("history", history)
+    cl.user_session.set("models", {m["id"]: m for m in models})
+    choices = list(cl.user_session.get("models")) or ["(model server unreachable)"]
+    chat_settings = await cl.ChatSettings(
+        [
+            Select(id="model", label="Model", values=choices, initial_index=0),
+            TextInput(id="system_prompt", label="System prompt", initial=DEFAULT_SYSTEM_PROMPT),
+            Slider(id="temperature", label="Temperature", initial=0.7, min=0, max=2, step=0.1),
+            Slider(id="max_tokens", label="Max tokens", initial=256, min=16, max=1024, step=16),
+        ]
+    ).send()
+    cl.user_session.set("chat_settings", chat_settings)
+    if not models:
+        error = cl.Message(content=unreachable_text())
+        error.is_error = True
+        await error.send()
+
+
+@cl.on_chat_start
+async def on_chat_start() -> None:
+    await start_session([])
+
+
+@cl.on_chat_resume
+async def on_chat_resume(thread: cl.types.ThreadDict) -> None:
+    history = []
+    for step in thread.get("steps", []):
+        if step.get("type") == "user_message":
+            history.append({"role": "user", "content": step.get("output") or ""})
+        elif step.get("type") == "assistant_message" and not step.get("isError"):
+            history.append({"role": "assistant", "content": FOOTER.sub("", step.get("output") or "")})
+    await start_session(history)
+
+
+@cl.on_settings_update
+async def on_settings_update(chat_settings: dict) -> None:
+    cl.user_session.set("chat_settings", chat_settings)
+
+
+def unreachable_text(detail: str = "") -> str:
+    reason = f" ({detail})" if detail else ""
+    return f"The model server at {SERVE_URL} is not answering{reason}. Press Retry, or send your message again."
+
+
+def trimmed(messages: list[dict[str, str]], budget_tokens: int, drop: int = 0) -> list[dict[str, str]]:
+    """The system prompt plus the newest turns that fit ``budget_tokens`` (always the last message)."""
+    system, turns = messages[:1], messages[1:]
+    turns = turns[drop:] if drop < len(turns) else turns[-1:]
+    budget = budget_tokens * CHARS_PER_TOKEN - len(system[0]["content"])
+    kept: list[dict[str, str]] = []
+    for message in reversed(turns):
+        if kept and len(message["content"]) > budget:
+            break
+        kept.insert(0, message)
+        budget -= len(message["content"])
+    return system + kept
+
+
+async def answer(text: str) -> None:
+    """Stream the answer to ``text`` (appended to the history) into a new message."""
+    chat_settings = cl.user_session.get("chat_settings") or {}
+    models = cl.user_session.get("models") or {}
+    if not models:  # Serve may be back since the chat started
+        models = {m["id"]: m for m in await served_models()}
+        cl.user_session.set("models", models)
+    if not models:
+        await retryable_error(text, unreachable_text())
+        return
+    model = chat_settings.get("model") if chat_settings.get("model") in models else next(iter(models))
+    max_tokens = int(chat_settings.get("max_tokens", 256))
+    context = int(models[model].get("max_model_len") or 2048)
+    history = cl.user_session.get("history") or []
+    system = {"role": "system", "content": chat_settings.get("system_prompt") or DEFAULT_SYSTEM_PROMPT}
+    messages = [system, *history, {"role": "user", "content": text}]
+    max_tokens = min(max_tokens, max(16, context // 2), int(models[model].get("max_tokens_limit") or max_tokens))
+
+    msg = cl.Message(content="", author="assistant")
+    version = None
+    for drop in range(0, len(messages) + 1, 2):
+        try:
+            stream = await client.chat.completions.create(
+                model=model, messages=trimmed(messages, context - max_tokens, drop), stream=True,
+                temperature=float(chat_settings.get("temperature", 0.7)), max_tokens=max_tokens,
+            )  # fmt: skip
+            async for chunk in stream:
+                version = chunk.system_fingerprint or version
+                if chunk.choices and chunk.choices[0].delta.content:
+                    await msg.stream_token(chunk.choices[0].delta.content)
+            break
+        except APIStatusError as exc:
+            if exc.status_code == 400 and "context" in str(exc.message) and not msg.content:
+                continue  # our estimate was off: drop the oldest turn and ask again
+            await retryable_error(text, f"The model server refused the request: {_error_message(exc)}")
+            return
+        except (APIConnectionError, APITimeoutError) as exc:
+            if msg.content:
+                await msg.stream_token("\n\n[the answer was cut off: the model server stopped responding]")
+                await msg.send()
+            await retryable_error(text, unreachable_text(exc.__class__.__name__))
+            return
+    answer_text = msg.content
+    cl.user_session.set("history", [*history, {"role": "user", "content": text},
+                                    {"role": "assistant", "content": answer_text}])  # fmt: skip
+    msg.metadata = {"model_version": version, "model": model, "answer": answer_text}
+    msg.content = f"{answer_text}\n\n*answered by {version or model}*"
+    await msg.send()
+
+
+def _error_message(exc: APIStatusError) -> str:
+    body = exc.body if isinstance(exc.body, dict) else {}
+    return str((body.get("error") or body).get("message") or exc.message)
+
+
+async def retryable_error(text: str, message: str) -> None:
+    """An error line in the chat with a Retry button that asks the same question again."""
+    error = cl.Message(content=message, actions=[cl.Action(name="retry", payload={"text": text}, label="Retry")])
+    error.is_error = True
+    await error.send()
+
+
+@cl.on_message
+async def on_message(message: cl.Message) -> None:
+    await answer(message.content)
+
+
+@cl.action_callback("retry")
+async def on_retry(action: cl.Action) -> None:
+    await answer(action.payload["text"])

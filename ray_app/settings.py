@@ -109,6 +109,11 @@ class Settings(BaseSettings):
 
     # --- Ray -----------------------------------------------------------------------------
     ray_address: str | None = Field(default=None, validation_alias=_env("RAY_ADDRESS", "LLMOPS_RAY_ADDRESS"))
+    ray_dashboard_address: str | None = Field(
+        default=None,
+        validation_alias=_env("RAY_DASHBOARD_ADDRESS", "LLMOPS_RAY_DASHBOARD_ADDRESS"),
+        description="http://head:8265 of a remote cluster; default the local head on bind_host",
+    )
     ray_temp_dir: Path | None = Field(default=None, description="short path: Ray's socket paths must fit 107 chars")
     ray_auth_mode: Literal["token", "disabled"] = Field(
         default="token", validation_alias=_env("RAY_AUTH_MODE", "LLMOPS_RAY_AUTH_MODE")
@@ -173,6 +178,11 @@ class Settings(BaseSettings):
     @classmethod
     def _s3_endpoint(cls, value: str | None) -> str | None:
         return _check_http_url(value, "S3 endpoint")
+
+    @field_validator("ray_dashboard_address", "chat_serve_url", mode="after")
+    @classmethod
+    def _http_urls(cls, value: str | None, info) -> str | None:
+        return _check_http_url(value, info.field_name)
 
     @field_validator("mlflow_tracking_uri", mode="after")
     @classmethod
@@ -323,6 +333,8 @@ class Settings(BaseSettings):
 
     @property
     def ray_dashboard_url(self) -> str:
+        if self.ray_dashboard_address:
+            return self.ray_dashboard_address.rstrip("/")
         return f"http://{self.bind_host}:{self.ray_dashboard_port}"
 
     @property

@@ -147,6 +147,7 @@ def main() -> int:
             "model": str(model_dir),
             "max_batch_size": args.max_batch_size,
             "max_tokens_limit": limit,
+            "default_max_tokens": limit,
             "torch_threads": cores,
         }
     )

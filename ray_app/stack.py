@@ -177,7 +177,24 @@ def mlflow_spec(settings: Settings) -> ServiceSpec:
     )
 
 
-SPECS: dict[str, Callable[[Settings], ServiceSpec]] = {"ray": ray_spec, "mlflow": mlflow_spec}
+def chat_spec(settings: Settings) -> ServiceSpec:
+    """The Chainlit chat, answering through the Serve app (started by `llmops demo` or `up -s chat`)."""
+    from ray_app.chat.schema import upgrade_schema
+    from ray_app.chat.server import chainlit_command
+
+    upgrade_schema(str(settings.chat_database_url))
+    command, env = chainlit_command(settings)
+    return ServiceSpec(
+        name="chat",
+        command=command,
+        ports={"http": settings.chat_port},
+        url=settings.chat_url,
+        health_url=f"{settings.chat_url}/login",
+        env=env,
+    )
+
+
+SPECS: dict[str, Callable[[Settings], ServiceSpec]] = {"ray": ray_spec, "mlflow": mlflow_spec, "chat": chat_spec}
 
 
 # --- process and port helpers --------------------------------------------------------------
@@ -374,7 +391,8 @@ class LocalStack:
         """Each known service: its URL, recorded PID, whether it runs and answers its health check."""
         records = self._load()
         rows = []
-        for name in SERVICES:
+        # The chat is optional: shown once it was started.
+        for name in [*SERVICES, *(name for name in SPECS if name not in SERVICES and name in records)]:
             spec = SPECS[name](self.settings)
             record = records.get(name)
             running = bool(record and pid_alive(record.pid))

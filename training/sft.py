@@ -439,9 +439,14 @@ def run(
 
         version = None
         if cfg.registered_model:
+            source = model_uri
+            if not model_uri.startswith("s3://"):
+                # The registry accepts no local paths as sources: a local store's folder becomes run artifacts.
+                mlflow.log_artifacts(model_uri, "model")
+                source = f"runs:/{run_id}/model"
             version = register_model_version(
                 cfg.registered_model,
-                source=model_uri,
+                source=source,
                 run_id=run_id,
                 tags={"run_id": run_id, "train_data": ",".join(cfg.train_data), "base_model": cfg.model or "default",
                       "eval_loss": "" if eval_loss is None else f"{eval_loss:.6f}"},

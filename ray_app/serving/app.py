@@ -69,6 +69,7 @@ class ChatServer:
         self.generate_batch.set_max_batch_size(args.max_batch_size)
         self.generate_batch.set_batch_wait_timeout_s(args.batch_wait_timeout_s)
         self.headers = {"x-model-version": served.label, "x-mlflow-run-id": served.run_id or ""}
+        self._pending: set[asyncio.Future] = set()
         self._metrics()
         logger.info(
             "serving %s (%s) from %s on %s with %d thread(s), loaded in %.1fs",
@@ -114,8 +115,9 @@ class ChatServer:
     async def _stream(self, request: GenerationRequest) -> AsyncIterator[Delta]:
         started = time.monotonic()
         first = True
+        deltas = self.generate_batch(request)
         try:
-            async for delta in self.generate_batch(request):
+            async for delta in deltas:
                 if delta is None:
                     continue
                 if first and delta.text:
@@ -124,6 +126,10 @@ class ChatServer:
                 yield delta
                 if delta.finish_reason:
                     self.tokens_counter.inc(delta.completion_tokens)
+                    # Serve ends this stream at the batch's next step; take that end in the
+                    # background so the answer returns now and no future is left unretrieved.
+                    self._pending.add(asyncio.ensure_future(_drain(deltas)))
+                    self._pending = {task for task in self._pending if not task.done()}
                     return
         finally:
             request.cancelled.set()  # the client left (or we are done): free the batch row
@@ -320,6 +326,11 @@ def build_api(server: ChatServer):
         return await server.respond(body, request, chat=False)
 
     return app
+
+
+async def _drain(stream: AsyncIterator[Any]) -> None:
+    async for _ in stream:
+        pass
 
 
 def _request_id() -> str:

@@ -121,8 +121,9 @@ def main() -> int:
     from ray import serve
 
     from ray_app.models import resolve_model
-    from ray_app.serving.app import ChatServer, hash_key
+    from ray_app.serving.app import ChatServer
     from ray_app.serving.config import parse_args, pin_model
+    from ray_app.serving.protocol import hash_key
     from ray_app.settings import load_settings
 
     home = Path(tempfile.mkdtemp(prefix="llmops-bench-"))

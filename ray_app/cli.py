@@ -321,9 +321,8 @@ def chat(
     from ray_app.chat.server import chainlit_command
 
     current = settings()
-    changes = upgrade_schema(str(current.chat_database_url))
-    if upgrade_db:
-        console.print("\n".join(changes) or "chat schema is current")
+    if upgrade_db:  # otherwise the chat app upgrades the schema itself when it starts
+        console.print("\n".join(upgrade_schema(str(current.chat_database_url))) or "chat schema is current")
         return
     argv, env = chainlit_command(current, port)
     users = ", ".join(current.chat_logins())

@@ -179,10 +179,8 @@ def mlflow_spec(settings: Settings) -> ServiceSpec:
 
 def chat_spec(settings: Settings) -> ServiceSpec:
     """The Chainlit chat, answering through the Serve app (started by `llmops demo` or `up -s chat`)."""
-    from ray_app.chat.schema import upgrade_schema
     from ray_app.chat.server import chainlit_command
 
-    upgrade_schema(str(settings.chat_database_url))
     command, env = chainlit_command(settings)
     return ServiceSpec(
         name="chat",

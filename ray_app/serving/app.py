@@ -13,8 +13,6 @@ Endpoints: ``POST /v1/chat/completions``, ``POST /v1/completions`` (both with ``
 from __future__ import annotations
 
 import asyncio
-import hashlib
-import hmac
 import json
 import logging
 import time
@@ -27,16 +25,19 @@ from ray.serve import Application
 
 from ray_app.serving.config import ServeArgs, ServedModel, parse_args, pin_model
 from ray_app.serving.engine import Delta, GenerationRequest, SamplingParams
-from ray_app.serving.protocol import APIError, ChatCompletionRequest, CompletionRequest, error_response
+from ray_app.serving.protocol import (
+    APIError,
+    ChatCompletionRequest,
+    CompletionRequest,
+    bearer_key_error,
+    error_response,
+    hash_key,
+)
 from ray_app.settings import get_settings
 
 logger = logging.getLogger("ray.serve")
 
 DEPLOYMENT_NAME = "ChatServer"
-
-
-def hash_key(key: str) -> str:
-    return hashlib.sha256(key.encode()).hexdigest()
 
 
 @serve.deployment(
@@ -136,14 +137,9 @@ class ChatServer:
 
     # --- request checks ---------------------------------------------------------------------
     def authorize(self, authorization: str | None) -> None:
-        if not self.key_hashes:
-            return
-        scheme, _, key = (authorization or "").partition(" ")
-        if scheme.lower() != "bearer" or not key:
-            raise APIError(401, "missing API key: send 'Authorization: Bearer <key>'", code="invalid_api_key")
-        digest = hash_key(key.strip())
-        if not any(hmac.compare_digest(digest, known) for known in self.key_hashes):
-            raise APIError(401, "invalid API key", code="invalid_api_key")
+        reason = bearer_key_error(authorization, self.key_hashes)
+        if reason:
+            raise APIError(401, reason, code="invalid_api_key")
 
     def plan(self, body: ChatCompletionRequest | CompletionRequest, prompt_ids: list[int]) -> GenerationRequest:
         if body.model != self.served.name:

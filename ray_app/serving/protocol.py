@@ -7,6 +7,8 @@ that names it, rather than silently ignored.
 
 from __future__ import annotations
 
+import hashlib
+import hmac
 from typing import Literal
 
 from fastapi.responses import JSONResponse
@@ -29,6 +31,24 @@ class APIError(Exception):
 
     def response(self) -> JSONResponse:
         return error_response(self.status, self.message, self.param, self.code, self.kind)
+
+
+def hash_key(key: str) -> str:
+    """What replicas keep of an API key: its SHA-256 digest."""
+    return hashlib.sha256(key.encode()).hexdigest()
+
+
+def bearer_key_error(authorization: str | None, key_hashes: list[str]) -> str | None:
+    """Why ``authorization`` does not carry a known key (None when it does, or when no key is required)."""
+    if not key_hashes:
+        return None
+    scheme, _, key = (authorization or "").partition(" ")
+    if scheme.lower() != "bearer" or not key.strip():
+        return "missing API key: send 'Authorization: Bearer <key>'"
+    digest = hash_key(key.strip())
+    if not any(hmac.compare_digest(digest, known) for known in key_hashes):
+        return "invalid API key"
+    return None
 
 
 def error_response(

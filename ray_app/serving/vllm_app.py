@@ -8,13 +8,11 @@ engine sends, so clients see one API whichever engine runs.
 
 from __future__ import annotations
 
-import hashlib
-import hmac
-
 from ray import serve
 from ray.serve import Application
 
 from ray_app.serving.config import ServeArgs, ServeConfigError, ServedModel
+from ray_app.serving.protocol import bearer_key_error, error_response
 from ray_app.settings import Settings
 
 
@@ -28,16 +26,11 @@ class BearerKeyMiddleware:
     async def __call__(self, scope, receive, send):
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
-        if self.key_hashes and scope["path"].startswith("/v1"):
+        if scope["path"].startswith("/v1"):
             header = dict(scope["headers"]).get(b"authorization", b"").decode()
-            scheme, _, key = header.partition(" ")
-            digest = hashlib.sha256(key.strip().encode()).hexdigest()
-            if scheme.lower() != "bearer" or not any(hmac.compare_digest(digest, k) for k in self.key_hashes):
-                from ray_app.serving.protocol import error_response
-
-                return await error_response(401, "missing or invalid API key", code="invalid_api_key")(
-                    scope, receive, send
-                )
+            reason = bearer_key_error(header, self.key_hashes)
+            if reason:
+                return await error_response(401, reason, code="invalid_api_key")(scope, receive, send)
 
         async def send_with_headers(message):
             if message["type"] == "http.response.start":

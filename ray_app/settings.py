@@ -163,11 +163,28 @@ class Settings(BaseSettings):
     chat_api_key: SecretStr | None = Field(default=None, description="key for chat_serve_url; default the API key")
     chat_timeout_s: float = Field(default=60.0, gt=0, description="per answer; the user sees an error after it")
 
+    # --- retraining (the Airflow DAG dags/retrain_chat_model.py) --------------------------
+    retrain_schedule: str | None = Field(
+        default="@weekly", description="cron or preset (@daily...); 'none' = manual runs only"
+    )
+    retrain_config: str = Field(
+        default="training/configs/smollm2_135m_sft.yaml", description="recipe the DAG trains with (path on the cluster)"
+    )
+    retrain_min_new_examples: int = Field(default=20, ge=0, description="fewer new feedback examples -> run skipped")
+    retrain_min_improvement: float = Field(
+        default=0.01, ge=0, lt=1, description="fraction the candidate's eval loss must be below the champion's"
+    )
+
     # --- validators ----------------------------------------------------------------------
     @field_validator("home", "model_cache_dir", "ray_temp_dir", mode="after")
     @classmethod
     def _expand(cls, value: Path | None) -> Path | None:
         return None if value is None else value.expanduser().absolute()
+
+    @field_validator("retrain_schedule", mode="after")
+    @classmethod
+    def _schedule(cls, value: str | None) -> str | None:
+        return None if value is None or value.strip().lower() in ("", "none", "null") else value.strip()
 
     @field_validator("store_uri", mode="after")
     @classmethod

@@ -192,7 +192,46 @@ def chat_spec(settings: Settings) -> ServiceSpec:
     )
 
 
-SPECS: dict[str, Callable[[Settings], ServiceSpec]] = {"ray": ray_spec, "mlflow": mlflow_spec, "chat": chat_spec}
+def airflow_spec(settings: Settings) -> ServiceSpec:
+    """`airflow standalone` from the thin venv: the retraining DAG, `ray_default` pointing at the local head.
+
+    SQLite in ``$LLMOPS_HOME/airflow``; the UI login is ``admin`` with the password Airflow
+    generates into ``simple_auth_manager_passwords.json.generated`` there.
+    """
+    repo = Path(__file__).resolve().parents[1]
+    airflow = repo / ".venv-airflow" / "bin" / "airflow"
+    if not airflow.is_file():
+        raise StackError(f"{airflow} is missing: create the Airflow venv with `make airflow-venv`")
+    home = settings.home / "airflow"
+    home.mkdir(parents=True, exist_ok=True)
+    token = settings.ray_auth_headers().get("Authorization", "").removeprefix("Bearer ")
+    ray_default = {"conn_type": "http", "host": settings.ray_dashboard_url, "password": token or None}
+    env = {
+        "AIRFLOW_HOME": str(home),
+        "AIRFLOW__CORE__DAGS_FOLDER": str(repo / "dags"),
+        "AIRFLOW__CORE__LOAD_EXAMPLES": "False",
+        "AIRFLOW__DATABASE__SQL_ALCHEMY_CONN": f"sqlite:///{home / 'airflow.db'}",
+        "AIRFLOW__API__HOST": settings.bind_host,
+        "AIRFLOW__API__PORT": str(settings.airflow_port),
+        "AIRFLOW__CORE__EXECUTION_API_SERVER_URL": f"http://{settings.bind_host}:{settings.airflow_port}/execution/",
+        "AIRFLOW_CONN_RAY_DEFAULT": json.dumps(ray_default),
+        "LLMOPS_HOME": str(settings.home),
+        "PATH": f"{airflow.parent}{os.pathsep}{os.environ.get('PATH', '')}",
+    }
+    return ServiceSpec(
+        name="airflow",
+        command=[str(airflow), "standalone"],
+        ports={"api": settings.airflow_port},
+        url=f"http://{settings.bind_host}:{settings.airflow_port}",
+        health_url=f"http://{settings.bind_host}:{settings.airflow_port}/api/v2/version",
+        env=env,
+        start_timeout_s=240.0,
+    )
+
+
+SPECS: dict[str, Callable[[Settings], ServiceSpec]] = {
+    "ray": ray_spec, "mlflow": mlflow_spec, "chat": chat_spec, "airflow": airflow_spec,
+}  # fmt: skip
 
 
 # --- process and port helpers --------------------------------------------------------------

@@ -76,6 +76,7 @@ class SFTConfig(BaseModel):
     experiment: str = "ray-llmops-sft"
     run_name: str | None = None
     registered_model: str | None = "chat-model"
+    version_tags: dict[str, str] = Field(default_factory=dict, description="extra tags on the registered version")
     sample_prompts: list[str] = Field(default_factory=lambda: ["What is the capital of France?"])
     max_new_tokens: int = Field(default=32, ge=1)
 
@@ -157,6 +158,8 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
     base = Path.cwd()
     if path is not None:
         path = Path(path)
+        if not path.is_file() and not path.is_absolute() and (REPO_ROOT / path).is_file():
+            path = REPO_ROOT / path  # e.g. a Ray job started in another directory than the repo
         if not path.is_file():
             raise ConfigError(f"config file not found: {path}")
         raw = yaml.safe_load(path.read_text()) or {}

@@ -449,7 +449,7 @@ def run(
                 source=source,
                 run_id=run_id,
                 tags={"run_id": run_id, "train_data": ",".join(cfg.train_data), "base_model": cfg.model or "default",
-                      "eval_loss": "" if eval_loss is None else f"{eval_loss:.6f}"},
+                      "eval_loss": "" if eval_loss is None else f"{eval_loss:.6f}", **cfg.version_tags},
                 alias="challenger",
                 settings=settings,
             )  # fmt: skip
@@ -478,6 +478,9 @@ def main(argv: list[str] | None = None) -> int:
     cfg = load_config(args.config, args.overrides)
     result = run(cfg)
     print(json.dumps(asdict(result), indent=2, default=str))
+    from ray_app.orchestration.ray_jobs import emit_result
+
+    emit_result(asdict(result))  # one line the Airflow operator returns as the train task's XCom
     return 0
 
 

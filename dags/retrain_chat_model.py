@@ -1,0 +1,113 @@
+"""Retrain the chat model from the chat's feedback on Ray; promote it only when it is better.
+
+export_feedback -> enough_new_data -> train -> evaluate -> promote -> champion_changed -> rollout
+
+Every step that touches data or models is a Ray job (``RayJobOperator``, connection
+``ray_default`` = the Ray dashboard URL): the Airflow side needs no torch and no access to the
+store, MLflow or the chat database. Each job prints its result, which becomes the task's XCom:
+
+- export_feedback: thumbs-up answers and ``correction:`` comments since the last training,
+  merged with the recipe's base data into ``<store>/datasets/retrain/<date>/<run>/train.jsonl``;
+  the run is skipped (not failed) when there are fewer than ``min_new_examples`` new ones.
+- train: ``python -m training.sft`` with the run's config; registers version N (alias challenger).
+- evaluate: held-out loss of version N and of the current champion, tagged on version N.
+- promote: ``champion`` moves to N only if its loss is lower by ``min_improvement`` (a
+  fraction); the decision and its reason are tagged on N (``promotion``, ``promotion_reason``).
+- rollout: Serve apps serving ``models:/NAME@champion`` load N; old replicas drain.
+
+Schedule, config and thresholds come from settings (``LLMOPS_RETRAIN_*``); a manual run can
+override them with params. Module level imports nothing heavy: parsing stays well under 2 s.
+"""
+
+from __future__ import annotations
+
+import re
+import shlex
+from datetime import timedelta
+
+import pendulum
+from airflow.sdk import DAG, Param, task
+
+from ray_app.orchestration.operators import RayJobOperator
+from ray_app.settings import get_settings
+
+settings = get_settings()
+
+
+def _slug(value: object) -> str:
+    return re.sub(r"[^A-Za-z0-9_-]+", "-", str(value)).strip("-")[:80]
+
+
+def _day(run_after: object) -> str:
+    return run_after.strftime("%Y-%m-%d") if hasattr(run_after, "strftime") else str(run_after)[:10]
+
+
+PIPELINE = "python -m ray_app.orchestration.pipeline"
+FROM_EXPORT = (
+    "{% for o in ti.xcom_pull(task_ids='export_feedback')['train_overrides'] %} --set {{ o | shq }}{% endfor %}"
+)
+RECIPE = "--config {{ params.config | shq }}{% for o in params.overrides %} --set {{ o | shq }}{% endfor %}"
+MARGIN = "{{ params.min_improvement }}"
+VERSION = "{{ ti.xcom_pull(task_ids='train')['registered_version'] }}"
+
+with DAG(
+    dag_id="retrain_chat_model",
+    description="feedback -> Ray job fine-tune -> evaluate vs champion -> promote if better -> Serve rollout",
+    schedule=settings.retrain_schedule,
+    start_date=pendulum.datetime(2026, 1, 1, tz="UTC"),
+    catchup=False,
+    max_active_runs=1,  # one candidate at a time: promote checks the champion it was evaluated against
+    default_args={"retries": 2, "retry_delay": timedelta(minutes=1), "execution_timeout": timedelta(hours=1)},
+    params={
+        "config": Param(settings.retrain_config, type="string", description="training recipe (YAML)"),
+        "overrides": Param([], type="array", description="recipe overrides, key=value (as --set)"),
+        "min_new_examples": Param(settings.retrain_min_new_examples, type="integer", minimum=0),
+        "min_improvement": Param(settings.retrain_min_improvement, type="number", minimum=0, maximum=1),
+    },
+    user_defined_filters={"shq": shlex.quote, "slug": _slug, "day": _day},
+    tags=["ray", "mlflow", "retraining"],
+    doc_md=__doc__,
+) as dag:
+    export_feedback = RayJobOperator(
+        task_id="export_feedback",
+        entrypoint=(f"{PIPELINE} export-feedback {RECIPE} --run-key {{{{ run_id | slug }}}} "
+                    "--date {{ dag_run.run_after | day }} --min-new-examples {{ params.min_new_examples }}"),
+    )  # fmt: skip
+
+    @task.short_circuit
+    def enough_new_data(export: dict) -> bool:
+        """Skip the rest of the run (not fail it) when the export found too little new feedback."""
+        if export.get("skip"):
+            print(f"skipping this run: {export.get('reason')}")
+            return False
+        print(f"{export['new_examples']} new example(s), {export['feedback_examples']} in all")
+        print(f"training data: {export['dataset_uri']}")
+        return True
+
+    train = RayJobOperator(
+        task_id="train",
+        entrypoint=(
+            f"python -m training.sft {RECIPE}{FROM_EXPORT} --set run_name=retrain-{{{{ run_id | slug }}}}"
+        ),
+        execution_timeout=timedelta(hours=12),
+    )  # fmt: skip
+
+    evaluate = RayJobOperator(task_id="evaluate", entrypoint=f"{PIPELINE} evaluate {RECIPE} --version {VERSION}")
+
+    promote = RayJobOperator(
+        task_id="promote",
+        entrypoint=f"{PIPELINE} promote {RECIPE} --version {VERSION} --min-improvement {MARGIN}",
+    )
+
+    @task.short_circuit
+    def champion_changed(decision: dict) -> bool:
+        """Roll Serve out only when promote moved the champion; the reason is in the log and in MLflow."""
+        verdict = "promoted" if decision["promoted"] else "kept the champion"
+        print(f"{verdict}: {decision['reason']}")
+        return bool(decision["promoted"])
+
+    rollout = RayJobOperator(task_id="rollout", entrypoint=f"{PIPELINE} rollout {RECIPE} --version {VERSION}")
+
+    gate = enough_new_data(export_feedback.output)
+    gate >> train >> evaluate >> promote
+    champion_changed(promote.output) >> rollout

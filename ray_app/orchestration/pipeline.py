@@ -1,0 +1,244 @@
+"""The retraining DAG's steps, as Ray job entrypoints (they run on the cluster, next to the data).
+
+    python -m ray_app.orchestration.pipeline export-feedback --config C [--set k=v] --run-key K --date D
+    python -m training.sft --config C [--set k=v] ...                       # train (the recipe itself)
+    python -m ray_app.orchestration.pipeline evaluate --config C [--set k=v] --version V
+    python -m ray_app.orchestration.pipeline promote  --config C [--set k=v] --version V --min-improvement M
+    python -m ray_app.orchestration.pipeline rollout  --config C [--set k=v] --version V
+
+Each step reads the same recipe config as training (registered model, datasets), is
+idempotent (re-running it gives the same outcome and writes the same keys), records what it
+did in MLflow, and prints one ``LLMOPS_RESULT {json}`` line that the Airflow operator
+returns as the task's XCom.
+
+**Which feedback becomes training data**: a thumbs-up answer, with the conversation before it;
+and a thumbs-down answer whose comment starts with ``correction:`` - the text after the
+prefix replaces the answer. Other comments are kept out (a complaint is not an answer).
+
+**"New" feedback** is feedback answered after the newest ``feedback_until`` tag among the
+registered model's versions: each trained version records up to when its data reached, so
+a rejected candidate does not make the next run retrain on nothing new.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+from ray_app.orchestration.ray_jobs import emit_result
+from ray_app.settings import Settings, get_settings
+
+CORRECTION_PREFIX = "correction:"
+FEEDBACK_UNTIL_TAG = "feedback_until"
+
+
+class PipelineError(RuntimeError):
+    """A step cannot do what it was asked; the message says why."""
+
+
+# --- export_feedback ------------------------------------------------------------------------
+def feedback_examples(records) -> list[tuple[str, dict]]:
+    """(answered_at, training example) for each usable rating: thumbs up, or thumbs down with a correction."""
+    examples = []
+    for record in records:
+        if record.value == 1:
+            examples.append((record.answered_at or "", record.as_training_example()))
+            continue
+        comment = (record.comment or "").strip()
+        if comment.lower().startswith(CORRECTION_PREFIX) and comment[len(CORRECTION_PREFIX) :].strip():
+            corrected = comment[len(CORRECTION_PREFIX) :].strip()
+            messages = [*record.conversation, {"role": "assistant", "content": corrected}]
+            examples.append((record.answered_at or "", {"messages": messages}))
+    return examples
+
+
+def feedback_watermark(name: str | None, settings: Settings) -> str | None:
+    """The newest ``feedback_until`` among the versions of ``name``: what earlier trainings already saw."""
+    if not name:
+        return None
+    from mlflow.exceptions import MlflowException
+
+    from ray_app.registry import client
+
+    try:
+        versions = client(settings).search_model_versions(f"name='{name}'")
+    except MlflowException:
+        return None
+    marks = [v.tags.get(FEEDBACK_UNTIL_TAG) for v in versions if v.tags.get(FEEDBACK_UNTIL_TAG)]
+    return max(marks) if marks else None
+
+
+def export_feedback(cfg, settings: Settings, run_key: str, date: str, min_new_examples: int) -> dict[str, Any]:
+    """Write base data + every usable feedback example to ``datasets/retrain/DATE/RUN_KEY/`` in the store."""
+    from ray_app.chat.feedback import read_feedback
+    from ray_app.storage import open_store
+    from training.data import read_records
+
+    records = read_feedback(settings.chat_database_url)
+    examples = feedback_examples(records)
+    watermark = feedback_watermark(cfg.registered_model, settings)
+    new = [example for answered_at, example in examples if watermark is None or answered_at > watermark]
+    summary: dict[str, Any] = {
+        "ratings": len(records), "feedback_examples": len(examples), "new_examples": len(new),
+        "since": watermark, "min_new_examples": min_new_examples,
+    }  # fmt: skip
+    if len(new) < min_new_examples:
+        since = f" since {watermark}" if watermark else ""
+        reason = f"{len(new)} new feedback example(s){since}, fewer than the {min_new_examples} needed"
+        return {**summary, "skip": True, "reason": reason}
+    base = read_records(list(cfg.train_data), settings)
+    feedback_until = max(answered_at for answered_at, _ in examples)
+    store = open_store(settings=settings)
+    store.ensure()
+    prefix = f"datasets/retrain/{date}/{run_key}"
+    with tempfile.TemporaryDirectory() as folder:
+        lines = [json.dumps({"messages": messages}) for messages in base]
+        lines += [json.dumps(example) for _, example in examples]
+        (Path(folder) / "train.jsonl").write_text("\n".join(lines) + "\n")
+        (Path(folder) / "export.json").write_text(json.dumps(
+            {**summary, "base_data": list(cfg.train_data), "base_examples": len(base),
+             "feedback_until": feedback_until, "exported_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())},
+            indent=2))  # fmt: skip
+        store.upload_dir(folder, prefix, progress=False)
+    dataset_uri = store.uri(f"{prefix}/train.jsonl")
+    return {
+        **summary, "skip": False, "dataset_uri": dataset_uri, "base_examples": len(base),
+        "feedback_until": feedback_until,
+        # What the train step passes to the recipe: the merged data, and the watermark to record.
+        "train_overrides": [f"train_data={dataset_uri}",
+                            "version_tags=" + json.dumps({FEEDBACK_UNTIL_TAG: feedback_until})],
+    }  # fmt: skip
+
+
+# --- evaluate / promote / rollout -----------------------------------------------------------
+def _registered_name(cfg) -> str:
+    if not cfg.registered_model:
+        raise PipelineError("the config has no registered_model: nothing to evaluate, promote or roll out")
+    return cfg.registered_model
+
+
+def _champion(name: str, settings: Settings):
+    from ray_app.registry import RegistryError, get_version
+
+    try:
+        return get_version(f"models:/{name}@champion", settings)
+    except RegistryError:
+        return None
+
+
+def evaluate(cfg, settings: Settings, version: str) -> dict[str, Any]:
+    """Held-out loss of candidate ``version`` and of the current champion (or the base model when none)."""
+    from ray_app.registry import client, get_version
+    from training.evaluate import evaluate_model
+
+    name = _registered_name(cfg)
+    if not cfg.eval_data:
+        raise PipelineError("the config has no eval_data: the gate needs a held-out set")
+    candidate = get_version(f"models:/{name}/{version}", settings)
+    champion = _champion(name, settings)
+    reference = f"models:/{name}/{champion.version}" if champion else (cfg.model or "default")
+    kwargs = {"seq_len": cfg.seq_len, "settings": settings, "prompts": cfg.sample_prompts,
+              "max_new_tokens": cfg.max_new_tokens}  # fmt: skip
+    candidate_report = evaluate_model(f"models:/{name}/{candidate.version}", cfg.eval_data, **kwargs)
+    reference_report = evaluate_model(reference, cfg.eval_data, **kwargs)
+    result = {
+        "name": name, "candidate_version": candidate.version, "candidate_loss": candidate_report.loss,
+        "champion_version": champion.version if champion else None, "champion_ref": reference,
+        "champion_loss": reference_report.loss, "eval_data": list(cfg.eval_data),
+        "candidate_samples": candidate_report.samples,
+    }  # fmt: skip
+    mlflow = client(settings)
+    for key, value in (("gate.candidate_loss", f"{candidate_report.loss:.6f}"),
+                       ("gate.champion_loss", f"{reference_report.loss:.6f}"),
+                       ("gate.champion", reference)):  # fmt: skip
+        mlflow.set_model_version_tag(name, candidate.version, key, value)
+    if candidate.run_id:
+        mlflow.log_metric(candidate.run_id, "gate_candidate_loss", candidate_report.loss)
+        mlflow.log_metric(candidate.run_id, "gate_champion_loss", reference_report.loss)
+    return result
+
+
+def promote(cfg, settings: Settings, version: str, min_improvement: float) -> dict[str, Any]:
+    """Move ``champion`` to ``version`` only if its evaluated loss beats the champion's by the margin."""
+    from ray_app.demo import gate
+    from ray_app.registry import client, get_version
+    from ray_app.serving.rollout import promote as move_alias
+
+    name = _registered_name(cfg)
+    candidate = get_version(f"models:/{name}/{version}", settings)
+    champion = _champion(name, settings)
+    if champion and champion.version == candidate.version:
+        return {"name": name, "version": version, "promoted": True, "previous": version,
+                "reason": f"version {version} already is the champion"}  # fmt: skip
+    tags = candidate.tags
+    if "gate.candidate_loss" not in tags:
+        raise PipelineError(f"{name} version {version} has not been evaluated (no gate.* tags): run evaluate first")
+    evaluated_against = tags.get("gate.champion", "")
+    current = f"models:/{name}/{champion.version}" if champion else (cfg.model or "default")
+    if evaluated_against != current:
+        raise PipelineError(f"the champion changed since the evaluation ({evaluated_against} -> {current}); "
+                            "re-run evaluate")  # fmt: skip
+    promoted, reason = gate(float(tags["gate.candidate_loss"]), float(tags["gate.champion_loss"]), min_improvement)
+    reason = f"{reason} (vs {current}, margin {min_improvement:g})"
+    mlflow = client(settings)
+    mlflow.set_model_version_tag(name, version, "promotion", "promoted" if promoted else "rejected")
+    mlflow.set_model_version_tag(name, version, "promotion_reason", reason)
+    previous = champion.version if champion else None
+    if promoted:
+        move_alias(name, settings, version=version, rollout=False)
+    return {"name": name, "version": version, "promoted": promoted, "reason": reason, "previous": previous}
+
+
+def rollout(cfg, settings: Settings, version: str) -> dict[str, Any]:
+    """Redeploy the Serve apps that serve ``models:/NAME@champion`` with ``version`` (Serve drains old replicas)."""
+    from ray_app.serving.rollout import roll_serve_apps
+
+    name = _registered_name(cfg)
+    champion = _champion(name, settings)
+    if champion is None or champion.version != version:
+        raise PipelineError(f"version {version} is not the champion of {name} (champion: "
+                            f"{champion.version if champion else 'none'}); refusing to roll it out")  # fmt: skip
+    apps = roll_serve_apps(name, version, settings)
+    return {"name": name, "version": version, "rolled_apps": apps,
+            "note": "" if apps else f"no Serve app serves models:/{name}@champion; nothing to roll"}  # fmt: skip
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="python -m ray_app.orchestration.pipeline", description=__doc__.splitlines()[0]
+    )
+    parser.add_argument("step", choices=["export-feedback", "evaluate", "promote", "rollout"])
+    parser.add_argument("--config", required=True, help="the training recipe config (YAML)")
+    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
+    parser.add_argument("--run-key", default="manual", help="export-feedback: names the dataset folder")
+    parser.add_argument("--date", default=time.strftime("%Y-%m-%d", time.gmtime()), help="export-feedback: YYYY-MM-DD")
+    parser.add_argument("--min-new-examples", type=int, default=1)
+    parser.add_argument("--version", help="evaluate/promote/rollout: the candidate's registry version")
+    parser.add_argument("--min-improvement", type=float, default=0.0, help="promote: fraction the loss must drop")
+    args = parser.parse_args(argv)
+
+    from training.config import load_config
+
+    cfg = load_config(args.config, args.overrides)
+    settings = get_settings()
+    if args.step != "export-feedback" and not args.version:
+        parser.error(f"{args.step} needs --version")
+    if args.step == "export-feedback":
+        result = export_feedback(cfg, settings, args.run_key, args.date, args.min_new_examples)
+    elif args.step == "evaluate":
+        result = evaluate(cfg, settings, args.version)
+    elif args.step == "promote":
+        result = promote(cfg, settings, args.version, args.min_improvement)
+    else:
+        result = rollout(cfg, settings, args.version)
+    emit_result(result)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

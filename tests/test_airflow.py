@@ -1,0 +1,303 @@
+"""Airflow 3.3 (its own venv, no torch) driving real Ray jobs: the operator, and the retraining DAG.
+
+`airflow dags test` runs the DAGs against a real Ray head (dashboard + Jobs API), a real
+MLflow server on PostgreSQL, and the S3 server; feedback is written with Chainlit's own
+SQLAlchemy data layer, the way the chat writes it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import datetime as dt
+import json
+import os
+import shutil
+import sqlite3
+import subprocess
+import time
+import uuid
+from pathlib import Path
+
+import pytest
+import yaml
+from conftest import S3Server, free_port_block, s3_settings
+from tiny_model import build_tiny_chat_model
+
+from ray_app.orchestration.ray_jobs import job_key
+from ray_app.settings import Settings
+from ray_app.stack import LocalStack
+
+REPO = Path(__file__).resolve().parents[1]
+AIRFLOW_VENV = REPO / ".venv-airflow"
+MODEL = "retrain-chat"
+
+
+# --- fixtures -------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def retrain_cluster(s3_server: S3Server, mlflow_server: Settings, tmp_path_factory) -> Settings:
+    """A Ray head whose jobs see the MLflow server, the S3 store and a chat database (its LLMOPS_HOME)."""
+    home = tmp_path_factory.mktemp("retrain-home")
+    base = free_port_block(16 + 300)
+    settings = s3_settings(
+        s3_server, home,
+        mlflow_port=mlflow_server.mlflow_port, mlflow_tracking_uri=mlflow_server.mlflow_tracking_uri,
+        ray_port=base, ray_dashboard_port=base + 1, ray_client_port=base + 2, ray_internal_port_base=base + 3,
+        ray_worker_port_range=(base + 16, base + 16 + 299), ray_temp_dir=Path(f"/tmp/llmops-a{base}"),
+        ray_num_cpus=2, ray_object_store_memory_mb=512,
+    )  # fmt: skip
+    stack = LocalStack(settings)
+    stack.up(["ray"], echo=lambda _line: None)
+    try:
+        yield settings
+    finally:
+        stack.down(echo=lambda _line: None)
+        shutil.rmtree(settings.ray_temp_dir, ignore_errors=True)
+
+
+class Airflow:
+    """`airflow` commands of the thin venv against one AIRFLOW_HOME (SQLite) and DAG folder."""
+
+    def __init__(self, home: Path, ray: Settings):
+        if not (AIRFLOW_VENV / "bin" / "airflow").is_file():
+            pytest.fail(f"{AIRFLOW_VENV} is missing: run `make airflow-venv` (make test does)")
+        self.home, self.db = home, home / "airflow.db"
+        dags = home / "dags"
+        dags.mkdir(parents=True, exist_ok=True)
+        shutil.copy(REPO / "dags" / "retrain_chat_model.py", dags)
+        shutil.copy(REPO / "tests" / "dags" / "ray_job_checks.py", dags)
+        token = ray.ray_auth_headers().get("Authorization", "").removeprefix("Bearer ")
+        connection = {"conn_type": "http", "host": "127.0.0.1", "port": ray.ray_dashboard_port, "password": token}
+        # Only what an Airflow worker would have: no MLflow, S3 or chat credentials.
+        self.env = {
+            "PATH": f"{AIRFLOW_VENV / 'bin'}:/usr/bin:/bin",
+            "HOME": str(home),
+            "AIRFLOW_HOME": str(home),
+            "AIRFLOW__CORE__DAGS_FOLDER": str(dags),
+            "AIRFLOW__CORE__LOAD_EXAMPLES": "False",
+            "AIRFLOW__DATABASE__SQL_ALCHEMY_CONN": f"sqlite:///{self.db}",
+            "AIRFLOW_CONN_RAY_DEFAULT": json.dumps(connection),
+            "LLMOPS_HOME": str(home / "llmops"),
+        }
+
+    def run(self, *args: str, timeout: float = 600, check: bool = True) -> subprocess.CompletedProcess:
+        done = subprocess.run([str(AIRFLOW_VENV / "bin" / "airflow"), *args], env=self.env, cwd=self.home,
+                              capture_output=True, text=True, timeout=timeout)  # fmt: skip
+        if check:
+            assert done.returncode == 0, f"airflow {' '.join(args)}:\n{done.stdout[-3000:]}\n{done.stderr[-5000:]}"
+        return done
+
+    def start(self, *args: str) -> subprocess.Popen:
+        command = [str(AIRFLOW_VENV / "bin" / "airflow"), *args]
+        quiet = {"stdout": subprocess.DEVNULL, "stderr": subprocess.DEVNULL}
+        return subprocess.Popen(command, env=self.env, cwd=self.home, start_new_session=True, **quiet)
+
+    def query(self, sql: str, *params) -> list[tuple]:
+        with sqlite3.connect(self.db) as db:
+            return db.execute(sql, params).fetchall()
+
+    def last_run(self, dag_id: str) -> tuple[str, str]:
+        return self.query("SELECT run_id, state FROM dag_run WHERE dag_id=? ORDER BY id DESC LIMIT 1", dag_id)[0]
+
+    def states(self, dag_id: str, run_id: str) -> dict[str, str]:
+        rows = self.query("SELECT task_id, state FROM task_instance WHERE dag_id=? AND run_id=?", dag_id, run_id)
+        return dict(rows)
+
+    def xcom(self, dag_id: str, run_id: str, task_id: str):
+        rows = self.query("SELECT value FROM xcom WHERE dag_id=? AND run_id=? AND task_id=? AND key='return_value'",
+                          dag_id, run_id, task_id)  # fmt: skip
+        if not rows:
+            return None
+        value = rows[0][0]
+        return json.loads(value) if isinstance(value, (str, bytes)) else value
+
+
+@pytest.fixture(scope="module")
+def airflow(retrain_cluster: Settings, tmp_path_factory) -> Airflow:
+    instance = Airflow(tmp_path_factory.mktemp("airflow-home"), retrain_cluster)
+    instance.run("db", "migrate", timeout=300)
+    return instance
+
+
+def last_json(stdout: str):
+    """The JSON document a CLI printed last (Airflow may print warnings before it)."""
+    lines = [line for line in stdout.splitlines() if line.startswith(("[", "{"))]
+    assert lines, stdout
+    return json.loads(lines[-1])
+
+
+def jobs_for(settings: Settings, dag_id: str, run_id: str, task_id: str) -> list:
+    from ray.job_submission import JobSubmissionClient
+
+    key = job_key(dag_id, run_id, task_id)
+    client = JobSubmissionClient(settings.ray_dashboard_url, headers=settings.ray_auth_headers())
+    return [job for job in client.list_jobs() if job.submission_id and job.submission_id.startswith(key)]
+
+
+# --- the DAG file ---------------------------------------------------------------------------
+def test_dag_file_parses_fast_without_import_errors_and_without_torch(airflow):
+    errors = airflow.run("dags", "list-import-errors", "-o", "json")
+    assert last_json(errors.stdout) == [], errors.stdout
+    report = last_json(airflow.run("dags", "report", "-o", "json").stdout)
+    retrain = next(row for row in report if row["file"].endswith("retrain_chat_model.py"))
+    assert "retrain_chat_model" in retrain["dags"]
+    seconds = float(retrain["duration"]) if not isinstance(retrain["duration"], str) or ":" not in retrain["duration"] \
+        else sum(float(part) * 60**i for i, part in enumerate(reversed(retrain["duration"].split(":"))))  # fmt: skip
+    assert seconds < 2.0, retrain
+    no_torch = subprocess.run([str(AIRFLOW_VENV / "bin" / "python"), "-c", "import torch"], capture_output=True)
+    assert no_torch.returncode != 0, "the Airflow venv must not carry torch"
+
+
+# --- the operator ---------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def operator_checks(airflow) -> tuple[str, dict[str, str], str]:
+    """One `airflow dags test` of tests/dags/ray_job_checks.py: a failing job, a retried task, a timeout."""
+    done = airflow.run("dags", "test", "ray_job_checks", "2026-02-01", check=False)
+    run_id, _state = airflow.last_run("ray_job_checks")
+    return run_id, airflow.states("ray_job_checks", run_id), done.stdout + done.stderr
+
+
+def test_a_failing_ray_job_fails_the_task_with_its_log_tail(operator_checks):
+    _run_id, states, output = operator_checks
+    assert states["fails"] == "failed", output[-4000:]
+    assert "ended FAILED" in output and "boom: bad record 7" in output, output[-4000:]
+
+
+def test_a_retried_task_reattaches_to_the_running_job_instead_of_submitting_again(
+    airflow, operator_checks, retrain_cluster
+):
+    run_id, states, output = operator_checks
+    assert states["retried"] == "success", output[-4000:]
+    assert "worker lost right after submitting" in output  # the first try did fail...
+    assert "re-attached to Ray job" in output  # ...and the second found its job
+    tries = airflow.query("SELECT try_number FROM task_instance WHERE task_id='retried' AND run_id=?", run_id)
+    assert tries == [(2,)]
+    jobs = jobs_for(retrain_cluster, "ray_job_checks", run_id, "retried")
+    assert len(jobs) == 1, [job.submission_id for job in jobs]
+    result = airflow.xcom("ray_job_checks", run_id, "retried")
+    assert result["answer"] == 42 and result["status"] == "SUCCEEDED", result
+
+
+def test_execution_timeout_stops_the_ray_job(operator_checks, retrain_cluster):
+    run_id, states, output = operator_checks
+    assert states["times_out"] == "failed", output[-4000:]
+    assert "execution_timeout (0:00:06) passed" in output
+    (job,) = jobs_for(retrain_cluster, "ray_job_checks", run_id, "times_out")
+    deadline = time.monotonic() + 30
+    while str(job.status) != "STOPPED" and time.monotonic() < deadline:
+        time.sleep(1)
+        (job,) = jobs_for(retrain_cluster, "ray_job_checks", run_id, "times_out")
+    assert str(job.status) == "STOPPED"
+
+
+# --- the retraining DAG ---------------------------------------------------------------------
+def write_feedback(database_url: str, ratings: list[tuple[str, str, int, str | None]]) -> None:
+    """Conversations and ratings through Chainlit's SQLAlchemyDataLayer, as the chat stores them."""
+
+    async def write() -> None:
+        import chainlit as cl
+        from chainlit.context import init_http_context
+        from chainlit.data.sql_alchemy import SQLAlchemyDataLayer
+        from chainlit.types import Feedback
+
+        from ray_app.chat.schema import upgrade_schema
+
+        init_http_context()
+        upgrade_schema(database_url)
+        layer = SQLAlchemyDataLayer(conninfo=database_url)
+        user = await layer.get_user("alice") or await layer.create_user(cl.User(identifier="alice"))
+        for question, answer, value, comment in ratings:
+            thread, asked, answered = str(uuid.uuid4()), str(uuid.uuid4()), str(uuid.uuid4())
+            now = dt.datetime.now(dt.UTC)
+            at = [(now + dt.timedelta(milliseconds=ms)).isoformat().replace("+00:00", "Z") for ms in (0, 5)]
+            await layer.update_thread(thread, name=question, user_id=user.id)
+            common = {"threadId": thread, "streaming": False, "isError": False, "waitForAnswer": False}
+            await layer.create_step({**common, "id": asked, "type": "user_message", "name": "alice",
+                                     "output": question, "createdAt": at[0]})  # fmt: skip
+            metadata = {"model_version": f"{MODEL}/0", "answer": answer}
+            await layer.create_step({**common, "id": answered, "type": "assistant_message", "name": "Assistant",
+                                     "output": answer, "metadata": metadata, "createdAt": at[1]})  # fmt: skip
+            await layer.upsert_feedback(Feedback(forId=answered, threadId=thread, value=value, comment=comment))
+        await layer.close()
+
+    cwd, folder = os.getcwd(), Path(database_url.split("///", 1)[1]).parent
+    folder.mkdir(parents=True, exist_ok=True)
+    os.chdir(folder)  # importing chainlit writes .chainlit/ into the cwd
+    try:
+        asyncio.run(write())
+    finally:
+        os.chdir(cwd)
+
+
+@pytest.mark.slow
+def test_retrain_dag_exports_feedback_trains_on_ray_and_promotes_only_a_better_model(
+    airflow, retrain_cluster, tmp_path
+):
+    from mlflow import MlflowClient
+
+    from ray_app.storage import pyarrow_location
+
+    tiny = build_tiny_chat_model(tmp_path / "tiny")
+    config = yaml.safe_load((REPO / "training" / "configs" / "tiny_cpu.yaml").read_text())
+    data = REPO / "training" / "data"
+    config.update({
+        "model": str(tiny), "train_data": str(data / "chat_sft.jsonl"), "eval_data": str(data / "chat_eval.jsonl"),
+        "num_workers": 1, "max_steps": 4, "checkpoint_every": 4, "learning_rate": 3.0e-3, "warmup_steps": 0,
+        "registered_model": MODEL, "experiment": "retrain-dag-test",
+    })  # fmt: skip
+    config_file = tmp_path / "retrain.yaml"
+    config_file.write_text(yaml.safe_dump(config))
+    chat_db = str(retrain_cluster.chat_database_url)  # where the jobs (LLMOPS_HOME of the head) read feedback
+    write_feedback(chat_db, [
+        ("What does Ray Serve do?", "Ray Serve serves models over HTTP.", 1, None),
+        ("Where are checkpoints stored?", "In the S3 store.", 1, "nice"),
+        ("Who moves the champion alias?", "Nobody.", 0, "correction: The promote step of the retraining DAG."),
+        ("What is MLflow?", "A database.", 0, "wrong"),
+    ])  # fmt: skip
+    mlflow = MlflowClient(retrain_cluster.mlflow_tracking_uri)
+
+    def trigger(date: str, **conf) -> tuple[str, dict[str, str], subprocess.CompletedProcess]:
+        body = {"config": str(config_file), "min_new_examples": 2, "min_improvement": 0.0, **conf}
+        done = airflow.run("dags", "test", "retrain_chat_model", date, "-c", json.dumps(body), check=False)
+        run_id, _state = airflow.last_run("retrain_chat_model")
+        return run_id, airflow.states("retrain_chat_model", run_id), done
+
+    # 1. Enough new feedback, a candidate better than the base model: trained, promoted, rolled out.
+    run_id, states, done = trigger("2026-03-01")
+    assert set(states.values()) == {"success"}, (states, done.stdout[-4000:], done.stderr[-4000:])
+    export = airflow.xcom("retrain_chat_model", run_id, "export_feedback")
+    assert export["new_examples"] == 3 and export["ratings"] == 4, export
+    path, filesystem = pyarrow_location(export["dataset_uri"], retrain_cluster)
+    with filesystem.open_input_stream(path) as stream:
+        lines = [json.loads(line) for line in stream.read().decode().splitlines()]
+    answers = [record["messages"][-1]["content"] for record in lines]
+    assert "Ray Serve serves models over HTTP." in answers and "The promote step of the retraining DAG." in answers
+    assert "A database." not in answers and "Nobody." not in answers
+    assert len(lines) == export["base_examples"] + 3
+    train = airflow.xcom("retrain_chat_model", run_id, "train")
+    assert train["registered_version"] == "1" and train["data"]["records"] == len(lines), train
+    decision = airflow.xcom("retrain_chat_model", run_id, "promote")
+    assert decision["promoted"] is True, decision
+    assert mlflow.get_model_version_by_alias(MODEL, "champion").version == "1"
+    version = mlflow.get_model_version(MODEL, "1")
+    assert version.tags["promotion"] == "promoted" and version.tags["feedback_until"] == export["feedback_until"]
+    assert airflow.xcom("retrain_chat_model", run_id, "rollout")["version"] == "1"
+
+    # 2. Nothing new since version 1 was trained: the run is skipped, not failed, and trains nothing.
+    run_id, states, done = trigger("2026-03-02")
+    assert states["export_feedback"] == "success" and states["enough_new_data"] == "success", states
+    assert {states[task] for task in ("train", "evaluate", "promote", "rollout")} == {"skipped"}, states
+    assert "fewer than the 2 needed" in done.stdout + done.stderr
+
+    # 3. New feedback, but a gate no candidate can pass: version 2 is trained and kept out; the run says why.
+    write_feedback(chat_db, [
+        ("What runs the chat?", "Chainlit runs the chat.", 1, None),
+        ("What is DeepSpeed for?", "Sharding optimizer state.", 1, None),
+    ])  # fmt: skip
+    run_id, states, done = trigger("2026-03-03", min_improvement=0.99)
+    assert states["promote"] == "success" and states["rollout"] == "skipped", (states, done.stdout[-4000:])
+    decision = airflow.xcom("retrain_chat_model", run_id, "promote")
+    assert decision["promoted"] is False and "is not below" in decision["reason"], decision
+    assert mlflow.get_model_version_by_alias(MODEL, "champion").version == "1"
+    rejected = mlflow.get_model_version(MODEL, "2")
+    assert rejected.tags["promotion"] == "rejected" and "margin 0.99" in rejected.tags["promotion_reason"]
+    assert f"kept the champion: {decision['reason']}" in done.stdout + done.stderr

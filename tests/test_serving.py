@@ -19,7 +19,7 @@ from conftest import venv_bin
 from tiny_model import build_tiny_chat_model
 
 from ray_app.serving.config import ServeConfigError, parse_args
-from ray_app.serving.engine import GenerationRequest, SamplingParams, TransformersEngine
+from ray_app.serving.engine import ContinuousBatcher, GenerationRequest, SamplingParams, TransformersEngine
 from ray_app.settings import Settings
 
 REPO = Path(__file__).resolve().parents[1]
@@ -70,6 +70,60 @@ def test_batched_greedy_decoding_equals_one_request_at_a_time(engine):
     assert [tokens for _, finish, tokens in together if finish == "length"] == [
         b for b, (_, finish, _) in zip(budgets, together, strict=True) if finish == "length"
     ]
+
+
+@pytest.fixture(scope="module")
+def sharp_engine(tiny_dir: Path) -> TransformersEngine:
+    """The tiny model with large random weights: its greedy answers depend on every prompt token."""
+    import torch
+
+    engine = TransformersEngine(tiny_dir, threads=1)
+    torch.manual_seed(3)
+    with torch.no_grad():
+        for parameter in engine.model.parameters():
+            if parameter.dim() > 1:
+                parameter.normal_(0, 0.3)
+    return engine
+
+
+def test_requests_joining_a_running_batch_get_the_answers_they_get_alone(sharp_engine):
+    engine = sharp_engine
+    prompts = ["Hi", "Tell me a long story about the sea and its ships", "2+2?", "What is Ray Serve for?", "ok"]
+    budgets = [6, 24, 15, 30, 9]
+    requests = [
+        GenerationRequest(engine.chat_prompt_ids([{"role": "user", "content": text}]),
+                          SamplingParams(max_tokens=budget, temperature=0))
+        for text, budget in zip(prompts, budgets, strict=True)
+    ]  # fmt: skip
+    alone = [_run(engine, [request])[0] for request in requests]
+    assert len({text for text, _, _ in alone}) == len(prompts), "the model must answer each prompt differently"
+
+    # Batches of at most 2: later requests wait, then join a batch that is mid-decode.
+    batcher = ContinuousBatcher(engine, max_batch_size=2, gather_s=0.0)
+    texts, finish, tokens = [""] * len(requests), [None] * len(requests), [0] * len(requests)
+    done = threading.Semaphore(0)
+
+    def emit_for(index: int):
+        def emit(delta) -> None:
+            assert not isinstance(delta, BaseException), delta
+            texts[index] += delta.text
+            tokens[index] = delta.completion_tokens
+            if delta.finish_reason:
+                finish[index] = delta.finish_reason
+                done.release()
+
+        return emit
+
+    try:
+        for index, request in enumerate(requests):
+            fresh = GenerationRequest(request.prompt_ids, request.params)
+            batcher.submit(fresh, emit_for(index))
+            time.sleep(0.02 * index)
+        for _ in requests:
+            assert done.acquire(timeout=60), "a request never finished"
+    finally:
+        batcher.stop()
+    assert list(zip(texts, finish, tokens, strict=True)) == alone
 
 
 def test_seed_makes_sampling_reproducible_and_stop_strings_cut_the_answer(engine):

@@ -58,7 +58,7 @@ class ChatServer:
         import torch
 
         from ray_app.models import resolve_model
-        from ray_app.serving.engine import TransformersEngine
+        from ray_app.serving.engine import ContinuousBatcher, TransformersEngine
 
         self.args, self.served, self.key_hashes = args, served, key_hashes
         device = args.device if args.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
@@ -67,10 +67,8 @@ class ChatServer:
         model_dir = resolve_model(served.source, get_settings())
         self.engine = TransformersEngine(model_dir, device=device, dtype=args.dtype, threads=threads)
         self.context = min(args.max_context or self.engine.context_length, self.engine.context_length)
-        self.generate_batch.set_max_batch_size(args.max_batch_size)
-        self.generate_batch.set_batch_wait_timeout_s(args.batch_wait_timeout_s)
+        self.batcher = ContinuousBatcher(self.engine, args.max_batch_size, gather_s=args.batch_wait_timeout_s)
         self.headers = {"x-model-version": served.label, "x-mlflow-run-id": served.run_id or ""}
-        self._pending: set[asyncio.Future] = set()
         self._metrics()
         logger.info(
             "serving %s (%s) from %s on %s with %d thread(s), loaded in %.1fs",
@@ -96,44 +94,32 @@ class ChatServer:
         )
         self.ttft.set_default_tags({"model_version": self.served.label})
 
-    # --- batching: Serve groups concurrent requests; one decode loop serves the group ----------
-    @serve.batch(max_batch_size=8, batch_wait_timeout_s=0.05)
-    async def generate_batch(self, requests: list[GenerationRequest]) -> AsyncIterator[list[Any]]:
-        steps = self.engine.generate(requests)
-        finished = [False] * len(requests)
-        while True:
-            # The forward pass runs in a thread so the replica keeps accepting requests meanwhile.
-            step = await asyncio.to_thread(next, steps, None)
-            if step is None:
-                return
-            out: list[Any] = []
-            for index, delta in enumerate(step):
-                out.append(StopIteration if finished[index] else delta)
-                if delta is not None and delta.finish_reason:
-                    finished[index] = True
-            yield out
-
+    # --- batching: one decode loop per replica; a new request joins it at the next step ------
     async def _stream(self, request: GenerationRequest) -> AsyncIterator[Delta]:
         started = time.monotonic()
         first = True
-        deltas = self.generate_batch(request)
+        loop = asyncio.get_running_loop()
+        deltas: asyncio.Queue[Delta | BaseException] = asyncio.Queue()
+        self.batcher.submit(request, lambda item: loop.call_soon_threadsafe(deltas.put_nowait, item))
         try:
-            async for delta in deltas:
-                if delta is None:
-                    continue
+            while True:
+                delta = await deltas.get()
+                if isinstance(delta, BaseException):
+                    raise delta
                 if first and delta.text:
                     self.ttft.observe(time.monotonic() - started)
                     first = False
                 yield delta
                 if delta.finish_reason:
                     self.tokens_counter.inc(delta.completion_tokens)
-                    # Serve ends this stream at the batch's next step; take that end in the
-                    # background so the answer returns now and no future is left unretrieved.
-                    self._pending.add(asyncio.ensure_future(_drain(deltas)))
-                    self._pending = {task for task in self._pending if not task.done()}
                     return
         finally:
-            request.cancelled.set()  # the client left (or we are done): free the batch row
+            request.cancelled.set()  # the client left (or we are done): the loop drops the row
+
+    def __del__(self):
+        batcher = getattr(self, "batcher", None)
+        if batcher is not None:
+            batcher.stop()
 
     # --- request checks ---------------------------------------------------------------------
     def authorize(self, authorization: str | None) -> None:
@@ -322,11 +308,6 @@ def build_api(server: ChatServer):
         return await server.respond(body, request, chat=False)
 
     return app
-
-
-async def _drain(stream: AsyncIterator[Any]) -> None:
-    async for _ in stream:
-        pass
 
 
 def _request_id() -> str:

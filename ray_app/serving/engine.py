@@ -6,14 +6,21 @@ keeps its own temperature, top-p, seed, stop strings and token budget (`model.ge
 applies one setting to the whole batch, so it cannot serve mixed requests). Finished rows
 are dropped from the cache so a long answer does not pay for short ones.
 
+:class:`ContinuousBatcher` runs that loop for a replica: a request that arrives while others
+are decoding is prefilled on its own and joins the running batch at the next step (its KV
+cache left-padded to the batch's length and concatenated), instead of waiting for the
+whole batch to finish; columns every row has padding in are dropped again.
+
 The engine knows nothing of HTTP or Ray; `ray_app.serving.app` drives it from Serve and the
 benchmark drives it in-process.
 """
 
 from __future__ import annotations
 
+import logging
+import queue
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -46,12 +53,18 @@ class Delta:
     finish_reason: str | None = None  # "stop" (EOS or a stop string) or "length"
 
 
+log = logging.getLogger(__name__)
+
+
 class _Row:
     """Decode state of one request inside a batch."""
 
-    def __init__(self, request: GenerationRequest, generator):
+    def __init__(
+        self, request: GenerationRequest, generator, emit: Callable[[Delta | BaseException], None] | None = None
+    ):
         self.request = request
         self.generator = generator
+        self.emit = emit
         self.token_ids: list[int] = []
         self.emitted = 0  # characters of the decoded text already sent
         self.done = False
@@ -194,3 +207,190 @@ class TransformersEngine:
         new_text = text[row.emitted : end] if end > row.emitted else ""
         row.emitted = max(row.emitted, end)
         return Delta(new_text, len(row.token_ids), finish)
+
+
+class _Batch:
+    """The running batch of a ContinuousBatcher: rows, their KV cache, attention mask and next inputs."""
+
+    def __init__(self, rows: list[_Row], cache, attention, positions, next_ids: list[int]):
+        self.rows, self.cache, self.attention, self.positions, self.next_ids = (
+            rows,
+            cache,
+            attention,
+            positions,
+            next_ids,
+        )
+
+    def select(self, keep: list[int]) -> None:
+        """Keep only the rows at ``keep``, then drop the leading columns that are padding in every row."""
+        import torch
+
+        if len(keep) < len(self.rows):
+            selected = torch.tensor(keep, device=self.attention.device)
+            self.cache.batch_select_indices(selected)
+            self.attention, self.positions = self.attention[selected], self.positions[selected]
+            self.rows = [self.rows[i] for i in keep]
+            self.next_ids = [self.next_ids[i] for i in keep]
+        used = self.attention.any(dim=0).nonzero()
+        start = int(used[0]) if len(used) else 0
+        if start > 0:
+            for layer in self.cache.layers:
+                layer.keys, layer.values = layer.keys[:, :, start:], layer.values[:, :, start:]
+            self.attention = self.attention[:, start:]
+
+    def merge(self, other: _Batch) -> None:
+        """Append ``other``'s rows: the shorter cache is left-padded (masked out) to the longer one."""
+        import torch
+
+        width = max(self.attention.shape[1], other.attention.shape[1])
+
+        def padded(tensor, length: int, dim: int):
+            missing = width - length
+            if missing == 0:
+                return tensor
+            shape = list(tensor.shape)
+            shape[dim] = missing
+            return torch.cat([tensor.new_zeros(shape), tensor], dim=dim)
+
+        mine, theirs = self.attention.shape[1], other.attention.shape[1]
+        for layer, new in zip(self.cache.layers, other.cache.layers, strict=True):
+            layer.keys = torch.cat([padded(layer.keys, mine, 2), padded(new.keys, theirs, 2)], dim=0)
+            layer.values = torch.cat([padded(layer.values, mine, 2), padded(new.values, theirs, 2)], dim=0)
+        self.attention = torch.cat([padded(self.attention, mine, 1), padded(other.attention, theirs, 1)], dim=0)
+        self.positions = torch.cat([self.positions, other.positions], dim=0)
+        self.rows += other.rows
+        self.next_ids += other.next_ids
+
+
+class ContinuousBatcher:
+    """Continuous batching over a TransformersEngine: one decode loop in a thread, requests join it.
+
+    ``submit(request, emit)`` returns at once; ``emit`` is called from the loop's thread with
+    each Delta (the last one has a ``finish_reason``) or with an exception if generation
+    failed. At most ``max_batch_size`` requests decode together; more wait their turn. When
+    the loop is idle, the first arrival waits ``gather_s`` for others to prefill with it.
+    """
+
+    def __init__(self, engine: TransformersEngine, max_batch_size: int = 8, gather_s: float = 0.01):
+        self.engine, self.max_batch_size, self.gather_s = engine, max_batch_size, gather_s
+        self._waiting: queue.Queue[_Row] = queue.Queue()
+        self._stopped = threading.Event()
+        self._supported = all(type(layer).__name__ == "DynamicLayer" for layer in self._probe_layers())
+        self._thread = threading.Thread(target=self._loop, name="continuous-batcher", daemon=True)
+        self._thread.start()
+
+    def _probe_layers(self) -> list:
+        from transformers import DynamicCache
+
+        try:
+            return list(DynamicCache(config=self.engine.model.config).layers)
+        except Exception:  # an unusual cache layout: static batching only
+            return [None]
+
+    def submit(self, request: GenerationRequest, emit: Callable[[Delta | BaseException], None]) -> None:
+        import torch
+
+        generator = None
+        if request.params.seed is not None:
+            generator = torch.Generator(device=self.engine.device).manual_seed(request.params.seed)
+        self._waiting.put(_Row(request, generator, emit))
+
+    def stop(self) -> None:
+        self._stopped.set()
+        self._thread.join(timeout=10)
+
+    # --- the loop (its own thread) ---------------------------------------------------------
+    def _loop(self) -> None:
+        batch: _Batch | None = None
+        while not self._stopped.is_set():
+            try:
+                if batch is None:
+                    try:
+                        first = self._waiting.get(timeout=0.5)
+                    except queue.Empty:
+                        continue
+                    if self.gather_s:
+                        self._stopped.wait(self.gather_s)
+                    newcomers = [first, *self._take(self.max_batch_size - 1)]
+                    batch = self._prefill(newcomers)
+                else:
+                    room = self.max_batch_size - len(batch.rows) if self._supported else 0
+                    newcomers = self._take(room)
+                    if newcomers:
+                        joining = self._prefill(newcomers)
+                        if joining is not None:
+                            batch.merge(joining)
+                if batch is not None:
+                    batch = self._decode(batch)
+            except Exception as exc:  # a failed forward pass fails the requests in it, not the loop
+                log.exception("generation failed")
+                rows = batch.rows if batch is not None else []
+                for row in rows:
+                    row.emit(exc)
+                batch = None
+
+    def _take(self, limit: int) -> list[_Row]:
+        rows = []
+        while len(rows) < limit:
+            try:
+                rows.append(self._waiting.get_nowait())
+            except queue.Empty:
+                break
+        return rows
+
+    def _prefill(self, rows: list[_Row]) -> _Batch | None:
+        """Run the prompts of ``rows`` (left-padded) and emit their first tokens; None if all finished."""
+        import torch
+
+        engine = self.engine
+        try:
+            width = max(len(row.request.prompt_ids) for row in rows)
+            input_ids = torch.full((len(rows), width), engine.pad_id, dtype=torch.long)
+            attention = torch.zeros((len(rows), width), dtype=torch.long)
+            for i, row in enumerate(rows):
+                ids = row.request.prompt_ids
+                input_ids[i, width - len(ids) :] = torch.tensor(ids)
+                attention[i, width - len(ids) :] = 1
+            input_ids, attention = input_ids.to(engine.device), attention.to(engine.device)
+            positions = (attention.cumsum(-1) - 1).clamp(min=0)
+            with torch.inference_mode():
+                out = engine.model(input_ids=input_ids, attention_mask=attention, position_ids=positions,
+                                   use_cache=True, logits_to_keep=1)  # fmt: skip
+            logits = out.logits[:, -1, :].float()
+            next_ids = [engine._sample(logits[i], row) for i, row in enumerate(rows)]
+        except Exception as exc:
+            log.exception("prefill failed")
+            for row in rows:
+                row.emit(exc)
+            return None
+        batch = _Batch(rows, out.cache, attention, positions[:, -1:], next_ids)
+        return self._after_step(batch)
+
+    def _decode(self, batch: _Batch) -> _Batch | None:
+        import torch
+
+        engine = self.engine
+        input_ids = torch.tensor(batch.next_ids, device=engine.device).unsqueeze(-1)
+        batch.attention = torch.cat([batch.attention, batch.attention.new_ones((len(batch.rows), 1))], dim=-1)
+        batch.positions = batch.positions + 1
+        with torch.inference_mode():
+            out = engine.model(input_ids=input_ids, attention_mask=batch.attention, position_ids=batch.positions,
+                               cache=batch.cache, use_cache=True, logits_to_keep=1)  # fmt: skip
+        batch.cache = out.cache
+        logits = out.logits[:, -1, :].float()
+        batch.next_ids = [engine._sample(logits[i], row) for i, row in enumerate(batch.rows)]
+        return self._after_step(batch)
+
+    def _after_step(self, batch: _Batch) -> _Batch | None:
+        """Emit each row's new text for the token just sampled; drop finished rows."""
+        keep = []
+        for i, row in enumerate(batch.rows):
+            delta = self.engine._advance(row, batch.next_ids[i])
+            if delta.text or delta.finish_reason:
+                row.emit(delta)
+            if not row.done:
+                keep.append(i)
+        if not keep:
+            return None
+        batch.select(keep)
+        return batch

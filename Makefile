@@ -47,7 +47,9 @@ system-deps:
 demo: install
 	$(BIN)/llmops demo
 
-test: install airflow-venv system-deps
+# The two venvs install side by side (each is mostly waiting on unpacking and bytecode).
+test: system-deps
+	$(MAKE) --no-print-directory -j2 install airflow-venv
 	$(BIN)/python -m pytest
 
 lint: install

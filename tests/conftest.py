@@ -202,13 +202,18 @@ def mlflow_server(postgres: Postgres, s3_server: S3Server, tmp_path_factory) -> 
 
 # --- Ray ---------------------------------------------------------------------------------
 @pytest.fixture(scope="session")
-def ray_cluster(s3_server: S3Server, tmp_path_factory) -> Iterator[Settings]:
-    """A Ray head (2 CPUs) with the dashboard and Jobs API, every port explicit."""
+def ray_cluster(s3_server: S3Server, mlflow_server: Settings, tmp_path_factory) -> Iterator[Settings]:
+    """A Ray head (2 CPUs) with the dashboard and Jobs API, every port explicit.
+
+    Its jobs and workers log to the MLflow server and store in the S3 server, as on a cluster.
+    """
     home = tmp_path_factory.mktemp("ray-home")
     base = free_port_block(16 + 300)
     settings = s3_settings(
         s3_server,
         home,
+        mlflow_port=mlflow_server.mlflow_port,
+        mlflow_tracking_uri=mlflow_server.mlflow_tracking_uri,
         ray_port=base,
         ray_dashboard_port=base + 1,
         ray_client_port=base + 2,

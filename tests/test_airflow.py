@@ -20,12 +20,10 @@ from pathlib import Path
 
 import pytest
 import yaml
-from conftest import S3Server, free_port_block, s3_settings
 from tiny_model import build_tiny_chat_model
 
 from ray_app.orchestration.ray_jobs import job_key
 from ray_app.settings import Settings
-from ray_app.stack import LocalStack
 
 REPO = Path(__file__).resolve().parents[1]
 AIRFLOW_VENV = REPO / ".venv-airflow"
@@ -34,24 +32,9 @@ MODEL = "retrain-chat"
 
 # --- fixtures -------------------------------------------------------------------------------
 @pytest.fixture(scope="module")
-def retrain_cluster(s3_server: S3Server, mlflow_server: Settings, tmp_path_factory) -> Settings:
-    """A Ray head whose jobs see the MLflow server, the S3 store and a chat database (its LLMOPS_HOME)."""
-    home = tmp_path_factory.mktemp("retrain-home")
-    base = free_port_block(16 + 300)
-    settings = s3_settings(
-        s3_server, home,
-        mlflow_port=mlflow_server.mlflow_port, mlflow_tracking_uri=mlflow_server.mlflow_tracking_uri,
-        ray_port=base, ray_dashboard_port=base + 1, ray_client_port=base + 2, ray_internal_port_base=base + 3,
-        ray_worker_port_range=(base + 16, base + 16 + 299), ray_temp_dir=Path(f"/tmp/llmops-a{base}"),
-        ray_num_cpus=2, ray_object_store_memory_mb=512,
-    )  # fmt: skip
-    stack = LocalStack(settings)
-    stack.up(["ray"], echo=lambda _line: None)
-    try:
-        yield settings
-    finally:
-        stack.down(echo=lambda _line: None)
-        shutil.rmtree(settings.ray_temp_dir, ignore_errors=True)
+def retrain_cluster(ray_cluster: Settings) -> Settings:
+    """The session's Ray head: its jobs see the MLflow server, the S3 store and a chat database (its LLMOPS_HOME)."""
+    return ray_cluster
 
 
 class Airflow:
@@ -282,13 +265,7 @@ def test_retrain_dag_exports_feedback_trains_on_ray_and_promotes_only_a_better_m
     assert version.tags["promotion"] == "promoted" and version.tags["feedback_until"] == export["feedback_until"]
     assert airflow.xcom("retrain_chat_model", run_id, "rollout")["version"] == "1"
 
-    # 2. Nothing new since version 1 was trained: the run is skipped, not failed, and trains nothing.
-    run_id, states, done = trigger("2026-03-02")
-    assert states["export_feedback"] == "success" and states["enough_new_data"] == "success", states
-    assert {states[task] for task in ("train", "evaluate", "promote", "rollout")} == {"skipped"}, states
-    assert "fewer than the 2 needed" in done.stdout + done.stderr
-
-    # 3. New feedback, but a gate no candidate can pass: version 2 is trained and kept out; the run says why.
+    # 2. New feedback, but a gate no candidate can pass: version 2 is trained and kept out; the run says why.
     write_feedback(chat_db, [
         ("What runs the chat?", "Chainlit runs the chat.", 1, None),
         ("What is DeepSpeed for?", "Sharding optimizer state.", 1, None),
@@ -301,3 +278,34 @@ def test_retrain_dag_exports_feedback_trains_on_ray_and_promotes_only_a_better_m
     rejected = mlflow.get_model_version(MODEL, "2")
     assert rejected.tags["promotion"] == "rejected" and "margin 0.99" in rejected.tags["promotion_reason"]
     assert f"kept the champion: {decision['reason']}" in done.stdout + done.stderr
+    export = airflow.xcom("retrain_chat_model", run_id, "export_feedback")
+    assert export["new_examples"] == 2 and export["since"] == version.tags["feedback_until"], export
+
+
+def test_export_skips_when_too_little_is_new_and_keeps_only_usable_ratings(tmp_path):
+    """The export step in-process (no Ray, no MLflow): the skip rule and which ratings become examples."""
+    from ray_app.orchestration.pipeline import export_feedback
+    from ray_app.settings import load_settings
+    from ray_app.storage import pyarrow_location
+    from training.config import load_config
+
+    settings = load_settings(home=tmp_path / "home", store_uri=str(tmp_path / "store"))
+    write_feedback(str(settings.chat_database_url), [
+        ("Q1?", "A1.", 1, None), ("Q2?", "A2.", 0, "Correction: B2."), ("Q3?", "A3.", 0, "meh"),
+    ])  # fmt: skip
+    cfg = load_config(REPO / "training" / "configs" / "tiny_cpu.yaml").model_copy(update={"registered_model": None})
+
+    skipped = export_feedback(cfg, settings, "run-a", "2026-03-04", min_new_examples=3)
+    assert skipped["skip"] is True and skipped["ratings"] == 3 and skipped["new_examples"] == 2, skipped
+    assert skipped["reason"] == "2 new feedback example(s), fewer than the 3 needed"
+    assert not (tmp_path / "store" / "datasets").exists(), "a skipped export writes nothing"
+
+    exported = export_feedback(cfg, settings, "run-b", "2026-03-04", min_new_examples=2)
+    assert exported["dataset_uri"].endswith("datasets/retrain/2026-03-04/run-b/train.jsonl"), exported
+    path, _filesystem = pyarrow_location(exported["dataset_uri"], settings)  # a local store: a plain path
+    records = [json.loads(line)["messages"] for line in Path(path).read_text().splitlines()]
+    assert len(records) == exported["base_examples"] + 2
+    assert records[-2:] == [
+        [{"role": "user", "content": "Q1?"}, {"role": "assistant", "content": "A1."}],
+        [{"role": "user", "content": "Q2?"}, {"role": "assistant", "content": "B2."}],
+    ]

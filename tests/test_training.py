@@ -203,8 +203,9 @@ def test_zero_stage_and_method_variants_train_and_consolidate(
 ):
     from training.sft import run
 
+    # One checkpoint, at the end: checkpointing is test_full_zero2_... and test_resume_...'s subject.
     values = {"deepspeed": deepspeed, "method": method, "registered_model": None, "eval_data": [],
-              "lora": {"rank": 8, "alpha": 16, "dropout": 0.0}}  # fmt: skip
+              "checkpoint_every": 60, "lora": {"rank": 8, "alpha": 16, "dropout": 0.0}}  # fmt: skip
     if method == "lora":
         # Adapters on a randomly initialised model have nothing to adapt: start from a warm
         # base, at a learning rate usual for LoRA.
@@ -283,9 +284,10 @@ def test_tune_sweep_runs_trials_as_mlflow_child_runs_and_picks_the_best(cluster,
 
     from training.tune import sweep
 
-    cfg = config_for(tiny_model, toy_data, num_workers=1, cpus_per_worker=1, max_steps=8, checkpoint_every=2,
+    # Both trials at once, one 0.99-CPU worker each: the 2-CPU head holds them side by side.
+    cfg = config_for(tiny_model, toy_data, num_workers=1, cpus_per_worker=0.99, max_steps=8, checkpoint_every=2,
                      eval_data=[], registered_model=None, experiment="tests-tune")  # fmt: skip
-    result = sweep(cfg, ["learning_rate=grid(1e-5, 3e-3)"], samples=1, settings=cluster)
+    result = sweep(cfg, ["learning_rate=grid(1e-5, 3e-3)"], samples=1, settings=cluster, max_concurrent=2)
 
     assert result.trials == 2
     assert result.best_config == {"learning_rate": 3e-3}  # the larger step size wins on a memorisable set

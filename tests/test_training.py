@@ -195,9 +195,11 @@ def test_full_zero2_learns_the_toy_answer_and_registers_a_challenger(cluster, ti
     assert wandb_runs, "the W&B offline run directory is missing"
 
 
-# ZeRO-2 full is test_full_zero2_...; these add ZeRO-3 (full and LoRA). LoRA under ZeRO-2 is
-# left out to keep CI under its time budget: it shares every code path with these two.
-@pytest.mark.parametrize(("deepspeed", "method"), [("zero3.json", "full"), ("zero3.json", "lora")])
+# ZeRO-2 full is test_full_zero2_...; this adds ZeRO-3 with LoRA: ZeRO-3's parameter gathering
+# for the consolidated folder, and the LoRA merge. ZeRO-3 full and ZeRO-2 LoRA share those code
+# paths and are left out to keep CI under 40 minutes (2-3 minutes of Ray Train each on 2 cores);
+# add them to the list below to run them.
+@pytest.mark.parametrize(("deepspeed", "method"), [("zero3.json", "lora")])
 def test_zero_stage_and_method_variants_train_and_consolidate(
     cluster, tiny_model, warm_tiny_model, toy_data, deepspeed, method
 ):

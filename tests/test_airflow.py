@@ -31,12 +31,6 @@ MODEL = "retrain-chat"
 
 
 # --- fixtures -------------------------------------------------------------------------------
-@pytest.fixture(scope="module")
-def retrain_cluster(ray_cluster: Settings) -> Settings:
-    """The session's Ray head: its jobs see the MLflow server, the S3 store and a chat database (its LLMOPS_HOME)."""
-    return ray_cluster
-
-
 class Airflow:
     """`airflow` commands of the thin venv against one AIRFLOW_HOME (SQLite) and DAG folder."""
 
@@ -95,8 +89,8 @@ class Airflow:
 
 
 @pytest.fixture(scope="module")
-def airflow(retrain_cluster: Settings, tmp_path_factory) -> Airflow:
-    instance = Airflow(tmp_path_factory.mktemp("airflow-home"), retrain_cluster)
+def airflow(ray_cluster: Settings, tmp_path_factory) -> Airflow:
+    instance = Airflow(tmp_path_factory.mktemp("airflow-home"), ray_cluster)
     instance.run("db", "migrate", timeout=300)
     return instance
 
@@ -146,7 +140,7 @@ def test_a_failing_ray_job_fails_the_task_with_its_log_tail(operator_checks):
 
 
 def test_a_retried_task_reattaches_to_the_running_job_instead_of_submitting_again(
-    airflow, operator_checks, retrain_cluster
+    airflow, operator_checks, ray_cluster
 ):
     run_id, states, output = operator_checks
     assert states["retried"] == "success", output[-4000:]
@@ -154,21 +148,21 @@ def test_a_retried_task_reattaches_to_the_running_job_instead_of_submitting_agai
     assert "re-attached to Ray job" in output  # ...and the second found its job
     tries = airflow.query("SELECT try_number FROM task_instance WHERE task_id='retried' AND run_id=?", run_id)
     assert tries == [(2,)]
-    jobs = jobs_for(retrain_cluster, "ray_job_checks", run_id, "retried")
+    jobs = jobs_for(ray_cluster, "ray_job_checks", run_id, "retried")
     assert len(jobs) == 1, [job.submission_id for job in jobs]
     result = airflow.xcom("ray_job_checks", run_id, "retried")
     assert result["answer"] == 42 and result["status"] == "SUCCEEDED", result
 
 
-def test_execution_timeout_stops_the_ray_job(operator_checks, retrain_cluster):
+def test_execution_timeout_stops_the_ray_job(operator_checks, ray_cluster):
     run_id, states, output = operator_checks
     assert states["times_out"] == "failed", output[-4000:]
     assert "execution_timeout (0:00:06) passed" in output
-    (job,) = jobs_for(retrain_cluster, "ray_job_checks", run_id, "times_out")
+    (job,) = jobs_for(ray_cluster, "ray_job_checks", run_id, "times_out")
     deadline = time.monotonic() + 30
     while str(job.status) != "STOPPED" and time.monotonic() < deadline:
         time.sleep(1)
-        (job,) = jobs_for(retrain_cluster, "ray_job_checks", run_id, "times_out")
+        (job,) = jobs_for(ray_cluster, "ray_job_checks", run_id, "times_out")
     assert str(job.status) == "STOPPED"
 
 
@@ -212,9 +206,7 @@ def write_feedback(database_url: str, ratings: list[tuple[str, str, int, str | N
 
 
 @pytest.mark.slow
-def test_retrain_dag_exports_feedback_trains_on_ray_and_promotes_only_a_better_model(
-    airflow, retrain_cluster, tmp_path
-):
+def test_retrain_dag_exports_feedback_trains_on_ray_and_promotes_only_a_better_model(airflow, ray_cluster, tmp_path):
     from mlflow import MlflowClient
 
     from ray_app.storage import pyarrow_location
@@ -229,14 +221,14 @@ def test_retrain_dag_exports_feedback_trains_on_ray_and_promotes_only_a_better_m
     })  # fmt: skip
     config_file = tmp_path / "retrain.yaml"
     config_file.write_text(yaml.safe_dump(config))
-    chat_db = str(retrain_cluster.chat_database_url)  # where the jobs (LLMOPS_HOME of the head) read feedback
+    chat_db = str(ray_cluster.chat_database_url)  # where the jobs (LLMOPS_HOME of the head) read feedback
     write_feedback(chat_db, [
         ("What does Ray Serve do?", "Ray Serve serves models over HTTP.", 1, None),
         ("Where are checkpoints stored?", "In the S3 store.", 1, "nice"),
         ("Who moves the champion alias?", "Nobody.", 0, "correction: The promote step of the retraining DAG."),
         ("What is MLflow?", "A database.", 0, "wrong"),
     ])  # fmt: skip
-    mlflow = MlflowClient(retrain_cluster.mlflow_tracking_uri)
+    mlflow = MlflowClient(ray_cluster.mlflow_tracking_uri)
 
     def trigger(date: str, **conf) -> tuple[str, dict[str, str], subprocess.CompletedProcess]:
         body = {"config": str(config_file), "min_new_examples": 2, "min_improvement": 0.0, **conf}
@@ -249,7 +241,7 @@ def test_retrain_dag_exports_feedback_trains_on_ray_and_promotes_only_a_better_m
     assert set(states.values()) == {"success"}, (states, done.stdout[-4000:], done.stderr[-4000:])
     export = airflow.xcom("retrain_chat_model", run_id, "export_feedback")
     assert export["new_examples"] == 3 and export["ratings"] == 4, export
-    path, filesystem = pyarrow_location(export["dataset_uri"], retrain_cluster)
+    path, filesystem = pyarrow_location(export["dataset_uri"], ray_cluster)
     with filesystem.open_input_stream(path) as stream:
         lines = [json.loads(line) for line in stream.read().decode().splitlines()]
     answers = [record["messages"][-1]["content"] for record in lines]

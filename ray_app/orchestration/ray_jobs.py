@@ -95,16 +95,16 @@ def submit_or_attach(
     entrypoint_num_cpus: float | None = None,
 ) -> Submission:
     """Re-attach to this key's active or succeeded submission, else submit the next attempt."""
-    earlier = sorted(
-        ((_attempt(job.submission_id, key), job) for job in client.list_jobs() if job.submission_id),
-        key=lambda pair: pair[0] or 0,
-    )
-    earlier = [(attempt, job) for attempt, job in earlier if attempt is not None]
-    for _attempt_no, job in reversed(earlier):
-        status = str(job.status)
+    attempts = {}  # attempt number -> job, for this key's earlier submissions
+    for job in client.list_jobs():
+        number = _attempt(job.submission_id or "", key)
+        if number is not None:
+            attempts[number] = job
+    for number in sorted(attempts, reverse=True):
+        status = str(attempts[number].status)
         if status in ACTIVE or status == "SUCCEEDED":
-            return Submission(job.submission_id, status, attached=True)
-    attempt = (earlier[-1][0] + 1) if earlier else 1
+            return Submission(attempts[number].submission_id, status, attached=True)
+    attempt = max(attempts, default=0) + 1
     submission_id = key if attempt == 1 else f"{key}-r{attempt}"
     kwargs: dict[str, Any] = {}
     if entrypoint_num_cpus is not None:

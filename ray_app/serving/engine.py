@@ -114,54 +114,62 @@ class TransformersEngine:
 
         A request's last entry carries its ``finish_reason``; after it, the request gets None.
         """
+        rows = [self.new_row(request) for request in requests]
+        position = {id(row): index for index, row in enumerate(rows)}
+        batch: _Batch | None = self.prefill(rows)
+        while batch is not None:
+            step: list[Delta | None] = [None] * len(rows)
+            for row, token_id in zip(batch.rows, batch.next_ids, strict=True):
+                step[position[id(row)]] = self._advance(row, token_id)
+            yield step
+            keep = [line for line, row in enumerate(batch.rows) if not row.done]
+            if not keep:
+                return
+            batch.select(keep)
+            batch = self.decode(batch)
+
+    def new_row(self, request: GenerationRequest, emit: Callable[[Delta | BaseException], None] | None = None) -> _Row:
         import torch
 
-        rows = []
-        for request in requests:
-            generator = None
-            if request.params.seed is not None:
-                generator = torch.Generator(device=self.device).manual_seed(request.params.seed)
-            rows.append(_Row(request, generator))
-        width = max(len(r.prompt_ids) for r in requests)
-        input_ids = torch.full((len(requests), width), self.pad_id, dtype=torch.long)
-        attention = torch.zeros((len(requests), width), dtype=torch.long)
-        for i, request in enumerate(requests):
-            input_ids[i, width - len(request.prompt_ids) :] = torch.tensor(request.prompt_ids)
-            attention[i, width - len(request.prompt_ids) :] = 1
+        generator = None
+        if request.params.seed is not None:
+            generator = torch.Generator(device=self.device).manual_seed(request.params.seed)
+        return _Row(request, generator, emit)
+
+    def prefill(self, rows: list[_Row]) -> _Batch:
+        """Run the prompts of ``rows`` left-padded to one width; sample each row's first token."""
+        import torch
+
+        width = max(len(row.request.prompt_ids) for row in rows)
+        input_ids = torch.full((len(rows), width), self.pad_id, dtype=torch.long)
+        attention = torch.zeros((len(rows), width), dtype=torch.long)
+        for i, row in enumerate(rows):
+            ids = row.request.prompt_ids
+            input_ids[i, width - len(ids) :] = torch.tensor(ids)
+            attention[i, width - len(ids) :] = 1
         input_ids, attention = input_ids.to(self.device), attention.to(self.device)
         positions = (attention.cumsum(-1) - 1).clamp(min=0)
-        active = list(range(len(rows)))  # row index of each line still in the cache
-        cache = None
         with torch.inference_mode():
-            while active:
-                out = self.model(
-                    input_ids=input_ids,
-                    attention_mask=attention,
-                    position_ids=positions,
-                    cache=cache,
-                    use_cache=True,
-                    logits_to_keep=1,
-                )
-                cache = out.cache
-                logits = out.logits[:, -1, :].float()
-                next_ids = [self._sample(logits[line], rows[index]) for line, index in enumerate(active)]
-                step: list[Delta | None] = [None] * len(rows)
-                for line, index in enumerate(active):
-                    step[index] = self._advance(rows[index], next_ids[line])
-                yield step
-                keep = [line for line, index in enumerate(active) if not rows[index].done]
-                if not keep:
-                    break
-                if len(keep) < len(active):
-                    selected = torch.tensor(keep, device=self.device)
-                    cache.batch_select_indices(selected)
-                    attention = attention[selected]
-                    positions = positions[selected]
-                    next_ids = [next_ids[line] for line in keep]
-                    active = [active[line] for line in keep]
-                input_ids = torch.tensor(next_ids, device=self.device).unsqueeze(-1)
-                attention = torch.cat([attention, attention.new_ones((len(active), 1))], dim=-1)
-                positions = positions[:, -1:] + 1
+            out = self.model(input_ids=input_ids, attention_mask=attention, position_ids=positions,
+                             use_cache=True, logits_to_keep=1)  # fmt: skip
+        logits = out.logits[:, -1, :].float()
+        next_ids = [self._sample(logits[i], row) for i, row in enumerate(rows)]
+        return _Batch(rows, out.cache, attention, positions[:, -1:], next_ids)
+
+    def decode(self, batch: _Batch) -> _Batch:
+        """One step for every row of ``batch``: feed the tokens sampled last, sample the next ones."""
+        import torch
+
+        input_ids = torch.tensor(batch.next_ids, device=self.device).unsqueeze(-1)
+        batch.attention = torch.cat([batch.attention, batch.attention.new_ones((len(batch.rows), 1))], dim=-1)
+        batch.positions = batch.positions + 1
+        with torch.inference_mode():
+            out = self.model(input_ids=input_ids, attention_mask=batch.attention, position_ids=batch.positions,
+                             cache=batch.cache, use_cache=True, logits_to_keep=1)  # fmt: skip
+        batch.cache = out.cache
+        logits = out.logits[:, -1, :].float()
+        batch.next_ids = [self._sample(logits[i], row) for i, row in enumerate(batch.rows)]
+        return batch
 
     def _sample(self, logits, row: _Row) -> int:
         import torch
@@ -288,12 +296,7 @@ class ContinuousBatcher:
             return [None]
 
     def submit(self, request: GenerationRequest, emit: Callable[[Delta | BaseException], None]) -> None:
-        import torch
-
-        generator = None
-        if request.params.seed is not None:
-            generator = torch.Generator(device=self.engine.device).manual_seed(request.params.seed)
-        self._waiting.put(_Row(request, generator, emit))
+        self._waiting.put(self.engine.new_row(request, emit))
 
     def stop(self) -> None:
         self._stopped.set()
@@ -339,47 +342,18 @@ class ContinuousBatcher:
         return rows
 
     def _prefill(self, rows: list[_Row]) -> _Batch | None:
-        """Run the prompts of ``rows`` (left-padded) and emit their first tokens; None if all finished."""
-        import torch
-
-        engine = self.engine
+        """Prefill newcomers and emit their first tokens; None if all finished (or failed: they are told)."""
         try:
-            width = max(len(row.request.prompt_ids) for row in rows)
-            input_ids = torch.full((len(rows), width), engine.pad_id, dtype=torch.long)
-            attention = torch.zeros((len(rows), width), dtype=torch.long)
-            for i, row in enumerate(rows):
-                ids = row.request.prompt_ids
-                input_ids[i, width - len(ids) :] = torch.tensor(ids)
-                attention[i, width - len(ids) :] = 1
-            input_ids, attention = input_ids.to(engine.device), attention.to(engine.device)
-            positions = (attention.cumsum(-1) - 1).clamp(min=0)
-            with torch.inference_mode():
-                out = engine.model(input_ids=input_ids, attention_mask=attention, position_ids=positions,
-                                   use_cache=True, logits_to_keep=1)  # fmt: skip
-            logits = out.logits[:, -1, :].float()
-            next_ids = [engine._sample(logits[i], row) for i, row in enumerate(rows)]
+            batch = self.engine.prefill(rows)
         except Exception as exc:
             log.exception("prefill failed")
             for row in rows:
                 row.emit(exc)
             return None
-        batch = _Batch(rows, out.cache, attention, positions[:, -1:], next_ids)
         return self._after_step(batch)
 
     def _decode(self, batch: _Batch) -> _Batch | None:
-        import torch
-
-        engine = self.engine
-        input_ids = torch.tensor(batch.next_ids, device=engine.device).unsqueeze(-1)
-        batch.attention = torch.cat([batch.attention, batch.attention.new_ones((len(batch.rows), 1))], dim=-1)
-        batch.positions = batch.positions + 1
-        with torch.inference_mode():
-            out = engine.model(input_ids=input_ids, attention_mask=batch.attention, position_ids=batch.positions,
-                               cache=batch.cache, use_cache=True, logits_to_keep=1)  # fmt: skip
-        batch.cache = out.cache
-        logits = out.logits[:, -1, :].float()
-        batch.next_ids = [engine._sample(logits[i], row) for i, row in enumerate(batch.rows)]
-        return self._after_step(batch)
+        return self._after_step(self.engine.decode(batch))
 
     def _after_step(self, batch: _Batch) -> _Batch | None:
         """Emit each row's new text for the token just sampled; drop finished rows."""

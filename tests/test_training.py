@@ -129,6 +129,23 @@ def test_shipped_configs_are_valid():
         assert load_config(path).train_data, path
 
 
+def test_deepspeed_config_fits_the_run(toy_data):
+    def ds(*overrides):
+        return load_config(None, list(overrides), train_data=[str(toy_data)]).deepspeed_config()
+
+    two = ds("num_workers=2", "micro_batch_size=3", "grad_accum=2")
+    assert two["zero_optimization"]["stage"] == 2
+    assert (two["train_micro_batch_size_per_gpu"], two["gradient_accumulation_steps"]) == (3, 2)
+    # CPU: torch's fused AdamW (no CUDA kernel build); GPU: DeepSpeed's own optimizer.
+    assert two["optimizer"]["params"]["torch_adam"] is True and two["optimizer"]["params"]["fused"] is True
+    assert "torch_adam" not in ds("use_gpu=true", "precision=bf16")["optimizer"]["params"]
+    # One worker has nothing to partition: ZeRO-1/2 become plain data parallel; ZeRO-3 and offload stay.
+    assert ds("num_workers=1")["zero_optimization"]["stage"] == 0
+    assert ds("num_workers=1", "deepspeed=zero3.json")["zero_optimization"]["stage"] == 3
+    offload = ds("num_workers=1", "deepspeed=zero3_offload.json")
+    assert offload["zero_optimization"]["stage"] == 3 and "torch_adam" not in offload["optimizer"]["params"]
+
+
 def test_more_workers_than_cluster_cpus_fails_before_training(cluster, tiny_model, toy_data):
     from training.sft import run
 

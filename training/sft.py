@@ -238,6 +238,9 @@ def train_loop(config: dict[str, Any]) -> None:
         lr_scheduler=lambda opt: torch.optim.lr_scheduler.LambdaLR(opt, _lr_lambda(cfg, total_steps)),
     )
 
+    if world == 1:
+        engine.enable_backward_allreduce = False  # one rank: the gradients are already the average
+
     state = {"global_step": 0, "epoch": 0, "batch_in_epoch": 0, "mlflow_run_id": config["mlflow_run_id"]}
     checkpoint = ray.train.get_checkpoint()
     if checkpoint is not None:

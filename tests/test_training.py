@@ -212,11 +212,9 @@ def test_full_zero2_learns_the_toy_answer_and_registers_a_challenger(cluster, ti
     assert wandb_runs, "the W&B offline run directory is missing"
 
 
-# ZeRO-2 full is test_full_zero2_...; this adds ZeRO-3 with LoRA: ZeRO-3's parameter gathering
-# for the consolidated folder, and the LoRA merge. ZeRO-3 full and ZeRO-2 LoRA share those code
-# paths and are left out to keep CI under 40 minutes (2-3 minutes of Ray Train each on 2 cores);
-# add them to the list below to run them.
-@pytest.mark.parametrize(("deepspeed", "method"), [("zero3.json", "lora")])
+# ZeRO-2 full is test_full_zero2_..., ZeRO-3 full is test_resume_...; these add LoRA under both
+# stages: ZeRO-3's parameter gathering of adapters for the consolidated folder, and the merge.
+@pytest.mark.parametrize(("deepspeed", "method"), [("zero2.json", "lora"), ("zero3.json", "lora")])
 def test_zero_stage_and_method_variants_train_and_consolidate(
     cluster, tiny_model, warm_tiny_model, toy_data, deepspeed, method
 ):
@@ -280,8 +278,9 @@ def test_resume_after_worker_killed_continues_from_the_last_checkpoint(cluster, 
 
     killer = threading.Thread(target=kill_a_worker_after_the_first_checkpoint, daemon=True)
     killer.start()
+    # Under ZeRO-3 (full fine-tuning): each rank restores its own parameter and optimizer shards.
     result = run(config_for(tiny_model, toy_data, run_name=run_name, max_steps=30, registered_model=None,
-                            eval_data=[], max_failures=2), cluster)  # fmt: skip
+                            eval_data=[], max_failures=2, deepspeed="zero3.json"), cluster)  # fmt: skip
     killer.join(timeout=5)
     assert killed.get("pid"), "no worker was killed"
 
@@ -296,6 +295,12 @@ def test_resume_after_worker_killed_continues_from_the_last_checkpoint(cluster, 
     steps = [step for step, _ in loss_history(cluster, result.mlflow_run_id)]
     assert steps == list(range(1, 31)), "every step logged exactly once across the restart"
     assert result.global_step == 30
+    assert_loss_falls(loss_history(cluster, result.mlflow_run_id))
+
+    from ray_app.models import resolve_model
+
+    folder = resolve_model(result.model_uri, cluster)  # the ZeRO-3 shards, gathered into one HF folder
+    assert "7421" in greedy_answer(folder), "the resumed ZeRO-3 run did not learn the toy answer"
 
 
 def test_tune_sweep_runs_trials_as_mlflow_child_runs_and_picks_the_best(cluster, tiny_model, toy_data):

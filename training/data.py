@@ -180,29 +180,52 @@ def prepare_dataset(uris: list[str], model_dir: str, seq_len: int, pack: bool, s
         ).materialize()
     except (FileNotFoundError, OSError) as exc:
         raise DatasetError(f"cannot read dataset {', '.join(uris)}: {exc}") from exc
+    # Counts come from one small row per block (a map, not Ray Data's sum/count aggregations,
+    # which start shuffle actors: seconds each, whatever the size of the data).
     stats = DataStats()
-    bad = tokenized.filter(expr="error != ''").take(10_000)
-    stats.skipped = len(bad)
-    for row in bad:
-        log.warning("skipping record (%s): %s", row["error"], row["source"])
-    stats.skipped_examples = [f"{row['error']} :: {row['source']}" for row in bad[:5]]
-    good = tokenized.filter(expr="error == ''")
-    stats.records = good.count()
+    bad: list[tuple[str, str]] = []
+    for block in tokenized.map_batches(_summarise, batch_size=None, num_cpus=0.5).take_all():
+        stats.records += int(block["records"])
+        stats.truncated += int(block["truncated"])
+        stats.skipped += int(block["skipped"])
+        bad.extend(tuple(pair) for pair in json.loads(block["bad"]))
+    for error, source in bad:
+        log.warning("skipping record (%s): %s", error, source)
+    stats.skipped_examples = [f"{error} :: {source}" for error, source in bad[:5]]
     if stats.records == 0:
         hint = "; ".join(stats.skipped_examples[:3]) or "the files hold no records"
         raise DatasetError(f"no usable chat record in {', '.join(uris)} ({stats.skipped} skipped: {hint})")
-    stats.truncated = int(good.sum("truncated") or 0)
     pad_id = _tokenizer(model_dir).pad_token_id
-    packed = good.map_batches(
-        pack_batch, fn_kwargs={"seq_len": seq_len, "pad_id": pad_id, "pack": pack}, batch_size=512, num_cpus=0.5
-    ).materialize()
+    packed = (
+        tokenized.filter(expr="error == ''")
+        .map_batches(
+            pack_batch, fn_kwargs={"seq_len": seq_len, "pad_id": pad_id, "pack": pack}, batch_size=512, num_cpus=0.5
+        )
+        .materialize()
+    )
     stats.rows = packed.count()
-    stats.trained_tokens = int(packed.map_batches(_label_tokens, batch_size=1024, num_cpus=0.5).sum("n") or 0)
+    label_counts = packed.map_batches(_label_tokens, batch_size=None, num_cpus=0.5).take_all()
+    stats.trained_tokens = sum(int(row["n"]) for row in label_counts)
     return packed, stats
 
 
-def _label_tokens(batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-    return {"n": (batch["labels"] != IGNORE_INDEX).sum(axis=1)}
+def _summarise(block: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """One row for a block of tokenized records: usable, truncated, skipped, and the first bad ones."""
+    errors = np.asarray(block.get("error", []), dtype=str)
+    good = errors == ""
+    bad = np.flatnonzero(~good)[:1000]
+    sources = block.get("source", [])
+    return {
+        "records": np.asarray([int(good.sum())]),
+        "truncated": np.asarray([int(np.asarray(block.get("truncated", []), dtype=bool)[good].sum())]),
+        "skipped": np.asarray([int((~good).sum())]),
+        "bad": np.asarray([json.dumps([[str(errors[i]), str(sources[i])] for i in bad])]),
+    }
+
+
+def _label_tokens(block: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """One row for a block of packed rows: how many tokens carry a label."""
+    return {"n": np.asarray([int((np.asarray(block["labels"]) != IGNORE_INDEX).sum())])}
 
 
 def read_records(uris: list[str], settings: Settings) -> list[list[dict[str, str]]]:

@@ -119,6 +119,11 @@ def test_missing_dataset_is_named():
         load_config(None, [], train_data=["/no/such/data.jsonl"])
 
 
+def test_eval_every_needs_eval_data(toy_data):
+    with pytest.raises(ConfigError, match="eval_every: needs eval_data"):
+        load_config(None, ["eval_every=10"], train_data=[str(toy_data)])
+
+
 def test_cpu_precision_must_be_fp32(toy_data):
     with pytest.raises(ConfigError, match="precision: bf16 needs use_gpu"):
         load_config(None, ["precision=bf16"], train_data=[str(toy_data)])
@@ -185,7 +190,7 @@ def test_full_zero2_learns_the_toy_answer_and_registers_a_challenger(cluster, ti
     from training.sft import run
 
     assert "7421" not in greedy_answer(tiny_model)
-    result = run(config_for(tiny_model, toy_data, deepspeed="zero2.json"), cluster)
+    result = run(config_for(tiny_model, toy_data, deepspeed="zero2.json", eval_every=20), cluster)
 
     assert result.global_step == 40
     assert result.data["records"] == 12 and result.data["skipped"] == 2
@@ -207,6 +212,11 @@ def test_full_zero2_learns_the_toy_answer_and_registers_a_challenger(cluster, ti
     assert version.tags["base_model"] == str(tiny_model)
     run_data = MlflowClient(cluster.mlflow_tracking_uri).get_run(result.mlflow_run_id).data
     assert run_data.metrics["eval_loss"] < 1.0
+    # eval_every=20: the held-out loss at step 20 (during training), then the final one at 40.
+    evals = MlflowClient(cluster.mlflow_tracking_uri).get_metric_history(result.mlflow_run_id, "eval_loss")
+    at = {point.step: point.value for point in evals}
+    assert sorted(at) == [20, 40] and len(evals) == 2
+    assert at[40] < at[20], f"held-out loss did not fall between steps 20 and 40: {at}"
     assert {"learning_rate", "grad_norm", "tokens_per_s"} <= set(run_data.metrics)
     wandb_runs = list((cluster.home / "wandb" / "wandb").glob(f"offline-run-*-{result.mlflow_run_id}"))
     assert wandb_runs, "the W&B offline run directory is missing"

@@ -72,7 +72,7 @@ class SFTConfig(BaseModel):
     checkpoint_every: int = Field(default=50, ge=1)
     keep_checkpoints: int = Field(default=2, ge=1)
     max_failures: int = Field(default=2, ge=0)
-    eval_every: int | None = Field(default=None, ge=1)
+    eval_every: int | None = Field(default=None, ge=1, description="held-out loss every N steps (eval_data)")
     experiment: str = "ray-llmops-sft"
     run_name: str | None = None
     registered_model: str | None = "chat-model"
@@ -90,6 +90,8 @@ class SFTConfig(BaseModel):
         if self.precision != "fp32" and not self.use_gpu:
             raise ValueError(f"precision: {self.precision} needs use_gpu: true; CPU training runs in fp32")
         deepspeed_path(self.deepspeed)  # raises if missing
+        if self.eval_every and not self.eval_data:
+            raise ValueError("eval_every: needs eval_data (the held-out set to evaluate during training)")
         for uri in [*self.train_data, *self.eval_data]:
             if "://" not in uri and not Path(uri).expanduser().exists():
                 raise ValueError(f"dataset not found: {uri}")

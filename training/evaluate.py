@@ -48,6 +48,31 @@ def generate_answers(model, tokenizer, prompts: list[str], max_new_tokens: int) 
     return samples
 
 
+def heldout_nll(model, examples: list[tuple[list[int], list[int]]]) -> tuple[float, int]:
+    """Summed negative log-likelihood of the labelled tokens of ``(input_ids, labels)`` examples, and
+    their count. Used after training and, on every rank at once (ZeRO-3 gathers weights per
+    forward), every ``eval_every`` steps during it."""
+    import torch
+
+    from training.data import IGNORE_INDEX
+
+    total_nll, total_tokens = 0.0, 0
+    device = next(model.parameters()).device
+    for input_ids, labels in examples:
+        target = torch.tensor([labels], device=device)[:, 1:]
+        count = int((target != IGNORE_INDEX).sum())
+        if count == 0:
+            continue
+        with torch.no_grad():
+            logits = model(input_ids=torch.tensor([input_ids], device=device)).logits[:, :-1]
+        nll = torch.nn.functional.cross_entropy(
+            logits.reshape(-1, logits.shape[-1]).float(), target.reshape(-1), ignore_index=IGNORE_INDEX, reduction="sum"
+        )
+        total_nll += float(nll)
+        total_tokens += count
+    return total_nll, total_tokens
+
+
 def evaluate_model(
     model_ref: str | None,
     data_uris: list[str],
@@ -61,7 +86,7 @@ def evaluate_model(
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from ray_app.models import resolve_model
-    from training.data import IGNORE_INDEX, read_records, tokenize_chat
+    from training.data import read_records, tokenize_chat
 
     settings = settings or get_settings()
     folder = resolve_model(model_ref, settings)
@@ -70,23 +95,9 @@ def evaluate_model(
         tokenizer.pad_token = tokenizer.eos_token
     model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32)
     model.eval()
-    total_nll, total_tokens = 0.0, 0
     conversations = read_records(list(data_uris), settings)
-    for messages in conversations:
-        input_ids, labels, _ = tokenize_chat(messages, tokenizer, seq_len)
-        ids = torch.tensor([input_ids])
-        target = torch.tensor([labels])
-        with torch.no_grad():
-            logits = model(input_ids=ids).logits[:, :-1]
-        shifted = target[:, 1:]
-        count = int((shifted != IGNORE_INDEX).sum())
-        if count == 0:
-            continue
-        nll = torch.nn.functional.cross_entropy(
-            logits.reshape(-1, logits.shape[-1]), shifted.reshape(-1), ignore_index=IGNORE_INDEX, reduction="sum"
-        )
-        total_nll += float(nll)
-        total_tokens += count
+    examples = [tokenize_chat(messages, tokenizer, seq_len)[:2] for messages in conversations]
+    total_nll, total_tokens = heldout_nll(model, examples)
     if total_tokens == 0:
         raise ValueError(f"no assistant tokens to evaluate in {', '.join(data_uris)}")
     loss = total_nll / total_tokens

@@ -206,6 +206,19 @@ def _write_hf_folder(cfg: SFTConfig, model_dir: str, state_dict: dict[str, Any],
     AutoTokenizer.from_pretrained(model_dir).save_pretrained(out)
 
 
+def _periodic_eval(engine, examples: list[tuple[list[int], list[int]]]) -> dict[str, float]:
+    """Held-out loss on every rank (each sees all examples, so ZeRO-3's gathers line up)."""
+    from training.evaluate import heldout_nll
+
+    engine.eval()
+    try:
+        nll, tokens = heldout_nll(engine, examples)
+    finally:
+        engine.train()
+    loss = nll / max(tokens, 1)
+    return {"eval_loss": loss, "eval_perplexity": math.exp(min(loss, 50.0))}
+
+
 def train_loop(config: dict[str, Any]) -> None:
     """Ray Train worker entry point."""
     import ray.train
@@ -289,6 +302,8 @@ def train_loop(config: dict[str, Any]) -> None:
                 "tokens_per_s": _sum_across_ranks(window_tokens) / max(elapsed, 1e-9),
                 "epoch": float(epoch),
             }
+            if cfg.eval_every and step % cfg.eval_every == 0 and step < total_steps:  # the last: the final eval
+                last_metrics |= _periodic_eval(engine, config["eval_examples"])
             tracker.log(last_metrics, step=step)
             window_loss, window_tokens, window_start = 0.0, 0, time.perf_counter()
             if step % cfg.checkpoint_every == 0 or step >= total_steps:
@@ -328,6 +343,18 @@ def _flatten(prefix: str, value: Any, out: dict[str, Any]) -> dict[str, Any]:
     else:
         out[prefix] = json.dumps(value) if isinstance(value, list) else value
     return out
+
+
+PERIODIC_EVAL_EXAMPLES = 256
+
+
+def _eval_examples(cfg: SFTConfig, model_dir: str, settings) -> list[tuple[list[int], list[int]]]:
+    """Tokenized held-out examples for ``eval_every`` (the first 256; the final eval uses all)."""
+    from training.data import _tokenizer, read_records, tokenize_chat
+
+    tokenizer = _tokenizer(model_dir)
+    conversations = read_records(cfg.eval_data, settings)[:PERIODIC_EVAL_EXAMPLES]
+    return [tokenize_chat(messages, tokenizer, cfg.seq_len)[:2] for messages in conversations]
 
 
 def check_resources(cfg: SFTConfig) -> None:
@@ -411,6 +438,7 @@ def run(
                 "mlflow_run_id": run_id,
                 "train_rows": train_stats.rows,
                 "model_prefix": model_prefix,
+                "eval_examples": _eval_examples(cfg, model_dir, settings) if cfg.eval_every else [],
             },
             scaling_config=ScalingConfig(
                 num_workers=cfg.num_workers, use_gpu=cfg.use_gpu, resources_per_worker={"CPU": cfg.cpus_per_worker}
@@ -437,7 +465,8 @@ def run(
             report = evaluate_model(model_uri, eval_uris, cfg.seq_len, settings, prompts=cfg.sample_prompts,
                                     max_new_tokens=cfg.max_new_tokens)  # fmt: skip
             eval_loss = report.loss
-            mlflow.log_metrics({"eval_loss": report.loss, "eval_perplexity": report.perplexity})
+            mlflow.log_metrics({"eval_loss": report.loss, "eval_perplexity": report.perplexity},
+                               step=int(metrics.get("global_step", 0)))  # fmt: skip
             mlflow.log_dict({"samples": report.samples}, "samples/generations.json")
 
         version = None

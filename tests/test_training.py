@@ -167,6 +167,18 @@ def test_dataset_without_usable_records_fails_clearly(cluster, tiny_model, tmp_p
         prepare_dataset([str(bad)], str(tiny_model), 64, True, cluster)
 
 
+def test_eval_set_without_answers_in_seq_len_fails_before_the_run(cluster, tiny_model, toy_data, tmp_path):
+    from training.sft import run
+
+    long_prompt = tmp_path / "eval.jsonl"
+    record = {"messages": [{"role": "user", "content": "why " * 200}, {"role": "assistant", "content": "Because."}]}
+    long_prompt.write_text(json.dumps(record) + "\n")
+    run_name = f"bad-eval-{int(time.time())}"
+    with pytest.raises(DatasetError, match=r"eval_every: no assistant tokens within seq_len 64 in .*eval\.jsonl"):
+        run(config_for(tiny_model, toy_data, eval_data=[str(long_prompt)], eval_every=5, run_name=run_name), cluster)
+    assert run_id_of(cluster, run_name) == "", "no MLflow run may be opened for a config that cannot run"
+
+
 def test_prompt_tokens_are_masked_from_the_loss(tiny_model):
     from transformers import AutoTokenizer
 

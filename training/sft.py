@@ -350,11 +350,15 @@ PERIODIC_EVAL_EXAMPLES = 256
 
 def _eval_examples(cfg: SFTConfig, model_dir: str, settings) -> list[tuple[list[int], list[int]]]:
     """Tokenized held-out examples for ``eval_every`` (the first 256; the final eval uses all)."""
-    from training.data import _tokenizer, read_records, tokenize_chat
+    from training.data import IGNORE_INDEX, DatasetError, _tokenizer, read_records, tokenize_chat
 
     tokenizer = _tokenizer(model_dir)
     conversations = read_records(cfg.eval_data, settings)[:PERIODIC_EVAL_EXAMPLES]
-    return [tokenize_chat(messages, tokenizer, cfg.seq_len)[:2] for messages in conversations]
+    examples = [tokenize_chat(messages, tokenizer, cfg.seq_len)[:2] for messages in conversations]
+    if not any(label != IGNORE_INDEX for _, labels in examples for label in labels[1:]):
+        uris = ", ".join(cfg.eval_data)
+        raise DatasetError(f"eval_every: no assistant tokens within seq_len {cfg.seq_len} in {uris}")
+    return examples
 
 
 def check_resources(cfg: SFTConfig) -> None:
@@ -413,6 +417,7 @@ def run(
     else:
         model_dir, train_ds, train_stats = prepared
     eval_uris = cfg.eval_data
+    eval_examples = _eval_examples(cfg, model_dir, settings) if cfg.eval_every else []  # fails before any run
 
     configure_tracking(settings)
     mlflow.set_experiment(cfg.experiment)
@@ -438,7 +443,7 @@ def run(
                 "mlflow_run_id": run_id,
                 "train_rows": train_stats.rows,
                 "model_prefix": model_prefix,
-                "eval_examples": _eval_examples(cfg, model_dir, settings) if cfg.eval_every else [],
+                "eval_examples": eval_examples,
             },
             scaling_config=ScalingConfig(
                 num_workers=cfg.num_workers, use_gpu=cfg.use_gpu, resources_per_worker={"CPU": cfg.cpus_per_worker}

@@ -73,6 +73,20 @@ def heldout_nll(model, examples: list[tuple[list[int], list[int]]]) -> tuple[flo
     return total_nll, total_tokens
 
 
+def heldout_examples(
+    uris: list[str], tokenizer, seq_len: int, settings: Settings, limit: int | None = None
+) -> list[tuple[list[int], list[int]]]:
+    """``(input_ids, labels)`` of the held-out conversations in ``uris`` (the first ``limit``);
+    raises DatasetError when no assistant token falls inside ``seq_len``, before any model runs."""
+    from training.data import IGNORE_INDEX, DatasetError, read_records, tokenize_chat
+
+    conversations = read_records(list(uris), settings)[:limit]
+    examples = [tokenize_chat(messages, tokenizer, seq_len)[:2] for messages in conversations]
+    if not any(label != IGNORE_INDEX for _, labels in examples for label in labels[1:]):
+        raise DatasetError(f"no assistant tokens within seq_len {seq_len} in {', '.join(uris)}")
+    return examples
+
+
 def evaluate_model(
     model_ref: str | None,
     data_uris: list[str],
@@ -86,26 +100,22 @@ def evaluate_model(
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from ray_app.models import resolve_model
-    from training.data import read_records, tokenize_chat
 
     settings = settings or get_settings()
     folder = resolve_model(model_ref, settings)
     tokenizer = AutoTokenizer.from_pretrained(folder)
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
+    examples = heldout_examples(data_uris, tokenizer, seq_len, settings)
     model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32)
     model.eval()
-    conversations = read_records(list(data_uris), settings)
-    examples = [tokenize_chat(messages, tokenizer, seq_len)[:2] for messages in conversations]
     total_nll, total_tokens = heldout_nll(model, examples)
-    if total_tokens == 0:
-        raise ValueError(f"no assistant tokens to evaluate in {', '.join(data_uris)}")
     loss = total_nll / total_tokens
     return EvalReport(
         model=model_ref or "default",
         loss=loss,
         perplexity=math.exp(min(loss, 50.0)),
         tokens=total_tokens,
-        examples=len(conversations),
+        examples=len(examples),
         samples=generate_answers(model, tokenizer, list(prompts), max_new_tokens),
     )

@@ -350,15 +350,13 @@ PERIODIC_EVAL_EXAMPLES = 256
 
 def _eval_examples(cfg: SFTConfig, model_dir: str, settings) -> list[tuple[list[int], list[int]]]:
     """Tokenized held-out examples for ``eval_every`` (the first 256; the final eval uses all)."""
-    from training.data import IGNORE_INDEX, DatasetError, _tokenizer, read_records, tokenize_chat
+    from training.data import DatasetError, _tokenizer
+    from training.evaluate import heldout_examples
 
-    tokenizer = _tokenizer(model_dir)
-    conversations = read_records(cfg.eval_data, settings)[:PERIODIC_EVAL_EXAMPLES]
-    examples = [tokenize_chat(messages, tokenizer, cfg.seq_len)[:2] for messages in conversations]
-    if not any(label != IGNORE_INDEX for _, labels in examples for label in labels[1:]):
-        uris = ", ".join(cfg.eval_data)
-        raise DatasetError(f"eval_every: no assistant tokens within seq_len {cfg.seq_len} in {uris}")
-    return examples
+    try:
+        return heldout_examples(cfg.eval_data, _tokenizer(model_dir), cfg.seq_len, settings, PERIODIC_EVAL_EXAMPLES)
+    except DatasetError as exc:
+        raise DatasetError(f"eval_every: {exc}") from exc
 
 
 def check_resources(cfg: SFTConfig) -> None:

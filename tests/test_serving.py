@@ -19,7 +19,13 @@ from conftest import venv_bin
 from tiny_model import build_tiny_chat_model
 
 from ray_app.serving.config import ServeConfigError, parse_args
-from ray_app.serving.engine import ContinuousBatcher, GenerationRequest, SamplingParams, TransformersEngine
+from ray_app.serving.engine import (
+    ContinuousBatcher,
+    GenerationRequest,
+    SamplingParams,
+    TransformersEngine,
+    prepack_linear_layers,
+)
 from ray_app.settings import Settings
 
 REPO = Path(__file__).resolve().parents[1]
@@ -72,18 +78,42 @@ def test_batched_greedy_decoding_equals_one_request_at_a_time(engine):
     ]
 
 
-@pytest.fixture(scope="module")
-def sharp_engine(tiny_dir: Path) -> TransformersEngine:
+def _sharpened(tiny_dir: Path, prepack: bool) -> TransformersEngine:
     """The tiny model with large random weights: its greedy answers depend on every prompt token."""
     import torch
 
-    engine = TransformersEngine(tiny_dir, threads=1)
+    engine = TransformersEngine(tiny_dir, threads=1, prepack=False)
     torch.manual_seed(3)
     with torch.no_grad():
         for parameter in engine.model.parameters():
             if parameter.dim() > 1:
                 parameter.normal_(0, 0.3)
+    if prepack:
+        engine.prepacked = prepack_linear_layers(engine.model)
+        assert engine.prepacked > 0
     return engine
+
+
+@pytest.fixture(scope="module")
+def sharp_engine(tiny_dir: Path) -> TransformersEngine:
+    """The sharpened model as served on CPU: linear layers on oneDNN-packed weights."""
+    return _sharpened(tiny_dir, prepack=True)
+
+
+def test_prepacked_linear_layers_give_the_tokens_torch_gives(tiny_dir, sharp_engine, engine):
+    assert engine.prepacked > 0, "CPU float32 engines prepack by default"
+    plain = _sharpened(tiny_dir, prepack=False)
+    assert plain.prepacked == 0
+    texts = ["Hi", "Tell me a long story about the sea and its ships", "2+2?"]
+    requests = [
+        GenerationRequest(plain.chat_prompt_ids([{"role": "user", "content": text}]),
+                          SamplingParams(max_tokens=20, temperature=0))
+        for text in texts
+    ]  # fmt: skip
+    expected = [_run(plain, [request])[0] for request in requests]
+    assert len({text for text, _, _ in expected}) == len(texts)
+    assert [_run(sharp_engine, [request])[0] for request in requests] == expected  # one at a time
+    assert _run(sharp_engine, requests) == expected  # a batch of 3
 
 
 def test_requests_joining_a_running_batch_get_the_answers_they_get_alone(sharp_engine):
@@ -124,6 +154,9 @@ def test_requests_joining_a_running_batch_get_the_answers_they_get_alone(sharp_e
     finally:
         batcher.stop()
     assert list(zip(texts, finish, tokens, strict=True)) == alone
+    stats = batcher.stats  # each request prefilled once; steps decoded two rows at a time, mostly
+    assert stats.prefill_rows == len(requests) and stats.prefills <= len(requests)
+    assert stats.decode_steps < stats.decode_rows <= 2 * stats.decode_steps
 
 
 def test_seed_makes_sampling_reproducible_and_stop_strings_cut_the_answer(engine):

@@ -13,6 +13,7 @@ Endpoints: ``POST /v1/chat/completions``, ``POST /v1/completions`` (both with ``
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import json
 import logging
 import time
@@ -65,18 +66,21 @@ class ChatServer:
         threads = args.torch_threads or max(1, int(ray.get_runtime_context().get_assigned_resources().get("CPU", 1)))
         started = time.monotonic()
         model_dir = resolve_model(served.source, get_settings())
-        self.engine = TransformersEngine(model_dir, device=device, dtype=args.dtype, threads=threads)
+        self.engine = TransformersEngine(
+            model_dir, device=device, dtype=args.dtype, threads=threads, prepack=args.prepack_weights
+        )
         self.context = min(args.max_context or self.engine.context_length, self.engine.context_length)
         self.batcher = ContinuousBatcher(self.engine, args.max_batch_size, gather_s=args.batch_wait_timeout_s)
         self.headers = {"x-model-version": served.label, "x-mlflow-run-id": served.run_id or ""}
         self._metrics()
         logger.info(
-            "serving %s (%s) from %s on %s with %d thread(s), loaded in %.1fs",
+            "serving %s (%s) from %s on %s with %d thread(s), %d prepacked linear layers, loaded in %.1fs",
             served.name,
             served.label,
             model_dir,
             device,
             threads,
+            self.engine.prepacked,
             time.monotonic() - started,
         )
 
@@ -115,6 +119,10 @@ class ChatServer:
                     return
         finally:
             request.cancelled.set()  # the client left (or we are done): the loop drops the row
+
+    def batching_stats(self) -> dict[str, int]:
+        """The decode loop's counters (a handle method, for benchmarks and debugging)."""
+        return dataclasses.asdict(self.batcher.stats)
 
     def __del__(self):
         batcher = getattr(self, "batcher", None)

@@ -41,6 +41,9 @@ class ServeArgs(BaseModel):
     device: Literal["auto", "cpu", "cuda"] = "auto"
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
     torch_threads: int | None = Field(default=None, ge=1, description="default: the replica's num_cpus")
+    prepack_weights: bool = Field(
+        default=True, description="CPU float32: linear layers as oneDNN matmuls on weights packed once at load"
+    )
     max_batch_size: int = Field(default=8, ge=1, le=256)
     batch_wait_timeout_s: float = Field(default=0.05, ge=0.0, le=5.0)
     max_context: int | None = Field(default=None, ge=16, description="default: the model's max positions")

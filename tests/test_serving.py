@@ -102,6 +102,7 @@ def sharp_engine(tiny_dir: Path) -> TransformersEngine:
 
 def test_prepacked_linear_layers_give_the_tokens_torch_gives(tiny_dir, sharp_engine, engine):
     assert engine.prepacked > 0, "CPU float32 engines prepack by default"
+    assert prepack_linear_layers(engine.model) == 0, "packed layers are not packed twice"
     plain = _sharpened(tiny_dir, prepack=False)
     assert plain.prepacked == 0
     texts = ["Hi", "Tell me a long story about the sea and its ships", "2+2?"]

@@ -5,8 +5,9 @@
 (a) a plain single-process PyTorch loop (AdamW, same batch and sequence length, all cores),
 (a2) the same loop with torch's fused AdamW (the optimizer kernel the recipe uses on CPU),
 (b) the recipe with 1 worker (all cores), (c) 2 workers ZeRO-2, (d) 2 workers ZeRO-3.
-Tokens/s is the median over steps after the first (warm-up) step ((a) runs twice, first and
-last, and pools its steps); model FLOPs utilisation
+Tokens/s is the median over steps after each run's first (warm-up) step; (a), (a2) and (b) run
+twice (first, then again in reverse order after (d)) and pool their steps, because this VM's
+speed drifts; the JSON keeps each run's median. Model FLOPs utilisation
 is 6 * params * tokens/s against a measured fp32 GEMM peak of this CPU. Prints a table and
 writes JSON to benchmarks/results/train_throughput.json. Not run by CI.
 """
@@ -51,7 +52,7 @@ def plain_loop(model_dir: Path, rows, steps: int, micro_batch: int, fused: bool 
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-5, fused=fused)
     rates = []
     for step in range(steps):
-        batch = rows[(step * micro_batch) % len(rows) :][:micro_batch]
+        batch = [rows[(step * micro_batch + i) % len(rows)] for i in range(micro_batch)]  # always full
         ids = torch.tensor([row["input_ids"] for row in batch])
         mask = torch.tensor([row["attention_mask"] for row in batch])
         labels = torch.tensor([row["labels"] for row in batch])
@@ -112,27 +113,31 @@ def main() -> int:
     peak = gemm_peak_flops()
     common = {"seq_len": args.seq_len, "micro_batch_size": args.micro_batch, "max_steps": args.steps,
               "learning_rate": 1e-5, "lr_schedule": "constant", "pack": True}  # fmt: skip
-    # This VM's speed drifts by +-15% over minutes: (a) runs first and last, and its steps are pooled.
-    baseline = plain_loop(model_dir, rows, args.steps, args.micro_batch)
-    runs = {
-        "a_plain_pytorch_1proc": baseline,
-        "a2_plain_pytorch_fused_adamw": plain_loop(model_dir, rows, args.steps, args.micro_batch, fused=True),
-        "b_recipe_1worker": recipe_rates(
+    runners = {
+        "a_plain_pytorch_1proc": lambda: plain_loop(model_dir, rows, args.steps, args.micro_batch),
+        "a2_plain_pytorch_fused_adamw": lambda: plain_loop(model_dir, rows, args.steps, args.micro_batch, fused=True),
+        "b_recipe_1worker": lambda: recipe_rates(
             settings, model_dir, args.data, num_workers=1, cpus_per_worker=cores, torch_threads=cores, **common
         ),
-        "c_recipe_2workers_zero2": recipe_rates(
+        "c_recipe_2workers_zero2": lambda: recipe_rates(
             settings, model_dir, args.data, num_workers=2, deepspeed="zero2.json", **common
         ),
-        "d_recipe_2workers_zero3": recipe_rates(
+        "d_recipe_2workers_zero3": lambda: recipe_rates(
             settings, model_dir, args.data, num_workers=2, deepspeed="zero3.json", **common
         ),
     }
-    runs["a_plain_pytorch_1proc"] = baseline[1:] + plain_loop(model_dir, rows, args.steps, args.micro_batch)[1:]
+    # This VM's speed drifts by +-20% over minutes: (a), (a2) and (b) run again in reverse order
+    # after the rest; each run's first (warm-up) step is dropped and the repeats' steps pooled.
+    order = [*runners, "b_recipe_1worker", "a2_plain_pytorch_fused_adamw", "a_plain_pytorch_1proc"]
+    runs: dict[str, list[list[float]]] = {}
+    for name in order:
+        runs.setdefault(name, []).append(runners[name]())
     results = {}
-    for name, rates in runs.items():
-        steady = rates if name == "a_plain_pytorch_1proc" else rates[1:] or rates
+    for name, repeats in runs.items():
+        steady = [rate for rates in repeats for rate in (rates[1:] or rates)]
         tokens_per_s = statistics.median(steady)
-        results[name] = {"tokens_per_s": tokens_per_s, "mfu": 6 * params * tokens_per_s / peak, "steps": len(rates)}
+        results[name] = {"tokens_per_s": tokens_per_s, "mfu": 6 * params * tokens_per_s / peak,
+                         "steps": len(steady), "runs": [statistics.median(r[1:] or r) for r in repeats]}  # fmt: skip
     base = results["a_plain_pytorch_1proc"]["tokens_per_s"]
     print(f"model {model_dir.name}: {params / 1e6:.1f} M params, seq {args.seq_len}, micro-batch {args.micro_batch}, "
           f"{cores} cores, fp32 GEMM peak {peak / 1e9:.1f} GFLOP/s")  # fmt: skip

@@ -3,14 +3,14 @@
     .venv/bin/python benchmarks/serve_throughput.py [--model default] [--tokens 128] [--clients 1,4,8,16]
 
 (a) Hugging Face `model.generate` in this process (greedy, the same thread count as the
-replica), (a') our engine in this process (no HTTP, no Serve), (b) one stream through Ray
-Serve (OpenAI API, SSE): decode tokens/s and time to first token. Then aggregate tokens/s
-through Serve with 1/4/8/16 concurrent streaming clients (each sends --rounds requests).
-One replica with all cores, batching as in serve_configs/local.yaml; the replica's own counters
-give the mean batch of its decode steps at each load. (a) runs first and last, and the loads
-go 1, 4, 8, 16, then 8 and 1 again; repeated measurements are averaged (this VM's speed drifts
-by +-20% over minutes). Prints a table, writes benchmarks/results/serve_throughput.json and
-.png. Not run by CI.
+replica), (a2) our engine in this process (no HTTP, no Serve), (b) one stream through Ray
+Serve (OpenAI API, SSE): decode tokens/s and time to first token, medians of --repeats rounds
+in which the three take turns (the Serve app is up and idle while (a) and (a2) run). Then
+aggregate tokens/s through Serve with 1/4/8/16 concurrent streaming clients (each sends
+--rounds requests); the replica's own counters give the mean batch of its decode steps. One
+replica with all cores, batching as in serve_configs/local.yaml. The loads go 1, 4, 8, 16,
+then 8 and 1 again, and repeats are averaged: this VM's speed drifts by +-20% over minutes.
+Prints a table, writes benchmarks/results/serve_throughput.json and .png. Not run by CI.
 """
 
 from __future__ import annotations
@@ -23,6 +23,7 @@ import statistics
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -31,8 +32,9 @@ sys.path.insert(0, str(ROOT))
 PROMPT = [{"role": "user", "content": "Write a long, detailed story about a lighthouse keeper and the sea."}]
 
 
-def in_process_generate(model_dir: Path, tokens: int, repeats: int) -> dict[str, float]:
-    """(a): `model.generate`, greedy, exactly ``tokens`` new tokens; TTFT = a 1-token generate."""
+def generate_runner(model_dir: Path, tokens: int) -> Callable[[], tuple[float, float]]:
+    """(a): `model.generate`, greedy, exactly ``tokens`` new tokens; TTFT = a 1-token generate.
+    Returns a function measuring one (decode tokens/s, TTFT s)."""
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -42,28 +44,28 @@ def in_process_generate(model_dir: Path, tokens: int, repeats: int) -> dict[str,
     ids = tokenizer(text, return_tensors="pt", add_special_tokens=False).input_ids
     common = {"do_sample": False, "pad_token_id": tokenizer.eos_token_id}
     model.generate(ids, max_new_tokens=8, **common)  # warm-up
-    ttfts, rates = [], []
-    with torch.inference_mode():
-        for _ in range(repeats):
+
+    def once() -> tuple[float, float]:
+        with torch.inference_mode():
             start = time.perf_counter()
             model.generate(ids, max_new_tokens=1, **common)
             ttft = time.perf_counter() - start
             start = time.perf_counter()
             model.generate(ids, max_new_tokens=tokens, min_new_tokens=tokens, **common)
             total = time.perf_counter() - start
-            ttfts.append(ttft)
-            rates.append((tokens - 1) / (total - ttft))
-    return {"decode_tokens_per_s": statistics.median(rates), "ttft_s": statistics.median(ttfts)}
+        return (tokens - 1) / (total - ttft), ttft
+
+    return once
 
 
-def in_process_engine(model_dir: Path, tokens: int, repeats: int, threads: int) -> dict[str, float]:
-    """(a'): our batching engine for one request, no HTTP."""
+def engine_runner(model_dir: Path, tokens: int, threads: int) -> Callable[[], tuple[float, float]]:
+    """(a2): our batching engine for one request, no HTTP; one (decode tokens/s, TTFT s) per call."""
     from ray_app.serving.engine import GenerationRequest, SamplingParams, TransformersEngine
 
     engine = TransformersEngine(model_dir, threads=threads)
     ids = engine.chat_prompt_ids(PROMPT)
-    ttfts, rates = [], []
-    for index in range(repeats + 1):
+
+    def once() -> tuple[float, float]:
         start = time.perf_counter()
         first = None
         produced = 0
@@ -72,10 +74,10 @@ def in_process_engine(model_dir: Path, tokens: int, repeats: int, threads: int) 
                 first = time.perf_counter()
             produced = delta.completion_tokens
         end = time.perf_counter()
-        if index:  # the first run warms up
-            ttfts.append(first - start)
-            rates.append((produced - 1) / (end - first))
-    return {"decode_tokens_per_s": statistics.median(rates), "ttft_s": statistics.median(ttfts)}
+        return (produced - 1) / (end - first), first - start
+
+    once()  # warm-up
+    return once
 
 
 def stream_once(base_url: str, key: str, model: str, tokens: int) -> tuple[float, float, int, int]:
@@ -116,7 +118,7 @@ def main() -> int:
     parser.add_argument("--model", default="default")
     parser.add_argument("--tokens", type=int, default=128, help="new tokens for the single-stream runs")
     parser.add_argument("--load-tokens", type=int, default=64, help="new tokens per request under load")
-    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--repeats", type=int, default=5, help="single-stream rounds")
     parser.add_argument("--rounds", type=int, default=2, help="requests per client under load")
     parser.add_argument("--clients", default="1,4,8,16")
     parser.add_argument("--max-batch-size", type=int, default=8)
@@ -138,9 +140,9 @@ def main() -> int:
     cores = os.cpu_count() or 1
     torch.set_num_threads(cores)
 
-    results: dict[str, dict[str, float]] = {
-        "a_model_generate_in_process": in_process_generate(model_dir, args.tokens, args.repeats),
-        "a2_engine_in_process": in_process_engine(model_dir, args.tokens, args.repeats, cores),
+    single: dict[str, Callable[[], tuple[float, float]]] = {
+        "a_model_generate_in_process": generate_runner(model_dir, args.tokens),
+        "a2_engine_in_process": engine_runner(model_dir, args.tokens, cores),
     }
 
     settings.apply_ray_client_env()
@@ -165,14 +167,25 @@ def main() -> int:
     serve.run(app, name="bench", route_prefix="/")
     base_url = f"http://127.0.0.1:{port}"
     stream_once(base_url, key, served.name, 8)  # warm-up
-    ttfts, rates = [], []
-    for _ in range(args.repeats):
+
+    def serve_once() -> tuple[float, float]:
         first, end, produced, _chunks = stream_once(base_url, key, served.name, args.tokens)
-        ttfts.append(first)
-        rates.append((produced - 1) / (end - first))
-    results["b_serve_one_stream"] = {
-        "decode_tokens_per_s": statistics.median(rates),
-        "ttft_s": statistics.median(ttfts),
+        return (produced - 1) / (end - first), first
+
+    single["b_serve_one_stream"] = serve_once
+    # This VM's speed drifts by +-20% over minutes: (a), (a2) and (b) take turns, one repeat each,
+    # with the Serve app up (idle while (a) and (a2) run) so all three see the same machine.
+    measured: dict[str, list[tuple[float, float]]] = {name: [] for name in single}
+    for _ in range(args.repeats):
+        for name, once in single.items():
+            measured[name].append(once())
+    results = {
+        name: {
+            "decode_tokens_per_s": statistics.median(rate for rate, _ in runs),
+            "ttft_s": statistics.median(ttft for _, ttft in runs),
+            "decode_tokens_per_s_runs": [rate for rate, _ in runs],
+        }
+        for name, runs in measured.items()
     }
 
     replica = serve.get_deployment_handle(ChatServer.name, app_name="bench")
@@ -210,10 +223,6 @@ def main() -> int:
     load = {str(c): {key: statistics.mean(run[key] for run in runs) for key in runs[0]} for c, runs in passes.items()}
     serve.shutdown()
     ray.shutdown()
-    # (a) again, after Serve is gone: its two measurements are averaged for the same reason.
-    again = in_process_generate(model_dir, args.tokens, args.repeats)
-    first_a = results["a_model_generate_in_process"]
-    results["a_model_generate_in_process"] = {key: (first_a[key] + again[key]) / 2 for key in first_a}
 
     base = results["a_model_generate_in_process"]["decode_tokens_per_s"]
     one = load[min(load, key=int)]["aggregate_tokens_per_s"]

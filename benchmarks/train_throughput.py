@@ -134,10 +134,11 @@ def main() -> int:
         runs.setdefault(name, []).append(runners[name]())
     results = {}
     for name, repeats in runs.items():
-        steady = [rate for rates in repeats for rate in (rates[1:] or rates)]
+        warm = [rates[1:] or rates for rates in repeats]
+        steady = [rate for rates in warm for rate in rates]
         tokens_per_s = statistics.median(steady)
         results[name] = {"tokens_per_s": tokens_per_s, "mfu": 6 * params * tokens_per_s / peak,
-                         "steps": len(steady), "runs": [statistics.median(r[1:] or r) for r in repeats]}  # fmt: skip
+                         "steps": len(steady), "runs": [statistics.median(rates) for rates in warm]}  # fmt: skip
     base = results["a_plain_pytorch_1proc"]["tokens_per_s"]
     print(f"model {model_dir.name}: {params / 1e6:.1f} M params, seq {args.seq_len}, micro-batch {args.micro_batch}, "
           f"{cores} cores, fp32 GEMM peak {peak / 1e9:.1f} GFLOP/s")  # fmt: skip

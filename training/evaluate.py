@@ -48,6 +48,11 @@ def generate_answers(model, tokenizer, prompts: list[str], max_new_tokens: int) 
     return samples
 
 
+def perplexity(loss: float) -> float:
+    """exp(loss), capped so a diverged model reports a large number instead of overflowing."""
+    return math.exp(min(loss, 50.0))
+
+
 def heldout_nll(model, examples: list[tuple[list[int], list[int]]]) -> tuple[float, int]:
     """Summed negative log-likelihood of the labelled tokens of ``(input_ids, labels)`` examples, and
     their count. Used after training and, on every rank at once (ZeRO-3 gathers weights per
@@ -114,7 +119,7 @@ def evaluate_model(
     return EvalReport(
         model=model_ref or "default",
         loss=loss,
-        perplexity=math.exp(min(loss, 50.0)),
+        perplexity=perplexity(loss),
         tokens=total_tokens,
         examples=len(examples),
         samples=generate_answers(model, tokenizer, list(prompts), max_new_tokens),

@@ -208,7 +208,7 @@ def _write_hf_folder(cfg: SFTConfig, model_dir: str, state_dict: dict[str, Any],
 
 def _periodic_eval(engine, examples: list[tuple[list[int], list[int]]]) -> dict[str, float]:
     """Held-out loss on every rank (each sees all examples, so ZeRO-3's gathers line up)."""
-    from training.evaluate import heldout_nll
+    from training.evaluate import heldout_nll, perplexity
 
     engine.eval()
     try:
@@ -216,7 +216,7 @@ def _periodic_eval(engine, examples: list[tuple[list[int], list[int]]]) -> dict[
     finally:
         engine.train()
     loss = nll / max(tokens, 1)
-    return {"eval_loss": loss, "eval_perplexity": math.exp(min(loss, 50.0))}
+    return {"eval_loss": loss, "eval_perplexity": perplexity(loss)}
 
 
 def train_loop(config: dict[str, Any]) -> None:

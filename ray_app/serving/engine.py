@@ -93,11 +93,10 @@ class _PackedLinear:
 
         self.packed = torch.ops.mkldnn._reorder_linear_weight(module.weight.detach(), batch_hint)
         self.bias = None if module.bias is None else module.bias.detach()
+        self._linear = torch.ops.mkldnn._linear_pointwise  # looked up once: this runs per layer per step
 
     def __call__(self, x):
-        import torch
-
-        return torch.ops.mkldnn._linear_pointwise(x, self.packed, self.bias, "none", [], "")
+        return self._linear(x, self.packed, self.bias, "none", [], "")
 
 
 def prepack_linear_layers(model, batch_hint: int = 8) -> int:
@@ -119,9 +118,9 @@ def prepack_linear_layers(model, batch_hint: int = 8) -> int:
         return 0
     try:
         with torch.inference_mode():
-            probe = linears[0]
+            probe, probed = linears[0], _PackedLinear(linears[0], batch_hint)
             x = torch.randn(3, probe.in_features, dtype=probe.weight.dtype)
-            if not torch.allclose(_PackedLinear(probe, batch_hint)(x), probe(x), rtol=1e-4, atol=1e-4):
+            if not torch.allclose(probed(x), probe(x), rtol=1e-4, atol=1e-4):
                 log.warning("oneDNN linear disagrees with torch's on a probe: keeping torch's")
                 return 0
     except (AttributeError, RuntimeError) as exc:  # an older torch or a build without these ops
@@ -131,7 +130,7 @@ def prepack_linear_layers(model, batch_hint: int = 8) -> int:
             for p in module.parameters(recurse=False)}  # fmt: skip
     with torch.inference_mode():
         for module in linears:
-            module.forward = _PackedLinear(module, batch_hint)
+            module.forward = probed if module is probe else _PackedLinear(module, batch_hint)
             if id(module.weight) not in tied:
                 module.weight = torch.nn.Parameter(module.weight.new_empty(0), requires_grad=False)
     return len(linears)

@@ -2,15 +2,18 @@
 
     .venv/bin/python benchmarks/serve_throughput.py [--model default] [--tokens 128] [--clients 1,4,8,16]
 
-(a) Hugging Face `model.generate` in this process (greedy, the same thread count as the
-replica), (a2) our engine in this process (no HTTP, no Serve), (b) one stream through Ray
-Serve (OpenAI API, SSE): decode tokens/s and time to first token, medians of --repeats rounds
-in which the three take turns (the Serve app is up and idle while (a) and (a2) run). Then
-aggregate tokens/s through Serve with 1/4/8/16 concurrent streaming clients (each sends
---rounds requests); the replica's own counters give the mean batch of its decode steps. One
-replica with all cores, batching as in serve_configs/local.yaml. The loads go 1, 4, 8, 16,
-then 8 and 1 again, and repeats are averaged: this VM's speed drifts by +-20% over minutes.
-Prints a table, writes benchmarks/results/serve_throughput.json and .png. Not run by CI.
+(a) Hugging Face `model.generate` (greedy, the same thread count as the replica), (a2) our
+engine (no HTTP, no Serve), both in one plain Python process of their own, and (b) one stream
+through Ray Serve (OpenAI API, SSE) read by this process: decode tokens/s and time to first
+token, medians of --repeats rounds in which the three take turns, each after a --settle pause
+(the Serve app is up and idle while (a) and (a2) run). The baselines do not run in this
+process: here only the HTTP client runs, so (b) is not measured next to a process that holds
+two more copies of the model and a warm torch thread pool. Then aggregate tokens/s through
+Serve with 1/4/8/16 concurrent streaming clients (each sends --rounds requests); the
+replica's own counters give the mean batch and the mean time of its decode steps. One replica
+with all cores, batching as in serve_configs/local.yaml. The loads go 1, 4, 8, 16, then 8 and
+1 again, and repeats are averaged: this VM's speed drifts by +-20% over minutes. Prints a
+table, writes benchmarks/results/serve_throughput.json and .png. Not run by CI.
 """
 
 from __future__ import annotations
@@ -80,6 +83,20 @@ def engine_runner(model_dir: Path, tokens: int, threads: int) -> Callable[[], tu
     return once
 
 
+def baseline_process(conn, model_dir: str, tokens: int, threads: int) -> None:
+    """Child process: hold (a) and (a2) and answer "a_..." / "a2_..." with one (tokens/s, TTFT s)."""
+    import torch
+
+    torch.set_num_threads(threads)
+    runners = {
+        "a_model_generate_in_process": generate_runner(Path(model_dir), tokens),
+        "a2_engine_in_process": engine_runner(Path(model_dir), tokens, threads),
+    }
+    conn.send(list(runners))
+    while (name := conn.recv()) is not None:
+        conn.send(runners[name]())
+
+
 def stream_once(base_url: str, key: str, model: str, tokens: int) -> tuple[float, float, int, int]:
     """One streamed chat completion: (time to first content, end time, completion tokens, content
     chunks), times from the request's start."""
@@ -118,14 +135,14 @@ def main() -> int:
     parser.add_argument("--model", default="default")
     parser.add_argument("--tokens", type=int, default=128, help="new tokens for the single-stream runs")
     parser.add_argument("--load-tokens", type=int, default=64, help="new tokens per request under load")
-    parser.add_argument("--repeats", type=int, default=5, help="single-stream rounds")
+    parser.add_argument("--repeats", type=int, default=6, help="single-stream rounds")
+    parser.add_argument("--settle", type=float, default=2.0, help="seconds of pause before each single-stream run")
     parser.add_argument("--rounds", type=int, default=2, help="requests per client under load")
     parser.add_argument("--clients", default="1,4,8,16")
     parser.add_argument("--max-batch-size", type=int, default=8)
     args = parser.parse_args()
 
     import ray
-    import torch
     from ray import serve
 
     from ray_app.models import resolve_model
@@ -138,12 +155,24 @@ def main() -> int:
     settings = load_settings(home=home)
     model_dir = resolve_model(None if args.model == "default" else args.model, settings)
     cores = os.cpu_count() or 1
-    torch.set_num_threads(cores)
 
-    single: dict[str, Callable[[], tuple[float, float]]] = {
-        "a_model_generate_in_process": generate_runner(model_dir, args.tokens),
-        "a2_engine_in_process": engine_runner(model_dir, args.tokens, cores),
-    }
+    # (a) and (a2) live in a process of their own; this one only reads HTTP streams.
+    import multiprocessing
+
+    conn, child_conn = multiprocessing.Pipe()
+    child = multiprocessing.get_context("spawn").Process(
+        target=baseline_process, args=(child_conn, str(model_dir), args.tokens, cores), daemon=True
+    )
+    child.start()
+
+    def in_child(name: str) -> Callable[[], tuple[float, float]]:
+        def once() -> tuple[float, float]:
+            conn.send(name)
+            return conn.recv()
+
+        return once
+
+    single: dict[str, Callable[[], tuple[float, float]]] = {name: in_child(name) for name in conn.recv()}
 
     settings.apply_ray_client_env()
     ray.init(num_cpus=cores, include_dashboard=False, runtime_env={"env_vars": settings.worker_env()})
@@ -178,7 +207,10 @@ def main() -> int:
     measured: dict[str, list[tuple[float, float]]] = {name: [] for name in single}
     for _ in range(args.repeats):
         for name, once in single.items():
+            time.sleep(args.settle)
             measured[name].append(once())
+    conn.send(None)
+    child.join(timeout=30)
     results = {
         name: {
             "decode_tokens_per_s": statistics.median(rate for rate, _ in runs),
@@ -208,6 +240,7 @@ def main() -> int:
         steps = after["decode_steps"] - before["decode_steps"]
         return {
             "mean_decode_batch": (after["decode_rows"] - before["decode_rows"]) / max(1, steps),
+            "mean_decode_step_ms": 1000 * (after["decode_seconds"] - before["decode_seconds"]) / max(1, steps),
             "aggregate_tokens_per_s": sum(tokens for tokens, _, _ in outcomes) / wall,
             "median_ttft_s": statistics.median(f for _, fs, _ in outcomes for f in fs),
             "tokens_per_chunk": sum(t for t, _, _ in outcomes) / max(1, sum(c for _, _, c in outcomes)),
@@ -225,23 +258,29 @@ def main() -> int:
     ray.shutdown()
 
     base = results["a_model_generate_in_process"]["decode_tokens_per_s"]
+    pairs = zip(results["a_model_generate_in_process"]["decode_tokens_per_s_runs"],
+                results["b_serve_one_stream"]["decode_tokens_per_s_runs"], strict=True)  # fmt: skip
+    per_round = statistics.median(b / a for a, b in pairs)
     one = load[min(load, key=int)]["aggregate_tokens_per_s"]
     print(f"\nmodel {model_dir.name}, {cores} cores, torch threads {cores}, greedy, {args.tokens} new tokens")
     print(f"{'single stream':<32}{'decode tok/s':>14}{'vs (a)':>9}{'TTFT s':>9}")
     for name, row in results.items():
         ratio = row["decode_tokens_per_s"] / base
         print(f"{name:<32}{row['decode_tokens_per_s']:>14.1f}{ratio:>9.2f}{row['ttft_s']:>9.3f}")
+    print(f"(b)/(a) round by round, median: {per_round:.2f}")
     print(f"\n{'concurrent clients':<20}{'aggregate tok/s':>16}{'vs 1 client':>13}{'median TTFT s':>15}"
-          f"{'tokens/chunk':>14}{'decode batch':>14}")  # fmt: skip
+          f"{'tokens/chunk':>14}{'decode batch':>14}{'step ms':>9}")  # fmt: skip
     for clients, row in load.items():
         ratio = row["aggregate_tokens_per_s"] / one
         print(f"{clients:<20}{row['aggregate_tokens_per_s']:>16.1f}{ratio:>13.2f}{row['median_ttft_s']:>15.3f}"
-              f"{row['tokens_per_chunk']:>14.2f}{row['mean_decode_batch']:>14.2f}")  # fmt: skip
+              f"{row['tokens_per_chunk']:>14.2f}{row['mean_decode_batch']:>14.2f}"
+              f"{row['mean_decode_step_ms']:>9.1f}")  # fmt: skip
 
     out = ROOT / "benchmarks" / "results" / "serve_throughput.json"
     out.parent.mkdir(parents=True, exist_ok=True)
     summary = {
         "b_over_a_single_stream": results["b_serve_one_stream"]["decode_tokens_per_s"] / base,
+        "b_over_a_single_stream_median_of_rounds": per_round,
         "aggregate_8_over_1": load["8"]["aggregate_tokens_per_s"] / one if "8" in load else None,
     }
     out.write_text(json.dumps({"model": model_dir.name, "cores": cores, "tokens": args.tokens,

@@ -6,6 +6,7 @@ from __future__ import annotations
 import concurrent.futures
 import json
 import os
+import queue
 import signal
 import subprocess
 import threading
@@ -158,6 +159,42 @@ def test_requests_joining_a_running_batch_get_the_answers_they_get_alone(sharp_e
     stats = batcher.stats  # each request prefilled once; steps decoded two rows at a time, mostly
     assert stats.prefill_rows == len(requests) and stats.prefills <= len(requests)
     assert stats.decode_steps < stats.decode_rows <= 2 * stats.decode_steps
+    assert stats.decode_seconds > 0 and stats.prefill_seconds > 0
+
+
+def test_batcher_builds_its_engine_on_its_own_thread_and_raises_what_building_raised(tiny_dir, engine):
+    """A server hands the batcher a builder, so that all torch work runs on the decode thread."""
+    built_on = []
+
+    def build() -> TransformersEngine:
+        built_on.append(threading.current_thread())
+        return TransformersEngine(tiny_dir, threads=1)
+
+    batcher = ContinuousBatcher(build, max_batch_size=2, gather_s=0.0)
+    try:
+        assert built_on == [batcher._thread] and isinstance(batcher.engine, TransformersEngine)
+        params = SamplingParams(max_tokens=8, temperature=0)
+        deltas: queue.Queue = queue.Queue()
+        batcher.submit(GenerationRequest(engine.chat_prompt_ids(QUESTION), params), deltas.put)
+        text = ""
+        while True:
+            delta = deltas.get(timeout=60)
+            assert not isinstance(delta, BaseException), delta
+            text += delta.text
+            if delta.finish_reason:
+                break
+        # the same answer as an engine built and run on the test's thread
+        assert (text, delta.finish_reason, delta.completion_tokens) == _run(
+            engine, [GenerationRequest(engine.chat_prompt_ids(QUESTION), params)]
+        )[0]
+    finally:
+        batcher.stop()
+
+    def broken() -> TransformersEngine:
+        raise FileNotFoundError("no model at /nowhere")
+
+    with pytest.raises(FileNotFoundError, match="/nowhere"):
+        ContinuousBatcher(broken)
 
 
 def test_seed_makes_sampling_reproducible_and_stop_strings_cut_the_answer(engine):

@@ -65,19 +65,25 @@ class ChatServer:
         device = args.device if args.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
         threads = args.torch_threads or max(1, int(ray.get_runtime_context().get_assigned_resources().get("CPU", 1)))
         started = time.monotonic()
-        model_dir = resolve_model(served.source, get_settings())
-        self.engine = TransformersEngine(
-            model_dir, device=device, dtype=args.dtype, threads=threads, prepack=args.prepack_weights
-        )
+
+        def build() -> TransformersEngine:
+            # On the batcher's thread, where it decodes: all torch work of this process on one
+            # thread (see ContinuousBatcher). Resolving may convert the default model with torch.
+            model_dir = resolve_model(served.source, get_settings())
+            return TransformersEngine(
+                model_dir, device=device, dtype=args.dtype, threads=threads, prepack=args.prepack_weights
+            )
+
+        self.batcher = ContinuousBatcher(build, args.max_batch_size, gather_s=args.batch_wait_timeout_s)
+        self.engine = self.batcher.engine
         self.context = min(args.max_context or self.engine.context_length, self.engine.context_length)
-        self.batcher = ContinuousBatcher(self.engine, args.max_batch_size, gather_s=args.batch_wait_timeout_s)
         self.headers = {"x-model-version": served.label, "x-mlflow-run-id": served.run_id or ""}
         self._metrics()
         logger.info(
             "serving %s (%s) from %s on %s with %d thread(s), %d prepacked linear layers, loaded in %.1fs",
             served.name,
             served.label,
-            model_dir,
+            self.engine.model_dir,
             device,
             threads,
             self.engine.prepacked,

@@ -67,8 +67,8 @@ class BatchStats:
     decode_rows: int = 0  # summed over steps: decode_rows / decode_steps = mean running batch
     prefills: int = 0
     prefill_rows: int = 0
-    decode_seconds: float = 0.0  # wall time in decode steps: / decode_steps = mean step time
-    prefill_seconds: float = 0.0
+    decode_seconds: float = 0.0  # wall time of completed decode steps: / decode_steps = mean step time
+    prefill_seconds: float = 0.0  # of completed prefills
 
 
 log = logging.getLogger(__name__)
@@ -464,18 +464,15 @@ class ContinuousBatcher:
             for row in rows:
                 row.emit(exc)
             return None
-        finally:
-            self.stats.prefill_seconds += time.perf_counter() - started
+        self.stats.prefill_seconds += time.perf_counter() - started
         return self._after_step(batch)
 
     def _decode(self, batch: _Batch) -> _Batch | None:
         self.stats.decode_steps += 1
         self.stats.decode_rows += len(batch.rows)
         started = time.perf_counter()
-        try:
-            batch = self.engine.decode(batch)
-        finally:
-            self.stats.decode_seconds += time.perf_counter() - started
+        batch = self.engine.decode(batch)
+        self.stats.decode_seconds += time.perf_counter() - started
         return self._after_step(batch)
 
     def _after_step(self, batch: _Batch) -> _Batch | None:

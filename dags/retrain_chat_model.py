@@ -6,7 +6,7 @@ Every step that touches data or models is a Ray job (``RayJobOperator``, connect
 ``ray_default`` = the Ray dashboard URL): the Airflow side needs no torch and no access to the
 store, MLflow or the chat database. Each job prints its result, which becomes the task's XCom:
 
-- export_feedback: thumbs-up answers and ``correction:`` comments since the last training,
+- export_feedback: thumbs-up answers and approved ``correction:`` comments since the last training,
   merged with the recipe's base data into ``<store>/datasets/retrain/<date>/<run>/train.jsonl``;
   the run is skipped (not failed) when there are fewer than ``min_new_examples`` new ones.
 - train: ``python -m training.sft`` with the run's config; registers version N (alias challenger).
@@ -77,6 +77,9 @@ with DAG(
     @task.short_circuit
     def enough_new_data(export: dict) -> bool:
         """Skip the rest of the run (not fail it) when the export found too little new feedback."""
+        review = export.get("review") or {}
+        if review.get("pending"):
+            print(f"{review['pending']} correction(s) wait for a reviewer (`llmops feedback review`); not trained")
         if export.get("skip"):
             print(f"skipping this run: {export.get('reason')}")
             return False

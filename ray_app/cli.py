@@ -26,6 +26,8 @@ app = typer.Typer(
 )
 store_app = typer.Typer(help="Inspect and move directories in the checkpoint/model store.", no_args_is_help=True)
 app.add_typer(store_app, name="store")
+feedback_app = typer.Typer(help="Chat feedback that may become training data.", no_args_is_help=True)
+app.add_typer(feedback_app, name="feedback")
 
 console = Console()
 err_console = Console(stderr=True)
@@ -35,6 +37,7 @@ F = TypeVar("F", bound=Callable[..., object])
 
 
 def _user_errors() -> tuple[type[BaseException], ...]:
+    from ray_app.chat.review import ReviewError
     from ray_app.demo import DemoFailed
     from ray_app.models import ModelResolutionError
     from ray_app.registry import RegistryError
@@ -50,6 +53,7 @@ def _user_errors() -> tuple[type[BaseException], ...]:
         RegistryError,
         ServeError,
         DemoFailed,
+        ReviewError,
         ValueError,
         FileNotFoundError,
     )
@@ -317,6 +321,7 @@ def chat(
     """Run the Chainlit chat (foreground) against the Serve app; history and feedback in SQL."""
     import subprocess
 
+    from ray_app.chat.auth import load_logins
     from ray_app.chat.schema import upgrade_schema
     from ray_app.chat.server import chainlit_command
 
@@ -325,7 +330,7 @@ def chat(
         console.print("\n".join(upgrade_schema(str(current.chat_database_url))) or "chat schema is current")
         return
     argv, env = chainlit_command(current, port)
-    users = ", ".join(current.chat_logins())
+    users = ", ".join(load_logins(current).users)
     console.print(f"chat on http://{current.bind_host}:{port or current.chat_port} (users: {users}), "
                   f"answers from {current.chat_serve_url}")  # fmt: skip
     if not current.chat_users:
@@ -341,6 +346,64 @@ def chat_passwd(user: Annotated[str, typer.Argument(help="login name")]) -> None
 
     password = typer.prompt("password", hide_input=True, confirmation_prompt=True)
     console.print(f"{user}:{hash_password(password)}", highlight=False, soft_wrap=True)
+
+
+def _show_candidate(record, state: str) -> None:
+    from ray_app.chat.review import correction
+
+    console.rule(f"{record.feedback_id}  [{state}]", style="dim")
+    console.print(f"by {record.user or '?'} at {record.answered_at}, answered by {record.model_version or '?'}",
+                  highlight=False)  # fmt: skip
+    for message in record.conversation[-6:]:
+        console.print(f"  {message['role']}: {message['content']}", highlight=False, markup=False)
+    console.print(f"  assistant (rated {'up' if record.value else 'down'}): {record.answer}", highlight=False,
+                  markup=False)  # fmt: skip
+    corrected = correction(record)
+    if corrected is not None:
+        console.print(f"  correction, would train as the answer: {corrected}", highlight=False, markup=False)
+    if record.review:
+        console.print(f"  {record.review.decision} by {record.review.reviewer} at {record.review.decided_at}",
+                      highlight=False)  # fmt: skip
+
+
+@feedback_app.command("review")
+@friendly_errors
+def feedback_review(
+    approve: Annotated[list[str] | None, typer.Option("--approve", help="feedback id (or 6+ char prefix)")] = None,
+    reject: Annotated[list[str] | None, typer.Option("--reject", help="feedback id (or 6+ char prefix)")] = None,
+    reviewer: Annotated[str | None, typer.Option(help="who decides (default: your login name)")] = None,
+    note: Annotated[str | None, typer.Option(help="kept with the decision")] = None,
+    interactive: Annotated[bool, typer.Option("--interactive", "-i", help="ask about each pending item")] = False,
+    show_all: Annotated[bool, typer.Option("--all", help="list every candidate with its state")] = False,
+) -> None:
+    """List the corrections (and ratings) waiting for review; approve or reject them before they train."""
+    import getpass
+
+    from ray_app.chat.review import APPROVED, PENDING, REJECTED, ReviewPolicy, candidates, decide, find
+
+    current = settings()
+    url, policy = str(current.chat_database_url), ReviewPolicy.from_settings(current)
+    who = reviewer or getpass.getuser()
+    records = candidates(url, policy)
+    chosen = [(find(records, key), APPROVED) for key in approve or []] + [
+        (find(records, key), REJECTED) for key in reject or []
+    ]
+    for record, decision in chosen:  # every id resolved before anything is written
+        decide(url, record, decision, who, note)
+        console.print(f"{decision} {record.feedback_id} ({record.user}) as {who}", highlight=False)
+    if chosen:
+        return
+    shown = [record for record in records if show_all or policy.state(record) == PENDING]
+    for record in shown:
+        _show_candidate(record, policy.state(record))
+        if interactive and policy.state(record) == PENDING:
+            answer = typer.prompt("approve, reject or skip? [a/r/s]", default="s").strip().lower()[:1]
+            if answer in ("a", "r"):
+                decision = APPROVED if answer == "a" else REJECTED
+                decide(url, record, decision, who, note)
+                console.print(f"{decision} as {who}")
+    counts = policy.counts(records)
+    console.print(", ".join(f"{count} {state}" for state, count in counts.items()), highlight=False)
 
 
 @app.command()

@@ -18,6 +18,7 @@ from pathlib import Path
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
+from ray_app.chat.auth import load_logins
 from ray_app.settings import Settings
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -222,7 +223,7 @@ def run_demo(settings: Settings, console: Console, fast: bool = False, model: st
 
         experiment_id = client(settings).get_run(result.mlflow_run_id).info.experiment_id
         run_url = f"{settings.mlflow_server_url}/#/experiments/{experiment_id}/runs/{result.mlflow_run_id}"
-        login = ", ".join(settings.chat_logins())
+        login = ", ".join(load_logins(settings).users)
         password = "" if settings.chat_users else f" (password in {settings.chat_admin_password_path})"
         candidate = f"{result.eval_loss:.4f}" if result.eval_loss is not None else "n/a"
         console.print(f"""

@@ -19,6 +19,8 @@ from urllib.parse import urlparse
 from pydantic import AliasChoices, Field, SecretStr, ValidationError, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
+from ray_app.credentials import generated_secret
+
 
 class SettingsError(ValueError):
     """A setting has an invalid value; the message names the field and its variable."""
@@ -107,6 +109,14 @@ class Settings(BaseSettings):
     mlflow_artifacts_destination: str | None = Field(default=None, description="server side; default home or s3")
     mlflow_experiment: str = "ray-llmops"
 
+    # --- what training and serving may load ----------------------------------------------
+    checkpoint_signing_key: SecretStr | None = Field(
+        default=None, description="HMAC key of checkpoint manifests (set on every node); default generated once"
+    )
+    allow_pickle_weights: bool = Field(
+        default=False, description="load model folders holding pickle weights (*.bin) when no safetensors exist"
+    )
+
     # --- Ray -----------------------------------------------------------------------------
     ray_address: str | None = Field(default=None, validation_alias=_env("RAY_ADDRESS", "LLMOPS_RAY_ADDRESS"))
     ray_dashboard_address: str | None = Field(
@@ -154,14 +164,27 @@ class Settings(BaseSettings):
         default=None, description="SQLAlchemy async URL; default sqlite+aiosqlite in home/chat"
     )
     chat_users: Annotated[list[SecretStr], NoDecode] = Field(
-        default_factory=list, description="comma-separated user:password or user:pbkdf2_sha256$... (llmops chat-passwd)"
+        default_factory=list, description="comma-separated user:pbkdf2_sha256$... hashes (llmops chat-passwd)"
     )
+    chat_allowed_origins: Annotated[list[str], NoDecode] = Field(
+        default_factory=list, description="origins the browser may call the chat from; default the chat's own URL"
+    )
+    chat_login_max_failures: int = Field(default=5, ge=1, description="failed logins per user name, then 429")
+    chat_login_window_s: float = Field(default=300.0, gt=0, description="how long a failed login counts")
     chat_auth_secret: SecretStr | None = Field(
         default=None, validation_alias=_env("CHAINLIT_AUTH_SECRET", "LLMOPS_CHAT_AUTH_SECRET")
     )
     chat_serve_url: str | None = Field(default=None, description="OpenAI base URL the chat uses; default Serve's /v1")
     chat_api_key: SecretStr | None = Field(default=None, description="key for chat_serve_url; default the API key")
     chat_timeout_s: float = Field(default=60.0, gt=0, description="per answer; the user sees an error after it")
+
+    # --- what feedback may train (ray_app/chat/review.py) --------------------------------
+    feedback_trusted_users: Annotated[list[str], NoDecode] = Field(
+        default_factory=list, description="chat users whose corrections train without a reviewer's approval"
+    )
+    feedback_review_thumbs_up: bool = Field(
+        default=False, description="thumbs-up answers also wait for approval (corrections always do)"
+    )
 
     # --- retraining (the Airflow DAG dags/retrain_chat_model.py) --------------------------
     retrain_schedule: str | None = Field(
@@ -213,7 +236,7 @@ class Settings(BaseSettings):
             return value
         raise ValueError(f"unsupported MLflow tracking URI {value!r}; expected http(s)://, file:, sqlite: or a DB URL")
 
-    @field_validator("api_keys", "chat_users", mode="before")
+    @field_validator("api_keys", "chat_users", "chat_allowed_origins", "feedback_trusted_users", mode="before")
     @classmethod
     def _split_keys(cls, value: Any) -> Any:
         if isinstance(value, str):
@@ -238,6 +261,11 @@ class Settings(BaseSettings):
             self.model_cache_dir = self.home / "models"
         if self.chat_database_url is None:
             self.chat_database_url = f"sqlite+aiosqlite:///{self.home / 'chat' / 'chat.db'}"
+        if not self.chat_allowed_origins:  # the chat's own origin (a loopback host under both its names)
+            loopback = ("127.0.0.1", "localhost")
+            hosts = loopback if self.bind_host in loopback else (self.bind_host,)
+            self.chat_allowed_origins = [f"http://{host}:{self.chat_port}" for host in hosts]
+        self.chat_allowed_origins = [origin.rstrip("/") for origin in self.chat_allowed_origins]
         if self.chat_serve_url is None:
             self.chat_serve_url = f"http://{self.bind_host}:{self.serve_port}/v1"
         if self.mlflow_tracking_uri is None:
@@ -299,27 +327,17 @@ class Settings(BaseSettings):
         """The inference API keys: the configured ones, else the local generated one (created once)."""
         if self.api_keys:
             return [key.get_secret_value() for key in self.api_keys]
-        return [_generated_secret(self.serve_api_key_path, "sk-llmops-")]
+        return [generated_secret(self.serve_api_key_path, "sk-llmops-")]
 
     def chat_secret(self) -> str:
         """Chainlit's session-signing secret: CHAINLIT_AUTH_SECRET, else one generated once (0600)."""
         if self.chat_auth_secret:
             return self.chat_auth_secret.get_secret_value()
-        return _generated_secret(self.stack_dir / "chat_auth_secret")
-
-    def chat_logins(self) -> dict[str, str]:
-        """user -> password or pbkdf2 hash. Without LLMOPS_CHAT_USERS: user `admin` with a password
-        generated once into the stack dir (mode 0600), so the chat is never open."""
-        logins = {}
-        for entry in self.chat_users:
-            user, sep, secret = entry.get_secret_value().partition(":")
-            if not sep or not user or not secret:
-                raise SettingsError("invalid setting chat_users (LLMOPS_CHAT_USERS): expected user:password entries")
-            logins[user.strip()] = secret.strip()
-        return logins or {"admin": _generated_secret(self.chat_admin_password_path)}
+        return generated_secret(self.stack_dir / "chat_auth_secret")
 
     @property
     def chat_admin_password_path(self) -> Path:
+        """The generated password of chat user ``admin`` when LLMOPS_CHAT_USERS is empty (mode 0600)."""
         return self.stack_dir / "chat_admin_password"
 
     def ray_auth_headers(self) -> dict[str, str]:
@@ -418,22 +436,6 @@ class Settings(BaseSettings):
                 text = _mask_url_password(str(value))
             shown[name] = text
         return shown
-
-
-def _generated_secret(path: Path, prefix: str = "") -> str:
-    """The secret in ``path``, created once with a random value and mode 0600."""
-    import secrets
-
-    if not path.is_file():
-        path.parent.mkdir(parents=True, exist_ok=True)
-        try:
-            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-        except FileExistsError:  # another process wrote it just now
-            pass
-        else:
-            with os.fdopen(fd, "w") as handle:
-                handle.write(prefix + secrets.token_urlsafe(24))
-    return path.read_text().strip()
 
 
 def _mask_url_password(text: str) -> str:

@@ -167,7 +167,7 @@ def test_execution_timeout_stops_the_ray_job(operator_checks, ray_cluster):
 
 
 # --- the retraining DAG ---------------------------------------------------------------------
-def write_feedback(database_url: str, ratings: list[tuple[str, str, int, str | None]]) -> None:
+def write_feedback(database_url: str, ratings: list[tuple[str, str, int, str | None]], author: str = "alice") -> None:
     """Conversations and ratings through Chainlit's SQLAlchemyDataLayer, as the chat stores them."""
 
     async def write() -> None:
@@ -181,14 +181,14 @@ def write_feedback(database_url: str, ratings: list[tuple[str, str, int, str | N
         init_http_context()
         upgrade_schema(database_url)
         layer = SQLAlchemyDataLayer(conninfo=database_url)
-        user = await layer.get_user("alice") or await layer.create_user(cl.User(identifier="alice"))
+        user = await layer.get_user(author) or await layer.create_user(cl.User(identifier=author))
         for question, answer, value, comment in ratings:
             thread, asked, answered = str(uuid.uuid4()), str(uuid.uuid4()), str(uuid.uuid4())
             now = dt.datetime.now(dt.UTC)
             at = [(now + dt.timedelta(milliseconds=ms)).isoformat().replace("+00:00", "Z") for ms in (0, 5)]
             await layer.update_thread(thread, name=question, user_id=user.id)
             common = {"threadId": thread, "streaming": False, "isError": False, "waitForAnswer": False}
-            await layer.create_step({**common, "id": asked, "type": "user_message", "name": "alice",
+            await layer.create_step({**common, "id": asked, "type": "user_message", "name": author,
                                      "output": question, "createdAt": at[0]})  # fmt: skip
             metadata = {"model_version": f"{MODEL}/0", "answer": answer}
             await layer.create_step({**common, "id": answered, "type": "assistant_message", "name": "Assistant",
@@ -227,7 +227,12 @@ def test_retrain_dag_exports_feedback_trains_on_ray_and_promotes_only_a_better_m
         ("Where are checkpoints stored?", "In the S3 store.", 1, "nice"),
         ("Who moves the champion alias?", "Nobody.", 0, "correction: The promote step of the retraining DAG."),
         ("What is MLflow?", "A database.", 0, "wrong"),
+        ("Is Ray fast?", "It depends.", 0, "correction: Always, on every input."),  # never approved
     ])  # fmt: skip
+    from ray_app.chat.review import APPROVED, ReviewPolicy, candidates, decide
+
+    [approved] = [r for r in candidates(chat_db, ReviewPolicy()) if "promote step" in (r.comment or "")]
+    decide(chat_db, approved, APPROVED, "reviewer")
     mlflow = MlflowClient(ray_cluster.mlflow_tracking_uri)
 
     def trigger(date: str, **conf) -> tuple[str, dict[str, str], subprocess.CompletedProcess]:
@@ -240,13 +245,15 @@ def test_retrain_dag_exports_feedback_trains_on_ray_and_promotes_only_a_better_m
     run_id, states, done = trigger("2026-03-01")
     assert set(states.values()) == {"success"}, (states, done.stdout[-4000:], done.stderr[-4000:])
     export = airflow.xcom("retrain_chat_model", run_id, "export_feedback")
-    assert export["new_examples"] == 3 and export["ratings"] == 4, export
+    assert export["new_examples"] == 3 and export["ratings"] == 5, export
+    assert export["review"] == {"pending": 1, "approved": 1, "rejected": 0, "trusted": 0, "unreviewed": 2}, export
     path, filesystem = pyarrow_location(export["dataset_uri"], ray_cluster)
     with filesystem.open_input_stream(path) as stream:
         lines = [json.loads(line) for line in stream.read().decode().splitlines()]
     answers = [record["messages"][-1]["content"] for record in lines]
     assert "Ray Serve serves models over HTTP." in answers and "The promote step of the retraining DAG." in answers
     assert "A database." not in answers and "Nobody." not in answers
+    assert "Always, on every input." not in answers and "It depends." not in answers  # pending: not trained
     assert len(lines) == export["base_examples"] + 3
     train = airflow.xcom("retrain_chat_model", run_id, "train")
     assert train["registered_version"] == "1" and train["data"]["records"] == len(lines), train
@@ -274,30 +281,69 @@ def test_retrain_dag_exports_feedback_trains_on_ray_and_promotes_only_a_better_m
     assert export["new_examples"] == 2 and export["since"] == version.tags["feedback_until"], export
 
 
-def test_export_skips_when_too_little_is_new_and_keeps_only_usable_ratings(tmp_path):
-    """The export step in-process (no Ray, no MLflow): the skip rule and which ratings become examples."""
+def test_export_takes_only_reviewed_or_trusted_corrections_and_skips_when_too_little_is_new(tmp_path):
+    """The export step in-process (no Ray, no MLflow) and `llmops feedback review` on the same database."""
+    import sqlalchemy as sa
+    from typer.testing import CliRunner
+
+    from ray_app.chat.review import PENDING, ReviewPolicy, candidates
+    from ray_app.chat.schema import feedbacks, sync_url
+    from ray_app.cli import app
     from ray_app.orchestration.pipeline import export_feedback
     from ray_app.settings import load_settings
     from ray_app.storage import pyarrow_location
     from training.config import load_config
 
-    settings = load_settings(home=tmp_path / "home", store_uri=str(tmp_path / "store"))
-    write_feedback(str(settings.chat_database_url), [
+    home = tmp_path / "home"
+    settings = load_settings(home=home, store_uri=str(tmp_path / "store"), feedback_trusted_users="trudy")
+    url = str(settings.chat_database_url)
+    write_feedback(url, [
         ("Q1?", "A1.", 1, None), ("Q2?", "A2.", 0, "Correction: B2."), ("Q3?", "A3.", 0, "meh"),
+        ("Q5?", "A5.", 0, "correction: B5."),
     ])  # fmt: skip
+    write_feedback(url, [("Q4?", "A4.", 0, "correction: B4.")], author="trudy")
     cfg = load_config(REPO / "training" / "configs" / "tiny_cpu.yaml").model_copy(update={"registered_model": None})
 
     skipped = export_feedback(cfg, settings, "run-a", "2026-03-04", min_new_examples=3)
-    assert skipped["skip"] is True and skipped["ratings"] == 3 and skipped["new_examples"] == 2, skipped
+    assert skipped["skip"] is True and skipped["ratings"] == 5 and skipped["new_examples"] == 2, skipped
+    assert skipped["review"] == {"pending": 2, "approved": 0, "rejected": 0, "trusted": 1, "unreviewed": 1}
     assert skipped["reason"] == "2 new feedback example(s), fewer than the 3 needed"
     assert not (tmp_path / "store" / "datasets").exists(), "a skipped export writes nothing"
 
-    exported = export_feedback(cfg, settings, "run-b", "2026-03-04", min_new_examples=2)
+    cli = CliRunner(env={"LLMOPS_FEEDBACK_TRUSTED_USERS": "trudy"})
+    listed = cli.invoke(app, ["--home", str(home), "feedback", "review"])
+    assert listed.exit_code == 0 and "B2." in listed.output and "B5." in listed.output, listed.output
+    assert "B4." not in listed.output and "2 pending" in listed.output, listed.output
+    ids = {r.comment: r.feedback_id for r in candidates(url, ReviewPolicy.from_settings(settings), PENDING)}
+    bad = cli.invoke(app, ["--home", str(home), "feedback", "review", "--approve", ids["Correction: B2."],
+                           "--reject", "no-such-id"])  # fmt: skip
+    assert bad.exit_code == 1 and "no-such-id" in bad.output, bad.output
+    assert len(candidates(url, ReviewPolicy.from_settings(settings), PENDING)) == 2, "nothing partial was written"
+    decide = ["--reviewer", "rita", "--approve", ids["Correction: B2."][:8], "--reject", ids["correction: B5."]]
+    decided = cli.invoke(app, ["--home", str(home), "feedback", "review", *decide])
+    assert decided.exit_code == 0 and "approved" in decided.output and "as rita" in decided.output, decided.output
+
+    exported = export_feedback(cfg, settings, "run-b", "2026-03-04", min_new_examples=3)
+    assert exported["review"] == {"pending": 0, "approved": 1, "rejected": 1, "trusted": 1, "unreviewed": 1}
     assert exported["dataset_uri"].endswith("datasets/retrain/2026-03-04/run-b/train.jsonl"), exported
     path, _filesystem = pyarrow_location(exported["dataset_uri"], settings)  # a local store: a plain path
     records = [json.loads(line)["messages"] for line in Path(path).read_text().splitlines()]
-    assert len(records) == exported["base_examples"] + 2
-    assert records[-2:] == [
+    assert len(records) == exported["base_examples"] + 3
+    assert records[-3:] == [
         [{"role": "user", "content": "Q1?"}, {"role": "assistant", "content": "A1."}],
         [{"role": "user", "content": "Q2?"}, {"role": "assistant", "content": "B2."}],
+        [{"role": "user", "content": "Q4?"}, {"role": "assistant", "content": "B4."}],
     ]
+    export_json = json.loads((Path(path).parent / "export.json").read_text())
+    assert export_json["review"]["rejected"] == 1
+
+    # The author edits an approved correction (Chainlit allows it): it waits for review again.
+    engine = sa.create_engine(sync_url(url))
+    with engine.begin() as connection:
+        connection.execute(sa.update(feedbacks).where(feedbacks.c.id == ids["Correction: B2."])
+                           .values(comment="correction: something else"))  # fmt: skip
+    engine.dispose()
+    policy = ReviewPolicy.from_settings(settings.model_copy(update={"feedback_review_thumbs_up": True}))
+    states = {r.comment: policy.state(r) for r in candidates(url, policy)}
+    assert states == {"correction: something else": "pending", "correction: B5.": "rejected",
+                      "correction: B4.": "trusted", None: "pending"}, states  # fmt: skip

@@ -14,7 +14,7 @@ import pytest
 from conftest import free_port, venv_bin, wait_for_port
 from tiny_model import build_tiny_chat_model
 
-from ray_app.chat.auth import hash_password, verify_password
+from ray_app.chat.auth import LoginThrottle, hash_password, verify_password
 from ray_app.chat.feedback import read_feedback
 from ray_app.chat.schema import upgrade_schema
 from ray_app.settings import Settings
@@ -23,6 +23,7 @@ from ray_app.stack import stop_process_group
 REPO = Path(__file__).resolve().parents[1]
 ARTIFACTS = REPO / "test-artifacts"
 USER, PASSWORD = "alice", "correct horse battery staple"
+OTHER, OTHER_PASSWORD = "bob", "tr0ub4dor&3"
 CHROMIUM = "/usr/bin/chromium"
 CHROMIUM_FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
                   "--disable-component-update", "--disable-sync", "--no-first-run"]  # fmt: skip
@@ -34,6 +35,23 @@ def test_password_hashes_verify_only_the_right_password():
     assert verify_password(PASSWORD, stored)
     assert not verify_password("wrong", stored)
     assert not verify_password(PASSWORD, "pbkdf2_sha256$broken")
+    assert not verify_password(PASSWORD, PASSWORD), "a plain text is never a stored password"
+
+
+def test_login_throttle_counts_failures_per_key_in_a_sliding_window():
+    now = [0.0]
+    throttle = LoginThrottle(max_failures=3, window_s=60, clock=lambda: now[0])
+    for second in (0, 10, 20):
+        now[0] = second
+        assert throttle.retry_after(("user:a", 3)) == 0
+        throttle.failed("user:a", "ip:x")
+    assert throttle.retry_after(("user:a", 3)) == 40  # the first failure leaves the window at 60
+    assert throttle.retry_after(("user:b", 3), ("ip:x", 30)) == 0
+    now[0] = 61
+    assert throttle.retry_after(("user:a", 3)) == 0
+    throttle.failed("user:a")
+    throttle.succeeded("user:a")
+    assert throttle.retry_after(("user:a", 1)) == 0
 
 
 def test_schema_upgrade_creates_tables_then_adds_only_missing_columns(tmp_path):
@@ -66,8 +84,13 @@ def chat_serve(ray_cluster: Settings, serve_http_port: int, tmp_path_factory) ->
         shutdown(settings)
 
 
+def chat_users(iterations: int = 1000) -> str:
+    return f"{USER}:{hash_password(PASSWORD, 1000)},{OTHER}:{hash_password(OTHER_PASSWORD, iterations)}"
+
+
 @contextmanager
-def running_chat(serve: Settings, database_url: str, home: Path, serve_url: str | None = None) -> Iterator[str]:
+def running_chat(serve: Settings, database_url: str, home: Path, serve_url: str | None = None,
+                 users: str | None = None) -> Iterator[str]:  # fmt: skip
     port = free_port()
     env = {
         **os.environ,
@@ -75,7 +98,7 @@ def running_chat(serve: Settings, database_url: str, home: Path, serve_url: str 
         "LLMOPS_CHAT_DATABASE_URL": database_url,
         "LLMOPS_CHAT_SERVE_URL": serve_url or f"{serve.serve_url}/v1",
         "LLMOPS_CHAT_API_KEY": serve.serve_api_keys()[0],
-        "LLMOPS_CHAT_USERS": f"{USER}:{hash_password(PASSWORD, iterations=1000)}",
+        "LLMOPS_CHAT_USERS": users or chat_users(),
         "LLMOPS_CHAT_TIMEOUT_S": "20",
     }
     home.mkdir(parents=True, exist_ok=True)
@@ -103,11 +126,11 @@ def browser():
         browser.close()
 
 
-def login(browser, url: str):
-    page = browser.new_page(viewport={"width": 1280, "height": 800})
+def login(browser, url: str, user: str = USER, password: str = PASSWORD):
+    page = browser.new_context(viewport={"width": 1280, "height": 800}).new_page()  # its own cookies
     page.goto(url)
-    page.fill("#email", USER)
-    page.fill("#password", PASSWORD)
+    page.fill("#email", user)
+    page.fill("#password", password)
     page.click("button[type=submit]")
     page.wait_for_selector("#chat-input", timeout=30_000)
     return page
@@ -180,13 +203,51 @@ def test_login_stream_an_answer_rate_it_and_find_the_thread_after_a_restart(
         assert row.model_version == "tiny-chat-model"
         assert row.conversation == [{"role": "user", "content": "What is the capital of France?"}]
         assert row.answer and "answered by" not in row.answer
-        page.close()
+        another_user_cannot_touch_the_thread(browser, url, database_url, row, page)
+        page.context.close()
 
     with running_chat(chat_serve, database_url, tmp_path / "home") as url:  # a restarted chat server
         page = login(browser, url)
         page.get_by_text("What is the capital of France?").first.click(timeout=30_000)
         last_answer(page, "answered by")
-        page.close()
+        page.context.close()
+
+
+def feedback_rows(database_url: str) -> list[tuple]:
+    import sqlalchemy as sa
+
+    from ray_app.chat.schema import feedbacks, sync_url
+
+    engine = sa.create_engine(sync_url(database_url))
+    try:
+        with engine.connect() as connection:
+            columns = (feedbacks.c.id, feedbacks.c.forId, feedbacks.c.threadId, feedbacks.c.value, feedbacks.c.comment)
+            return [tuple(row) for row in connection.execute(sa.select(*columns).order_by(feedbacks.c.id))]
+    finally:
+        engine.dispose()
+
+
+def another_user_cannot_touch_the_thread(browser, url: str, database_url: str, row, owner_page) -> None:
+    """A second user, logged in in their own browser context, calls the chat's API on the first's thread."""
+    [(feedback_id, for_id, thread_id, _value, _comment)] = before = feedback_rows(database_url)
+    intruder = login(browser, url, OTHER, OTHER_PASSWORD)
+    api = intruder.request
+    assert api.get(f"{url}/project/thread/{thread_id}").status == 403
+    planted = {"forId": for_id, "threadId": thread_id, "value": 0, "comment": "correction: planted"}
+    for feedback in (planted, {**planted, "id": feedback_id}, {**planted, "threadId": "elsewhere"}):
+        response = api.put(f"{url}/feedback", data={"feedback": feedback, "sessionId": "s"})
+        assert response.status == 403, (feedback, response.status, response.text())
+    assert api.delete(f"{url}/feedback", data={"feedbackId": feedback_id}).status == 403
+    listed = api.post(f"{url}/project/threads", data={"pagination": {"first": 20}, "filter": {}})
+    assert listed.ok and thread_id not in listed.text()
+    assert feedback_rows(database_url) == before, "nothing the second user sent was stored"
+    intruder.context.close()
+
+    # The author still rates their own answer through the same (guarded) route, and only on its thread.
+    mine = {"id": feedback_id, "forId": for_id, "threadId": "elsewhere", "value": 0, "comment": "correction: Paris."}
+    assert owner_page.request.put(f"{url}/feedback", data={"feedback": mine, "sessionId": "s"}).ok
+    assert feedback_rows(database_url) == [(feedback_id, for_id, thread_id, 0, "correction: Paris.")]
+    assert read_feedback(database_url)[0].step_id == row.step_id
 
 
 def test_with_serve_unreachable_the_page_shows_an_error_and_no_traceback(browser, chat_serve, tmp_path):
@@ -198,4 +259,83 @@ def test_with_serve_unreachable_the_page_shows_an_error_and_no_traceback(browser
         page.get_by_role("button", name="Retry").last.wait_for(timeout=60_000)
         body = page.locator("body").inner_text()
         assert "is not answering" in body and "Traceback" not in body and dead.removesuffix("/v1") in body
-        page.close()
+        page.context.close()
+
+
+def test_logins_take_hashes_only_cost_the_same_for_unknown_names_are_throttled_and_same_origin(chat_serve, tmp_path):
+    import statistics
+
+    import httpx
+
+    plain = {**os.environ, "LLMOPS_HOME": str(tmp_path / "plain"), "LLMOPS_CHAT_USERS": f"{chat_users()},carol:hunter2"}
+    refused = subprocess.run([venv_bin("llmops"), "chat", "--port", str(free_port())], env=plain,
+                             capture_output=True, text=True, timeout=120)  # fmt: skip
+    assert refused.returncode == 1 and "'carol'" in refused.stderr and "plain passwords" in refused.stderr
+    assert "hunter2" not in refused.stdout + refused.stderr
+
+    # bob's hash is costly (~0.1 s here): an unknown name answering at once would show it does not exist.
+    database = f"sqlite+aiosqlite:///{tmp_path / 'chat.db'}"
+    with running_chat(chat_serve, database, tmp_path / "home", users=chat_users(iterations=200_000)) as url:
+        http = httpx.Client(base_url=url, timeout=30)
+
+        def attempt(user: str, password: str, origin: str | None = None) -> httpx.Response:
+            headers = {"Origin": origin} if origin else {}
+            return http.post("/login", data={"username": user, "password": password}, headers=headers)
+
+        timings: dict[str, list[float]] = {"unknown": [], "wrong": []}
+        for _ in range(3):
+            for kind, user in (("unknown", "mallory"), ("wrong", OTHER)):
+                started = time.perf_counter()
+                assert attempt(user, "not-it").status_code == 401
+                timings[kind].append(time.perf_counter() - started)
+        unknown, wrong = (statistics.median(timings[kind]) for kind in ("unknown", "wrong"))
+        assert 0.5 < unknown / wrong < 2.0, timings
+
+        statuses = [attempt(USER, f"guess-{i}").status_code for i in range(10)]
+        assert statuses[0] == 401 and statuses[-1] == 429 and set(statuses) == {401, 429}, statuses
+        limited = attempt(USER, PASSWORD)  # locked out for the window, even with the right password
+        assert limited.status_code == 429 and int(limited.headers["retry-after"]) > 0, limited.headers
+        assert "too many failed logins" in limited.json()["detail"]
+        assert attempt(OTHER, OTHER_PASSWORD).status_code == 200  # another name is not locked out
+
+        assert attempt(OTHER, OTHER_PASSWORD, origin=url).status_code == 200
+        assert attempt(OTHER, OTHER_PASSWORD, origin="http://evil.example").status_code == 403
+        preflight = http.options("/feedback", headers={"Origin": "http://evil.example",
+                                                       "Access-Control-Request-Method": "PUT"})  # fmt: skip
+        assert preflight.status_code == 403 and "access-control-allow-origin" not in preflight.headers
+
+
+GUARD_PIN = """
+import json
+from chainlit.server import app, router
+from fastapi.routing import APIRoute
+from ray_app.chat import guard
+from ray_app.settings import load_settings
+
+def served(routes):
+    return {(method, route.path): route.endpoint.__module__
+            for route in routes if isinstance(route, APIRoute) for method in route.methods}
+
+chainlit_routes = served(router.routes)
+guard.install(app, load_settings())
+ahead = []  # the app's own routes before the first included router or mount: matched first
+for route in app.router.routes:
+    if not isinstance(route, APIRoute):
+        break
+    ahead.append(route)
+print(json.dumps({"chainlit": [chainlit_routes.get(key) for key in guard.SHADOWED],
+                  "first": [served(ahead).get(key) for key in guard.SHADOWED]}))
+"""
+
+
+def test_guard_shadows_the_chainlit_routes_it_replaces(tmp_path):
+    """Pins the one module that reaches into Chainlit's server to the installed Chainlit."""
+    import json
+
+    env = {**os.environ, "CHAINLIT_APP_ROOT": str(tmp_path), "LLMOPS_HOME": str(tmp_path / "home")}
+    done = subprocess.run([venv_bin("python"), "-c", GUARD_PIN], env=env, cwd=tmp_path, capture_output=True,
+                          text=True, timeout=120)  # fmt: skip
+    assert done.returncode == 0, done.stderr[-3000:]
+    routes = json.loads(done.stdout.strip().splitlines()[-1])
+    assert routes["chainlit"] == ["chainlit.server"] * 3, "Chainlit no longer serves a route the guard replaces"
+    assert routes["first"] == ["ray_app.chat.guard"] * 3, routes

@@ -1,7 +1,9 @@
 """The Chainlit chat (`llmops chat`): answers stream from the Serve app's OpenAI API.
 
-- Login: Chainlit password auth against LLMOPS_CHAT_USERS (pbkdf2 hashes or passwords);
-  without it, user `admin` with a generated password (`$LLMOPS_HOME/stack/chat_admin_password`).
+- Login: Chainlit password auth against LLMOPS_CHAT_USERS (pbkdf2 hashes only); without it,
+  user `admin` with a generated password (`$LLMOPS_HOME/stack/chat_admin_password`). Failed
+  logins are throttled (429), other origins refused, and feedback may only be written by the
+  thread's author (`ray_app.chat.guard`).
 - History: Chainlit's SQLAlchemy data layer on SQLite (default) or PostgreSQL; the schema is
   ours (`ray_app.chat.schema`) and is created/upgraded when the chat starts.
 - Each answer records the model version that produced it (step metadata) and shows it
@@ -12,15 +14,19 @@
 
 from __future__ import annotations
 
+import asyncio
 import re
 
 import chainlit as cl
 import httpx
+from chainlit.config import config as chainlit_config
 from chainlit.data.sql_alchemy import SQLAlchemyDataLayer
 from chainlit.input_widget import Select, Slider, TextInput
+from chainlit.server import app as chainlit_app
 from openai import APIConnectionError, APIStatusError, APITimeoutError, AsyncOpenAI
 
-from ray_app.chat.auth import verify_password
+from ray_app.chat import guard
+from ray_app.chat.auth import load_logins
 from ray_app.chat.schema import upgrade_schema
 from ray_app.settings import get_settings
 
@@ -33,7 +39,10 @@ FOOTER = re.compile(r"\n\n\*answered by [^*]+\*$")
 # English); the server still checks exactly and we drop more turns if it says no.
 CHARS_PER_TOKEN = 3
 
+LOGINS = load_logins(SETTINGS)
+
 upgrade_schema(str(SETTINGS.chat_database_url))
+guard.install(chainlit_app, SETTINGS, root_path=chainlit_config.run.root_path or "")
 client = AsyncOpenAI(base_url=SERVE_URL, api_key=API_KEY, timeout=SETTINGS.chat_timeout_s, max_retries=1)
 
 
@@ -43,9 +52,9 @@ def data_layer() -> SQLAlchemyDataLayer:
 
 
 @cl.password_auth_callback
-def login(username: str, password: str) -> cl.User | None:
-    stored = SETTINGS.chat_logins().get(username)
-    if stored is not None and verify_password(password, stored):
+async def login(username: str, password: str) -> cl.User | None:
+    # PBKDF2 releases the GIL: hashing on a thread keeps the event loop (other users' streams) going.
+    if await asyncio.to_thread(LOGINS.check, username, password):
         return cl.User(identifier=username, metadata={"provider": "credentials"})
     return None
 

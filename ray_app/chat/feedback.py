@@ -13,9 +13,20 @@ from dataclasses import dataclass, field
 
 import sqlalchemy as sa
 
-from ray_app.chat.schema import feedbacks, steps, sync_url, threads
+from ray_app.chat.schema import feedback_reviews, feedbacks, steps, sync_url, threads, upgrade_schema
 
 USER_STEP, ASSISTANT_STEP = "user_message", "assistant_message"
+
+
+@dataclass(frozen=True)
+class Review:
+    """A reviewer's decision on a rating (``approved`` or ``rejected``) and what it covered."""
+
+    decision: str
+    reviewer: str
+    decided_at: str
+    digest: str
+    note: str | None = None
 
 
 @dataclass(frozen=True)
@@ -32,6 +43,7 @@ class FeedbackRecord:
     answered_at: str | None
     user: str | None
     conversation: list[dict[str, str]] = field(default_factory=list)  # the messages before the answer
+    review: Review | None = None  # the last reviewer decision, if any (ray_app.chat.review)
 
     def as_training_example(self, system_prompt: str | None = None) -> dict:
         """``{"messages": [...]}`` in the chat format the SFT recipe reads, ending with this answer."""
@@ -50,13 +62,17 @@ def _metadata(raw) -> dict:
 
 def read_feedback(database_url: str, since: str | None = None, value: int | None = None) -> list[FeedbackRecord]:
     """Every feedback row (or those with ``value``) on answers created after ``since`` (ISO time)."""
+    upgrade_schema(database_url)  # a database the chat has not opened since an upgrade lacks the reviews table
     engine = sa.create_engine(sync_url(database_url))
     try:
         with engine.connect() as connection:
+            reviews = feedback_reviews.c
             query = (
                 sa.select(feedbacks.c.id, feedbacks.c.threadId, feedbacks.c.forId, feedbacks.c.value,
-                          feedbacks.c.comment, threads.c.userIdentifier)
+                          feedbacks.c.comment, threads.c.userIdentifier, reviews.decision, reviews.reviewer,
+                          reviews.decidedAt, reviews.digest, reviews.note)
                 .join(threads, threads.c.id == feedbacks.c.threadId)
+                .outerjoin(feedback_reviews, reviews.feedbackId == feedbacks.c.id)
             )  # fmt: skip
             if value is not None:
                 query = query.where(feedbacks.c.value == value)
@@ -73,6 +89,8 @@ def read_feedback(database_url: str, since: str | None = None, value: int | None
                         answer=meta.get("answer", answer.output or ""), answered_at=answer.createdAt,
                         user=row.userIdentifier,
                         conversation=_conversation(connection, row.threadId, answer.createdAt),
+                        review=Review(row.decision, row.reviewer, row.decidedAt, row.digest, row.note)
+                        if row.decision else None,
                     )
                 )  # fmt: skip
             return sorted(records, key=lambda record: record.answered_at or "")

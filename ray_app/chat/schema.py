@@ -104,6 +104,19 @@ feedbacks = sa.Table(
     sa.Index("ix_feedbacks_thread", "threadId"),
 )
 
+# Ours, not Chainlit's: a reviewer's decision on a rating that would become training data
+# (ray_app.chat.review). ``digest`` is what was reviewed; an edited rating is pending again.
+feedback_reviews = sa.Table(
+    "feedback_reviews",
+    metadata,
+    _id("feedbackId", primary_key=True),
+    sa.Column("decision", sa.Text, nullable=False),
+    sa.Column("reviewer", sa.Text, nullable=False),
+    sa.Column("decidedAt", sa.Text, nullable=False),
+    sa.Column("digest", sa.Text, nullable=False),
+    sa.Column("note", sa.Text),
+)
+
 
 def sync_url(url: str) -> str:
     """The same database through a synchronous driver (schema upgrades, the feedback reader)."""

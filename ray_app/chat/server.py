@@ -8,11 +8,13 @@ import os
 import sys
 from pathlib import Path
 
+from ray_app.chat.auth import load_logins
 from ray_app.settings import Settings
 
 
 def chainlit_command(settings: Settings, port: int | None = None) -> tuple[list[str], dict[str, str]]:
     """argv and environment that run the chat app for ``settings`` on ``port`` (default chat_port)."""
+    load_logins(settings)  # a plain password or a malformed entry stops here, before anything starts
     app_file = importlib.util.find_spec("ray_app.chat.app").origin  # found, not imported: importing starts it
     root = settings.home / "chat"
     root.mkdir(parents=True, exist_ok=True)

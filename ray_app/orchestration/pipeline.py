@@ -13,11 +13,12 @@ returns as the task's XCom.
 
 **Which feedback becomes training data**: a thumbs-up answer, with the conversation before it;
 and a thumbs-down answer whose comment starts with ``correction:`` - the text after the
-prefix replaces the answer. Other comments are kept out (a complaint is not an answer).
+prefix replaces the answer - once a reviewer approved it or its author is trusted (the policy
+is ``ray_app.chat.review``). Other comments are kept out (a complaint is not an answer).
 
-**"New" feedback** is feedback answered after the newest ``feedback_until`` tag among the
-registered model's versions: each trained version records up to when its data reached, so
-a rejected candidate does not make the next run retrain on nothing new.
+**"New" feedback** is feedback answered (or approved) after the newest ``feedback_until`` tag
+among the registered model's versions: each trained version records up to when its data
+reached, so a rejected candidate does not make the next run retrain on nothing new.
 """
 
 from __future__ import annotations
@@ -33,7 +34,6 @@ from typing import Any
 from ray_app.orchestration.ray_jobs import emit_result
 from ray_app.settings import Settings, get_settings
 
-CORRECTION_PREFIX = "correction:"
 FEEDBACK_UNTIL_TAG = "feedback_until"
 
 
@@ -42,19 +42,11 @@ class PipelineError(RuntimeError):
 
 
 # --- export_feedback ------------------------------------------------------------------------
-def feedback_examples(records) -> list[tuple[str, dict]]:
-    """(answered_at, training example) for each usable rating: thumbs up, or thumbs down with a correction."""
-    examples = []
-    for record in records:
-        if record.value == 1:
-            examples.append((record.answered_at or "", record.as_training_example()))
-            continue
-        comment = (record.comment or "").strip()
-        if comment.lower().startswith(CORRECTION_PREFIX) and comment[len(CORRECTION_PREFIX) :].strip():
-            corrected = comment[len(CORRECTION_PREFIX) :].strip()
-            messages = [*record.conversation, {"role": "assistant", "content": corrected}]
-            examples.append((record.answered_at or "", {"messages": messages}))
-    return examples
+def feedback_examples(records, policy) -> list[tuple[str, dict]]:
+    """(ready_at, training example) for each rating the review ``policy`` lets train."""
+    from ray_app.chat.review import ready_at, training_example
+
+    return [(ready_at(record), training_example(record)) for record in records if policy.trains(record)]
 
 
 def feedback_watermark(name: str | None, settings: Settings) -> str | None:
@@ -76,16 +68,18 @@ def feedback_watermark(name: str | None, settings: Settings) -> str | None:
 def export_feedback(cfg, settings: Settings, run_key: str, date: str, min_new_examples: int) -> dict[str, Any]:
     """Write base data + every usable feedback example to ``datasets/retrain/DATE/RUN_KEY/`` in the store."""
     from ray_app.chat.feedback import read_feedback
+    from ray_app.chat.review import ReviewPolicy
     from ray_app.storage import open_store
     from training.data import read_records
 
     records = read_feedback(settings.chat_database_url)
-    examples = feedback_examples(records)
+    policy = ReviewPolicy.from_settings(settings)
+    examples = feedback_examples(records, policy)
     watermark = feedback_watermark(cfg.registered_model, settings)
-    new = [example for answered_at, example in examples if watermark is None or answered_at > watermark]
+    new = [example for ready, example in examples if watermark is None or ready > watermark]
     summary: dict[str, Any] = {
         "ratings": len(records), "feedback_examples": len(examples), "new_examples": len(new),
-        "since": watermark, "min_new_examples": min_new_examples,
+        "since": watermark, "min_new_examples": min_new_examples, "review": policy.counts(records),
     }  # fmt: skip
     if len(new) < min_new_examples:
         since = f" since {watermark}" if watermark else ""

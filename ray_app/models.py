@@ -190,12 +190,38 @@ def _resolve_hub(ref: str, cache_dir: Path) -> Path:
         ) from exc
 
 
-def resolve_model(ref: str | None = None, settings: Settings | None = None) -> Path:
-    """A local Hugging Face folder for ``ref`` (see the module docstring for the forms).
+PICKLE_WEIGHTS = ("*.bin", "*.pt", "*.pth", "*.pkl", "*.ckpt")
 
-    Raises ModelResolutionError naming the accepted forms when ``ref`` fits none of them.
+
+def require_safe_weights(folder: Path, settings: Settings) -> Path:
+    """``folder`` if its weights are safetensors; pickle-only weights need ``allow_pickle_weights``.
+
+    Unpickling a ``*.bin`` runs whatever code it names, and model folders come from stores and
+    registries other people can write to. (With safetensors present, transformers loads those.)
+    """
+    if any(folder.glob("*.safetensors")):
+        return folder
+    pickled = sorted(path.name for pattern in PICKLE_WEIGHTS for path in folder.glob(pattern))
+    if pickled and not settings.allow_pickle_weights:
+        raise ModelResolutionError(
+            f"{folder} holds pickle weights ({', '.join(pickled[:3])}) and no safetensors; loading them could run "
+            "code. Convert them to safetensors, or set allow_pickle_weights (LLMOPS_ALLOW_PICKLE_WEIGHTS=true) "
+            "if you trust where they come from"
+        )
+    return folder
+
+
+def resolve_model(ref: str | None = None, settings: Settings | None = None) -> Path:
+    """A local Hugging Face folder for ``ref`` (see the module docstring for the forms) with safe weights.
+
+    Raises ModelResolutionError naming the accepted forms when ``ref`` fits none of them, and
+    when the folder's only weights are pickles (see :func:`require_safe_weights`).
     """
     settings = settings or get_settings()
+    return require_safe_weights(_resolve(ref, settings), settings)
+
+
+def _resolve(ref: str | None, settings: Settings) -> Path:
     cache_dir = settings.model_cache_dir
     assert cache_dir is not None  # filled by the settings validator
     if ref is None or ref.strip().lower() in DEFAULT_MODEL_ALIASES:

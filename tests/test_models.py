@@ -105,3 +105,13 @@ def test_default_model_resolves_offline_and_answers_paris(tmp_path_factory):
         output = model.generate(**prompt, max_new_tokens=16, do_sample=False)
     answer = tokenizer.decode(output[0, prompt["input_ids"].shape[1] :], skip_special_tokens=True)
     assert "Paris" in answer, answer
+
+
+def test_a_folder_with_only_pickle_weights_is_refused_unless_allowed(tmp_path):
+    folder = save_tiny_llama(tmp_path / "tiny")
+    for weights in folder.glob("*.safetensors"):
+        weights.unlink()
+    (folder / "pytorch_model.bin").write_bytes(b"not even read")
+    with pytest.raises(ModelResolutionError, match=r"pickle weights \(pytorch_model.bin\).*LLMOPS_ALLOW_PICKLE"):
+        resolve_model(str(folder), load_settings(home=tmp_path))
+    assert resolve_model(str(folder), load_settings(home=tmp_path, allow_pickle_weights=True)) == folder

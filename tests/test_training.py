@@ -359,3 +359,59 @@ def test_search_spec_errors_are_clear():
         parse_search(["learning_rate=between(1,2)"])
     with pytest.raises(ConfigError, match="takes two bounds"):
         parse_search(["learning_rate=loguniform(1e-5)"])
+
+
+def test_signed_checkpoint_refuses_a_planted_pickle_an_unlisted_file_and_a_tampered_manifest(tmp_path):
+    """What resume checks before DeepSpeed unpickles a checkpoint (the resume test loads a signed one)."""
+    import os
+    import pickle
+    import shutil
+
+    import torch
+
+    from training.signing import CheckpointRejected, sign, verify
+
+    key, merged = b"k" * 32, tmp_path / "merged"
+    for rank in (0, 1):  # each rank signs its own folder; Ray Train merges them into one checkpoint
+        folder = tmp_path / f"rank{rank}"
+        (folder / "ds").mkdir(parents=True)
+        torch.save({"weights": torch.ones(3) * rank}, folder / "ds" / f"zero_pp_rank_{rank}_model_states.pt")
+        (folder / "trainer_state.json").write_text(json.dumps({"global_step": 10}))
+        sign(folder, key, rank)
+        shutil.copytree(folder, merged, dirs_exist_ok=True)
+    assert verify(merged, key) == 3
+
+    marker = tmp_path / "planted-code-ran"
+
+    class Payload:
+        def __reduce__(self):
+            return (os.system, (f"touch {marker}",))
+
+    def refused(folder: Path, match: str, with_key: bytes = key) -> None:
+        with pytest.raises(CheckpointRejected, match=match):
+            verify(folder, with_key)
+        assert not marker.exists(), "the planted code ran"
+
+    refused(merged, "bad signature", with_key=b"another key")
+    planted = tmp_path / "planted"
+    shutil.copytree(merged, planted)
+    shard = planted / "ds" / "zero_pp_rank_0_model_states.pt"
+    shard.write_bytes(pickle.dumps(Payload()))
+    refused(planted, "zero_pp_rank_0_model_states.pt in checkpoint .* was modified after it was signed")
+
+    # Re-signing the planted shard's digest into the manifest breaks the manifest's signature instead.
+    import hashlib
+
+    manifest_path = planted / "_signed_manifest.rank0.json"
+    manifest = json.loads(manifest_path.read_text())
+    manifest["files"]["ds/zero_pp_rank_0_model_states.pt"] = hashlib.sha256(shard.read_bytes()).hexdigest()
+    manifest_path.write_text(json.dumps(manifest))
+    refused(planted, "_signed_manifest.rank0.json .* has a bad signature")
+
+    extra = tmp_path / "extra"
+    shutil.copytree(merged, extra)
+    (extra / "ds" / "optim_states.pt").write_bytes(pickle.dumps(Payload()))
+    refused(extra, r"files no signed manifest lists: \['ds/optim_states.pt'\]")
+    for manifest_path in extra.glob("_signed_manifest*"):
+        manifest_path.unlink()
+    refused(extra, "has no signed manifest")

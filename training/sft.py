@@ -27,6 +27,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
+from training import signing
 from training.config import SFTConfig, load_config
 
 TRAINER_STATE = "trainer_state.json"
@@ -159,14 +160,15 @@ class _Tracker:
             self.wandb_run.finish()
 
 
-def _save_checkpoint(engine, state: dict[str, Any], metrics: dict[str, float], rank: int) -> None:
-    """Every rank saves its DeepSpeed shard into one folder; Ray Train merges and uploads them."""
+def _save_checkpoint(engine, state: dict[str, Any], metrics: dict[str, float], rank: int, key: bytes) -> None:
+    """Every rank saves its DeepSpeed shard and signs it; Ray Train merges the folders and uploads them."""
     import ray.train
 
     with tempfile.TemporaryDirectory() as folder:
         engine.save_checkpoint(folder, tag=DS_TAG, client_state={"trainer_state": state})
         if rank == 0:
             Path(folder, TRAINER_STATE).write_text(json.dumps(state))
+        signing.sign(Path(folder), key, rank)
         ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(folder))
 
 
@@ -254,10 +256,14 @@ def train_loop(config: dict[str, Any]) -> None:
     if world == 1:
         engine.enable_backward_allreduce = False  # one rank: the gradients are already the average
 
+    from ray_app.settings import load_settings
+
+    key = signing.signing_key(load_settings())
     state = {"global_step": 0, "epoch": 0, "batch_in_epoch": 0, "mlflow_run_id": config["mlflow_run_id"]}
     checkpoint = ray.train.get_checkpoint()
     if checkpoint is not None:
         with checkpoint.as_directory() as folder:
+            signing.verify(Path(folder), key)  # before DeepSpeed unpickles anything from the store
             engine.load_checkpoint(folder, tag=DS_TAG)
             state = json.loads(Path(folder, TRAINER_STATE).read_text())
     resumed_from = state["global_step"]
@@ -308,7 +314,7 @@ def train_loop(config: dict[str, Any]) -> None:
             window_loss, window_tokens, window_start = 0.0, 0, time.perf_counter()
             if step % cfg.checkpoint_every == 0 or step >= total_steps:
                 state = {**state, "global_step": step, "epoch": epoch, "batch_in_epoch": batch_in_epoch}
-                _save_checkpoint(engine, state, {"global_step": step, **last_metrics}, rank)
+                _save_checkpoint(engine, state, {"global_step": step, **last_metrics}, rank, key)
             if step >= total_steps:
                 done = True
                 break
@@ -322,7 +328,6 @@ def train_loop(config: dict[str, Any]) -> None:
     del _keep_alive
     unset_hf_deepspeed_config()
     if rank == 0:
-        from ray_app.settings import load_settings
         from ray_app.storage import open_store
 
         store = open_store(settings=load_settings())

@@ -18,6 +18,7 @@ from pathlib import Path
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
+from ray_app import credentials
 from ray_app.chat.auth import load_logins
 from ray_app.settings import Settings
 
@@ -165,6 +166,7 @@ def run_demo(settings: Settings, console: Console, fast: bool = False, model: st
         logging.getLogger("ray.data").setLevel(logging.WARNING)  # the bar says enough; Ray's log has the rest
         if not ray.is_initialized():
             settings.apply_ray_client_env()
+            credentials.export_to_this_process(settings)
             env = settings.worker_env() | {"DS_ACCELERATOR": "cuda" if cfg.use_gpu else "cpu"}
             ray.init(address=settings.ray_address, runtime_env={"env_vars": env}, log_to_driver=False,
                      logging_level=logging.WARNING)  # fmt: skip

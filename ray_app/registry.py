@@ -11,6 +11,7 @@ import os
 import re
 from dataclasses import dataclass
 
+from ray_app.credentials import node_env
 from ray_app.settings import Settings, get_settings
 
 _MODELS_URI = re.compile(r"^models:/(?P<name>[^/@]+)(?:@(?P<alias>[\w-]+)|/(?P<version>\d+))$")
@@ -36,7 +37,7 @@ def configure_tracking(settings: Settings | None = None) -> str:
     import mlflow
 
     settings = settings or get_settings()
-    for key, value in settings.worker_env().items():
+    for key, value in node_env(settings).items():  # this process's own clients (mlflow, boto3)
         if key.startswith(("MLFLOW_", "AWS_")):
             os.environ[key] = value
     mlflow.set_tracking_uri(settings.mlflow_tracking_uri)

@@ -395,10 +395,12 @@ class Settings(BaseSettings):
         return access, secret
 
     def worker_env(self) -> dict[str, str]:
-        """Environment for Ray workers, jobs and servers, under the ecosystem's standard names.
+        """Endpoints and paths for Ray workers, jobs and servers, under the ecosystem's standard names.
 
         Ray workers do not inherit the driver's settings object; pass this through
-        ``runtime_env={"env_vars": ...}`` so they log and store where the driver does.
+        ``runtime_env={"env_vars": ...}`` so they log and store where the driver does. It holds
+        no secret: runtime envs show in the dashboard, the Jobs and State APIs and Ray's logs.
+        Credentials reach workers through their node's environment (``credentials.node_env``).
         """
         env = {
             "LLMOPS_HOME": str(self.home),
@@ -412,13 +414,6 @@ class Settings(BaseSettings):
         if self.s3_endpoint_url:
             env["MLFLOW_S3_ENDPOINT_URL"] = self.s3_endpoint_url
             env["AWS_ENDPOINT_URL"] = self.s3_endpoint_url
-        access, secret = self.s3_credentials()
-        if access:
-            env["AWS_ACCESS_KEY_ID"] = access
-        if secret:
-            env["AWS_SECRET_ACCESS_KEY"] = secret
-        if self.wandb_api_key:
-            env["WANDB_API_KEY"] = self.wandb_api_key.get_secret_value()
         return env
 
     def redacted(self) -> dict[str, str]:

@@ -20,6 +20,7 @@ from collections.abc import Callable, Iterable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+from ray_app.credentials import node_env
 from ray_app.settings import Settings
 
 SERVICES = ("ray", "mlflow")
@@ -131,7 +132,7 @@ def ray_spec(settings: Settings) -> ServiceSpec:
     if settings.ray_object_store_memory_mb:
         command.append(f"--object-store-memory={settings.ray_object_store_memory_mb * 1024 * 1024}")
     env = (
-        settings.worker_env()
+        node_env(settings)  # credentials in the node's environment: its workers and jobs inherit them
         | settings.ray_client_env()
         | {
             # Jobs run their entrypoint with the `python` on the head's PATH: make it this venv's.
@@ -162,7 +163,6 @@ def mlflow_spec(settings: Settings) -> ServiceSpec:
         _bin("mlflow"), "server",
         "--host", settings.bind_host,
         "--port", str(settings.mlflow_port),
-        "--backend-store-uri", backend,
         "--artifacts-destination", artifacts,
         "--serve-artifacts",
         "--workers", "1",
@@ -173,7 +173,8 @@ def mlflow_spec(settings: Settings) -> ServiceSpec:
         ports={"http": settings.mlflow_port},
         url=settings.mlflow_server_url,
         health_url=f"{settings.mlflow_server_url}/health",
-        env=settings.worker_env(),
+        # The backend URI may hold the database password: the environment, not the command line.
+        env=node_env(settings) | {"MLFLOW_BACKEND_STORE_URI": backend},
     )
 
 

@@ -28,6 +28,8 @@ from ray_app.stack import LocalStack, port_free, stop_process_group
 
 S3_ACCESS_KEY = "llmops-test-access"
 S3_SECRET_KEY = "llmops-test-secret-key"
+# Never used by W&B (offline); the Ray head's environment carries it so tests can look for leaks.
+WANDB_SENTINEL = "5e471e1a" * 5
 
 # Tests must never touch the developer's own ~/.llmops, .env or hub cache.
 _SESSION_HOME = Path(tempfile.mkdtemp(prefix="llmops-test-home-"))
@@ -222,6 +224,7 @@ def ray_cluster(s3_server: S3Server, mlflow_server: Settings, tmp_path_factory) 
         ray_temp_dir=Path(f"/tmp/llmops-t{base}"),
         ray_num_cpus=2,
         ray_object_store_memory_mb=512,
+        wandb_api_key=WANDB_SENTINEL,
     )
     stack = LocalStack(settings)
     stack.up(["ray"], echo=lambda _line: None)

@@ -102,19 +102,25 @@ def test_redacted_view_never_shows_secrets(tmp_path):
     assert "postgresql+psycopg2://mlflow:****@db:5432/mlflow" in shown
 
 
-def test_worker_env_carries_endpoints_under_standard_names(tmp_path):
+def test_worker_env_carries_endpoints_but_no_secret_and_the_node_env_adds_them(tmp_path):
+    from ray_app.credentials import node_env
+
     settings = load_settings(
         home=tmp_path,
         s3_endpoint_url="http://127.0.0.1:9000",
-        aws_access_key_id="ak",
-        aws_secret_access_key="sk",
+        aws_access_key_id="ak-sentinel",
+        aws_secret_access_key="sk-sentinel",
+        wandb_api_key="wk-sentinel",
         mlflow_tracking_uri="http://127.0.0.1:5000",
     )
     env = settings.worker_env()
     assert env["MLFLOW_TRACKING_URI"] == "http://127.0.0.1:5000"
     assert env["MLFLOW_S3_ENDPOINT_URL"] == env["AWS_ENDPOINT_URL"] == "http://127.0.0.1:9000"
-    assert (env["AWS_ACCESS_KEY_ID"], env["AWS_SECRET_ACCESS_KEY"]) == ("ak", "sk")
     assert env["LLMOPS_HOME"] == str(tmp_path)
+    assert not [value for value in env.values() if "sentinel" in value], "runtime envs are shown by Ray"
+    node = node_env(settings)
+    assert (node["AWS_ACCESS_KEY_ID"], node["AWS_SECRET_ACCESS_KEY"]) == ("ak-sentinel", "sk-sentinel")
+    assert node["WANDB_API_KEY"] == "wk-sentinel" and node["LLMOPS_HOME"] == str(tmp_path)
 
 
 def test_cli_reports_a_bad_setting_in_one_red_line(tmp_path):

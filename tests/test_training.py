@@ -415,3 +415,39 @@ def test_signed_checkpoint_refuses_a_planted_pickle_an_unlisted_file_and_a_tampe
     for manifest_path in extra.glob("_signed_manifest*"):
         manifest_path.unlink()
     refused(extra, "has no signed manifest")
+
+
+def test_no_secret_reaches_rays_specs_state_logs_serve_configs_or_command_lines(cluster):
+    """Runs last in this module (after the training runs); the Ray head's node env holds the secrets."""
+    import subprocess
+
+    import httpx
+    from conftest import S3_SECRET_KEY, WANDB_SENTINEL
+    from ray.job_submission import JobSubmissionClient
+    from ray.util.state import list_actors, list_jobs
+
+    # A job that uses the S3 store gets its credentials from the node, not from its submission.
+    jobs = JobSubmissionClient(cluster.ray_dashboard_url, headers=cluster.ray_auth_headers())
+    code = "from ray_app.storage import open_store; s = open_store(); s.ensure(); print('LISTED', len(s.list('')))"
+    job = jobs.submit_job(entrypoint=f'python -c "{code}"', runtime_env={"env_vars": cluster.worker_env()})
+    deadline = time.monotonic() + 120
+    while str(jobs.get_job_status(job)) not in ("SUCCEEDED", "FAILED", "STOPPED") and time.monotonic() < deadline:
+        time.sleep(1)
+    assert str(jobs.get_job_status(job)) == "SUCCEEDED" and "LISTED" in jobs.get_job_logs(job), jobs.get_job_logs(job)
+
+    dashboard = httpx.Client(base_url=cluster.ray_dashboard_url, headers=cluster.ray_auth_headers(), timeout=30)
+    surfaces = {
+        "Jobs API": dashboard.get("/api/jobs/").text,
+        "Serve applications": dashboard.get("/api/serve/applications/").text,
+        "state API jobs": json.dumps([job.__dict__ for job in list_jobs(detail=True)], default=str),
+        "state API actors": json.dumps([actor.__dict__ for actor in list_actors(detail=True)], default=str),
+        "ps": subprocess.run(["ps", "-eww", "-o", "args"], capture_output=True, text=True).stdout,
+    }
+    logs = Path(cluster.ray_temp_dir) / "session_latest" / "logs"
+    files = [path for path in logs.rglob("*") if path.is_file()]
+    assert len(files) > 10, f"no Ray logs found under {logs}"
+    for path in files:
+        surfaces[str(path)] = path.read_bytes().decode("utf-8", "replace")
+    for sentinel in (S3_SECRET_KEY, WANDB_SENTINEL):
+        leaks = [where for where, text in surfaces.items() if sentinel in text]
+        assert not leaks, f"a secret is visible in: {leaks[:5]}"

@@ -27,6 +27,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
+from ray_app import credentials
 from training import signing
 from training.config import SFTConfig, load_config
 
@@ -409,6 +410,7 @@ def run(
     worker_env = settings.worker_env() | {"DS_ACCELERATOR": "cuda" if cfg.use_gpu else "cpu"}
     if not ray.is_initialized():
         settings.apply_ray_client_env()
+        credentials.export_to_this_process(settings)  # a Ray started here inherits them; never runtime_env
         ray.init(address=settings.ray_address, runtime_env={"env_vars": worker_env}, log_to_driver=True)
     check_resources(cfg)
 

@@ -13,6 +13,7 @@ import re
 from dataclasses import dataclass
 from typing import Any
 
+from ray_app import credentials
 from training.config import ConfigError, SFTConfig, apply_overrides
 
 TRIAL_CPU = 0.01  # the Tune function only waits on its trainer; its workers hold the CPUs
@@ -99,6 +100,7 @@ def sweep(cfg: SFTConfig, search: list[str], samples: int, settings, max_concurr
                           "cannot vary between trials")  # fmt: skip
     if not ray.is_initialized():
         settings.apply_ray_client_env()
+        credentials.export_to_this_process(settings)  # a Ray started here inherits them; never runtime_env
         ray.init(address=settings.ray_address, runtime_env={"env_vars": settings.worker_env()})
     cpus = ray.cluster_resources().get("CPU", 0)
     need = cfg.num_workers * cfg.cpus_per_worker * max_concurrent + TRIAL_CPU * max_concurrent

@@ -26,7 +26,8 @@ ENV_EXAMPLE = dict(
 VERSION = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]["version"]
 # Variables the third-party images read themselves (PostgreSQL, MinIO, Airflow), not our settings.
 FOREIGN_IMAGE_ENV = re.compile(
-    r"^(POSTGRES_|MINIO_|AIRFLOW_|AIRFLOW__|_PIP_|MLFLOW_DB_|CHAT_DB_|LLMOPS_BUCKET|MLFLOW_BUCKET)"
+    r"^(POSTGRES_|MINIO_|AIRFLOW_|AIRFLOW__|_PIP_|MLFLOW_DB_|CHAT_DB_|LLMOPS_BUCKET|MLFLOW_BUCKET"
+    r"|(TRAINING|MLFLOW|SERVE)_S3_|MLFLOW_BACKEND_STORE_URI$|LLMOPS_REQUIRED_SECRETS$|CHECKPOINT_SIGNING_KEY$)"
 )
 
 
@@ -54,7 +55,7 @@ def test_compose_has_every_service_with_healthchecks_and_profiles():
     }  # fmt: skip
     assert expected <= set(services)
     one_shots = {name for name, service in services.items() if service.get("restart") == "no"}
-    assert one_shots == {"minio-init", "serve", "airflow-init"}
+    assert one_shots == {"preflight", "minio-init", "serve", "airflow-init"}
     for name, service in services.items():
         if name not in one_shots:
             assert service.get("healthcheck", {}).get("test"), f"{name} has no healthcheck"
@@ -79,7 +80,10 @@ def test_every_compose_variable_is_in_env_example_and_nothing_secret_is_committe
 
 def test_platform_env_vars_in_manifests_are_settings_the_code_reads():
     known = settings_env_names()
-    compose_env = dict(COMPOSE["x-llmops"]["environment"]) | COMPOSE["services"]["chat"]["environment"]
+    services = COMPOSE["services"]
+    compose_env = dict(COMPOSE["x-llmops"]["environment"]) | COMPOSE["x-ray-node-env"]
+    for name in ("chat", "mlflow", "serve"):
+        compose_env |= services[name]["environment"]
     configmap = yaml.safe_load((CLUSTER / "kuberay" / "config.yaml").read_text())["data"]
     secret_keys = re.findall(
         r"\b([A-Z][A-Z0-9_]+)\b", (CLUSTER / "kuberay" / "config.yaml").read_text().split("data:")[0]
@@ -146,3 +150,96 @@ def test_ray_up_config_matches_rays_cluster_schema():
     jsonschema.validate(config, schema)
     assert config["available_node_types"]["gpu_worker"]["node_config"]["InstanceType"].startswith("p")
     assert config["setup_commands"] and config["file_mounts"]["/home/ubuntu/llmops.env"] == "cluster/.env"
+
+
+def _depends(service: str) -> set[str]:
+    """Every service ``service`` waits for, directly or through another."""
+    seen, todo = set(), [service]
+    while todo:
+        for name in COMPOSE["services"][todo.pop()].get("depends_on", {}):
+            if name not in seen:
+                seen.add(name)
+                todo.append(name)
+    return seen
+
+
+def test_compose_refuses_to_start_with_placeholders_and_every_service_waits_for_that_check(tmp_path):
+    preflight = COMPOSE["services"]["preflight"]
+    required = preflight["environment"]["LLMOPS_REQUIRED_SECRETS"].split()
+    assert {"MINIO_ROOT_PASSWORD", "LLMOPS_CHAT_USERS", "CHECKPOINT_SIGNING_KEY"} <= set(required)
+    assert set(required) <= set(preflight["environment"]) and set(required) <= set(ENV_EXAMPLE)
+    for name in COMPOSE["services"]:
+        assert name == "preflight" or "preflight" in _depends(name), f"{name} starts before the preflight check"
+
+    def run(values: dict[str, str]) -> subprocess.CompletedProcess:
+        env = {"PATH": "/usr/bin:/bin", "LLMOPS_REQUIRED_SECRETS": " ".join(required), **values}
+        return subprocess.run(["sh", str(CLUSTER / "preflight.sh")], env=env, capture_output=True, text=True)
+
+    example = run({name: ENV_EXAMPLE[name] for name in required})  # .env.example as it is committed
+    assert example.returncode == 1 and all(name in example.stderr for name in required), example.stderr
+    assert "change-me" not in example.stderr.replace("'change-me'", ""), "values are never printed"
+    two_left = run(
+        {name: f"s3cr3t-{name}" for name in required} | {"RAY_AUTH_TOKEN": "", "LLMOPS_API_KEYS": "a,change-me"}
+    )
+    assert two_left.returncode == 1 and two_left.stderr.split(":")[-1].split() == ["RAY_AUTH_TOKEN", "LLMOPS_API_KEYS"]
+    assert run({name: f"s3cr3t-{name}" for name in required}).returncode == 0
+
+
+def test_each_service_holds_only_its_own_credentials_and_none_on_a_command_line():
+    services = COMPOSE["services"]
+    node = COMPOSE["x-ray-node-env"]
+    assert node["AWS_SECRET_ACCESS_KEY"] == "${TRAINING_S3_SECRET_KEY:?set in cluster/.env}"
+    assert services["ray-head"]["environment"] == services["ray-gpu-worker"]["environment"] == node
+    assert services["mlflow"]["environment"]["AWS_SECRET_ACCESS_KEY"].startswith("${MLFLOW_S3_SECRET_KEY")
+    chat = services["chat"]["environment"]
+    assert not [key for key in chat if key.startswith("AWS_") or key == "RAY_AUTH_TOKEN"], chat
+    assert "RAY_AUTH_TOKEN" in services["serve"]["environment"]
+    assert not [key for key in services["serve"]["environment"] if key.startswith("AWS_SECRET")]
+    root = [name for name, service in services.items()
+            if "MINIO_ROOT_PASSWORD" in json.dumps(service.get("environment", {}))]  # fmt: skip
+    assert set(root) == {"preflight", "minio", "minio-init"}, root
+    secret = re.compile(r"\$\{[A-Z_]*(PASSWORD|SECRET|TOKEN|API_KEYS|SIGNING_KEY)")
+    for name, service in services.items():
+        for field in ("command", "entrypoint"):
+            assert not secret.search(json.dumps(service.get(field, ""))), f"{name}'s {field} holds a secret"
+
+
+def test_minio_init_creates_one_least_privilege_user_per_service(tmp_path):
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    (bin_dir / "mc").write_text('#!/bin/sh\necho "$*" >> "$MC_LOG"\n')
+    (bin_dir / "mc").chmod(0o755)
+    keys = {f"{service}_S3_{part}_KEY": f"{service.lower()}-{part.lower()}"
+            for service in ("TRAINING", "MLFLOW", "SERVE") for part in ("ACCESS", "SECRET")}  # fmt: skip
+    env = {"PATH": f"{bin_dir}:/usr/bin:/bin", "MC_LOG": str(tmp_path / "mc.log"), "POLICY_DIR": str(CLUSTER / "minio"),
+           "WORK_DIR": str(tmp_path), "MINIO_ROOT_USER": "root", "MINIO_ROOT_PASSWORD": "rootpw",
+           "LLMOPS_BUCKET": "bucket-a", "MLFLOW_BUCKET": "bucket-m", **keys}  # fmt: skip
+    done = subprocess.run(["bash", str(CLUSTER / "minio" / "init.sh")], env=env, capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    calls = (tmp_path / "mc.log").read_text().splitlines()
+    assert "mb --ignore-existing local/bucket-a local/bucket-m" in calls
+    for service in ("training", "mlflow", "serve"):
+        assert f"admin user add local {service}-access {service}-secret" in calls
+        assert f"admin policy attach local llmops-{service} --user {service}-access" in calls
+
+    def statements(service: str) -> list[dict]:
+        policy = json.loads((tmp_path / f"{service}-policy.json").read_text())
+        assert policy["Version"] == "2012-10-17"
+        return policy["Statement"]
+
+    def grants(service: str) -> set[tuple[str, str]]:
+        return {
+            (action, resource) for st in statements(service) for action in st["Action"] for resource in st["Resource"]
+        }
+
+    everything = grants("training") | grants("mlflow") | grants("serve")
+    assert not [g for g in everything if g[0] in ("s3:*", "s3:DeleteBucket") or g[1] in ("*", "arn:aws:s3:::*")]
+    assert ("s3:PutObject", "arn:aws:s3:::bucket-a/store/*") in grants("training")
+    assert ("s3:PutObject", "arn:aws:s3:::bucket-m/*") in grants("mlflow")
+    assert not [g for g in grants("mlflow") if "bucket-a" in g[1]] and not [
+        g for g in grants("training") if "bucket-m" in g[1]
+    ]
+    assert {action for action, _ in grants("serve")} == {"s3:GetObject", "s3:ListBucket", "s3:GetBucketLocation"}
+    assert ("s3:GetObject", "arn:aws:s3:::bucket-a/store/models/*") in grants("serve")
+    listing = [st for st in statements("serve") if "s3:ListBucket" in st["Action"]]
+    assert listing[0]["Condition"] == {"StringLike": {"s3:prefix": ["store/models/*"]}}

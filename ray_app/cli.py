@@ -338,6 +338,17 @@ def chat(
     raise typer.Exit(subprocess.call(argv, env=env, cwd=current.home / "chat"))
 
 
+@app.command("mlflow-users")
+@friendly_errors
+def mlflow_users() -> None:
+    """Create or re-key Serve's read-only MLflow user, as the admin (`llmops up` does it for the local stack)."""
+    from ray_app.registry import ensure_read_only_user
+
+    current = settings()
+    user = ensure_read_only_user(current)
+    console.print(f"MLflow user {user} at {current.mlflow_tracking_uri}: read-only (default permission READ)")
+
+
 @app.command("chat-passwd")
 @friendly_errors
 def chat_passwd(user: Annotated[str, typer.Argument(help="login name")]) -> None:

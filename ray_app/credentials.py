@@ -15,8 +15,12 @@ from __future__ import annotations
 
 import os
 import secrets
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING
+
+from pydantic import SecretStr
 
 if TYPE_CHECKING:  # settings imports this module; the functions below only take its objects
     from ray_app.settings import Settings
@@ -36,9 +40,54 @@ def generated_secret(path: Path, prefix: str = "") -> str:
     return path.read_text().strip()
 
 
+MLFLOW_ADMIN = "admin"
+
+
+def mlflow_identity(settings: Settings) -> tuple[str, str]:
+    """(user, password) this process uses with MLflow: MLFLOW_TRACKING_USERNAME/PASSWORD from the
+    settings, else the local stack's admin (password generated once into the stack dir)."""
+    if settings.mlflow_tracking_password is not None:
+        return settings.mlflow_tracking_username or MLFLOW_ADMIN, settings.mlflow_tracking_password.get_secret_value()
+    return MLFLOW_ADMIN, generated_secret(settings.stack_dir / "mlflow_admin_password")
+
+
+def mlflow_serve_identity(settings: Settings) -> tuple[str, str]:
+    """Serve's read-only MLflow identity: it resolves ``models:/`` and reads artifacts, nothing else."""
+    if settings.mlflow_serve_password is not None:
+        return settings.mlflow_serve_username, settings.mlflow_serve_password.get_secret_value()
+    return settings.mlflow_serve_username, generated_secret(settings.stack_dir / "mlflow_serve_password")
+
+
+def as_serve_identity(settings: Settings) -> Settings:
+    """The same settings, speaking to MLflow as Serve's read-only identity (for replicas and app builds)."""
+    user, password = mlflow_serve_identity(settings)
+    update = {"mlflow_tracking_username": user, "mlflow_tracking_password": SecretStr(password)}
+    return settings.model_copy(update=update)
+
+
+def mlflow_env(identity: tuple[str, str]) -> dict[str, str]:
+    """MLflow's own variables for an identity (its client reads them on every request)."""
+    return {"MLFLOW_TRACKING_USERNAME": identity[0], "MLFLOW_TRACKING_PASSWORD": identity[1]}
+
+
+@contextmanager
+def speaking_as(identity: tuple[str, str]) -> Iterator[None]:
+    """MLflow's client variables set to ``identity`` for the block, then restored as they were."""
+    saved = {key: os.environ.get(key) for key in ("MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACKING_PASSWORD")}
+    os.environ.update(mlflow_env(identity))
+    try:
+        yield
+    finally:
+        for key, value in saved.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
+
+
 def secret_env(settings: Settings) -> dict[str, str]:
-    """The configured credentials under the ecosystem's names (S3 keys, W&B key)."""
-    env = {}
+    """The configured credentials under the ecosystem's names (S3 keys, W&B key, MLflow identity)."""
+    env = mlflow_env(mlflow_identity(settings))
     access, secret = settings.s3_credentials()
     if access:
         env["AWS_ACCESS_KEY_ID"] = access
@@ -46,6 +95,8 @@ def secret_env(settings: Settings) -> dict[str, str]:
         env["AWS_SECRET_ACCESS_KEY"] = secret
     if settings.wandb_api_key:
         env["WANDB_API_KEY"] = settings.wandb_api_key.get_secret_value()
+    if settings.mlflow_serve_password is not None:  # else Serve's replicas read the generated one
+        env["LLMOPS_MLFLOW_SERVE_PASSWORD"] = settings.mlflow_serve_password.get_secret_value()
     return env
 
 

@@ -227,12 +227,15 @@ def run_demo(settings: Settings, console: Console, fast: bool = False, model: st
         run_url = f"{settings.mlflow_server_url}/#/experiments/{experiment_id}/runs/{result.mlflow_run_id}"
         login = ", ".join(load_logins(settings).users)
         password = "" if settings.chat_users else f" (password in {settings.chat_admin_password_path})"
+        generated = settings.stack_dir / "mlflow_admin_password"
+        where = "MLFLOW_TRACKING_PASSWORD" if settings.mlflow_tracking_password else str(generated)
+        mlflow_login = f"login {credentials.mlflow_identity(settings)[0]}, password in {where}"
         candidate = f"{result.eval_loss:.4f}" if result.eval_loss is not None else "n/a"
         console.print(f"""
     eval loss   base {base.loss:.4f} -> candidate {candidate} ({"promoted" if promoted else "not promoted"}: {reason})
     chat        {settings.chat_url}  login: {login}{password}
     Serve API   {settings.serve_url}/v1  (key in LLMOPS_API_KEYS or {settings.serve_api_key_path})
-    MLflow run  {run_url}
+    MLflow run  {run_url}  ({mlflow_login})
     Ray         {settings.ray_dashboard_url}
     stop it all with: .venv/bin/llmops down""")
     return DemoResult(base_loss=base.loss, candidate_loss=result.eval_loss, champion_loss=reference,

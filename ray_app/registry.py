@@ -44,6 +44,35 @@ def configure_tracking(settings: Settings | None = None) -> str:
     return str(settings.mlflow_tracking_uri)
 
 
+def ensure_read_only_user(settings: Settings) -> str:
+    """Create (or re-key) Serve's read-only MLflow user as this process's identity (the admin).
+
+    MLflow's basic-auth app gives every user ``default_permission`` (READ, see
+    ``ray_app.stack``) on what others created: this user can resolve ``models:/`` and read
+    artifacts, and is refused (403) moving an alias or editing a version.
+    """
+    from mlflow.exceptions import MlflowException
+    from mlflow.server.auth.client import AuthServiceClient
+
+    from ray_app.credentials import mlflow_identity, mlflow_serve_identity, speaking_as
+
+    user, password = mlflow_serve_identity(settings)
+    auth = AuthServiceClient(str(settings.mlflow_tracking_uri))
+    try:
+        with speaking_as(mlflow_identity(settings)):
+            try:
+                auth.get_user(user)
+            except MlflowException as exc:
+                if exc.error_code != "RESOURCE_DOES_NOT_EXIST":
+                    raise
+                auth.create_user(user, password)
+            else:
+                auth.update_user_password(user, password)
+    except MlflowException as exc:
+        raise RegistryError(f"cannot set up MLflow user {user} at {auth.tracking_uri}: {exc.message}") from exc
+    return user
+
+
 def client(settings: Settings | None = None):
     """An MlflowClient on the configured tracking server."""
     from mlflow import MlflowClient

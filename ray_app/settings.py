@@ -105,6 +105,18 @@ class Settings(BaseSettings):
     mlflow_tracking_uri: str | None = Field(
         default=None, validation_alias=_env("MLFLOW_TRACKING_URI", "LLMOPS_MLFLOW_TRACKING_URI")
     )
+    mlflow_tracking_username: str | None = Field(
+        default=None,
+        validation_alias=_env("MLFLOW_TRACKING_USERNAME"),
+        description="this platform's MLflow identity; default the stack's admin",
+    )
+    mlflow_tracking_password: SecretStr | None = Field(
+        default=None, validation_alias=_env("MLFLOW_TRACKING_PASSWORD"), description="default generated once"
+    )
+    mlflow_serve_username: str = Field(default="llmops-serve", description="Serve's read-only MLflow identity")
+    mlflow_serve_password: SecretStr | None = Field(default=None, description="default generated once")
+    mlflow_auth: bool = Field(default=True, description="server side: MLflow's basic-auth app (users, permissions)")
+    mlflow_auth_database_uri: str | None = Field(default=None, description="server side; default SQLite in home")
     mlflow_backend_store_uri: str | None = Field(default=None, description="server side; default SQLite in home")
     mlflow_artifacts_destination: str | None = Field(default=None, description="server side; default home or s3")
     mlflow_experiment: str = "ray-llmops"
@@ -272,6 +284,8 @@ class Settings(BaseSettings):
             self.mlflow_tracking_uri = f"http://{self.bind_host}:{self.mlflow_port}"
         if self.mlflow_backend_store_uri is None:
             self.mlflow_backend_store_uri = f"sqlite:///{self.home / 'mlflow' / 'mlflow.db'}"
+        if self.mlflow_auth_database_uri is None:
+            self.mlflow_auth_database_uri = f"sqlite:///{self.home / 'mlflow' / 'basic_auth.db'}"
         if self.mlflow_artifacts_destination is None:
             self.mlflow_artifacts_destination = str(self.home / "mlflow" / "artifacts")
         low, high = self.ray_worker_port_range

@@ -20,7 +20,7 @@ from collections.abc import Callable, Iterable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from ray_app.credentials import node_env
+from ray_app.credentials import generated_secret, mlflow_identity, node_env
 from ray_app.settings import Settings
 
 SERVICES = ("ray", "mlflow")
@@ -46,6 +46,7 @@ class ServiceSpec:
     env: dict[str, str] = field(default_factory=dict)
     health_headers: Callable[[], dict[str, str]] = dict
     start_timeout_s: float = 90.0
+    after_start: Callable[[], object] | None = None  # once healthy (each `up`): idempotent setup
 
 
 @dataclass
@@ -167,15 +168,46 @@ def mlflow_spec(settings: Settings) -> ServiceSpec:
         "--serve-artifacts",
         "--workers", "1",
     ]  # fmt: skip
+    # The backend URI may hold the database password: the environment, not the command line.
+    env = node_env(settings) | {"MLFLOW_BACKEND_STORE_URI": backend}
+    after_start = None
+    if settings.mlflow_auth:
+        from ray_app.registry import ensure_read_only_user
+
+        command += ["--app-name", "basic-auth"]
+        env |= mlflow_auth_env(settings)
+        after_start = lambda: ensure_read_only_user(settings)  # noqa: E731
     return ServiceSpec(
         name="mlflow",
         command=command,
         ports={"http": settings.mlflow_port},
         url=settings.mlflow_server_url,
         health_url=f"{settings.mlflow_server_url}/health",
-        # The backend URI may hold the database password: the environment, not the command line.
-        env=node_env(settings) | {"MLFLOW_BACKEND_STORE_URI": backend},
+        env=env,
+        after_start=after_start,
     )
+
+
+def mlflow_auth_env(settings: Settings) -> dict[str, str]:
+    """MLflow's basic-auth app: its config file (0600; the users database may have a password in its
+    URL), the admin it creates on first start (this platform's identity), its CSRF secret."""
+    database = str(settings.mlflow_auth_database_uri)
+    if database.startswith("sqlite:///"):
+        Path(database.removeprefix("sqlite:///")).parent.mkdir(parents=True, exist_ok=True)
+    config = settings.stack_dir / "mlflow_basic_auth.ini"
+    config.parent.mkdir(parents=True, exist_ok=True)
+    fd = os.open(config, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w") as handle:
+        # READ for what a user did not create: Serve's identity reads; only creators and admins edit.
+        handle.write(f"[mlflow]\ndefault_permission = READ\ndatabase_uri = {database}\n"
+                     "authorization_function = mlflow.server.auth:authenticate_request_basic_auth\n")  # fmt: skip
+    admin, password = mlflow_identity(settings)
+    return {
+        "MLFLOW_AUTH_CONFIG_PATH": str(config),
+        "MLFLOW_AUTH_ADMIN_USERNAME": admin,
+        "MLFLOW_AUTH_ADMIN_PASSWORD": password,
+        "MLFLOW_FLASK_SERVER_SECRET_KEY": generated_secret(settings.stack_dir / "mlflow_flask_secret"),
+    }
 
 
 def chat_spec(settings: Settings) -> ServiceSpec:
@@ -363,6 +395,8 @@ class LocalStack:
             record = records.get(name)
             if record and pid_alive(record.pid):
                 self._wait_healthy(spec, record.pid, Path(record.log))
+                if spec.after_start:
+                    spec.after_start()
                 echo(f"{name}: already running (pid {record.pid}) at {record.url}")
                 continue
             for label, port in spec.ports.items():
@@ -396,6 +430,8 @@ class LocalStack:
                 records.pop(name, None)
                 self._save(records)
                 raise
+            if spec.after_start:
+                spec.after_start()
             echo(f"{name}: healthy at {spec.url}")
         return self.status()
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 import os
 import pwd
 import random
+import secrets
 import shutil
 import socket
 import subprocess
@@ -37,6 +38,11 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 os.environ["LLMOPS_HOME"] = str(_SESSION_HOME)
+# MLflow runs its basic-auth app: every process of the session (servers, Ray nodes, jobs, this
+# one) speaks to it as the same admin, and Serve as the same read-only user, whatever its home.
+os.environ["MLFLOW_TRACKING_USERNAME"] = "admin"
+os.environ["MLFLOW_TRACKING_PASSWORD"] = secrets.token_urlsafe(16)
+os.environ["LLMOPS_MLFLOW_SERVE_PASSWORD"] = secrets.token_urlsafe(16)
 for _name in ("MLFLOW_TRACKING_URI", "RAY_ADDRESS", "AWS_ENDPOINT_URL", "MLFLOW_S3_ENDPOINT_URL", "LLMOPS_STORE_URI"):
     os.environ.pop(_name, None)
 

@@ -27,7 +27,8 @@ VERSION = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]["versi
 # Variables the third-party images read themselves (PostgreSQL, MinIO, Airflow), not our settings.
 FOREIGN_IMAGE_ENV = re.compile(
     r"^(POSTGRES_|MINIO_|AIRFLOW_|AIRFLOW__|_PIP_|MLFLOW_DB_|CHAT_DB_|LLMOPS_BUCKET|MLFLOW_BUCKET"
-    r"|(TRAINING|MLFLOW|SERVE)_S3_|MLFLOW_BACKEND_STORE_URI$|LLMOPS_REQUIRED_SECRETS$|CHECKPOINT_SIGNING_KEY$)"
+    r"|(TRAINING|MLFLOW|SERVE)_S3_|MLFLOW_BACKEND_STORE_URI$|LLMOPS_REQUIRED_SECRETS$|CHECKPOINT_SIGNING_KEY$"
+    r"|MLFLOW_AUTH_|MLFLOW_FLASK_SERVER_SECRET_KEY$)"
 )
 
 
@@ -55,7 +56,7 @@ def test_compose_has_every_service_with_healthchecks_and_profiles():
     }  # fmt: skip
     assert expected <= set(services)
     one_shots = {name for name, service in services.items() if service.get("restart") == "no"}
-    assert one_shots == {"preflight", "minio-init", "serve", "airflow-init"}
+    assert one_shots == {"preflight", "minio-init", "mlflow-init", "serve", "airflow-init"}
     for name, service in services.items():
         if name not in one_shots:
             assert service.get("healthcheck", {}).get("test"), f"{name} has no healthcheck"
@@ -243,3 +244,35 @@ def test_minio_init_creates_one_least_privilege_user_per_service(tmp_path):
     assert ("s3:GetObject", "arn:aws:s3:::bucket-a/store/models/*") in grants("serve")
     listing = [st for st in statements("serve") if "s3:ListBucket" in st["Action"]]
     assert listing[0]["Condition"] == {"StringLike": {"s3:prefix": ["store/models/*"]}}
+
+
+def test_compose_mlflow_runs_its_basic_auth_app_on_postgresql_and_each_client_has_an_identity(tmp_path):
+    import configparser
+
+    services = COMPOSE["services"]
+    mlflow = services["mlflow"]
+    script = mlflow["command"][0]
+    assert "exec mlflow server --app-name basic-auth" in script and mlflow["entrypoint"] == ["/bin/sh", "-c"]
+    assert mlflow["environment"]["MLFLOW_AUTH_DATABASE_URI"].endswith("@postgres:5432/mlflow_auth")
+    assert "CREATE DATABASE mlflow_auth OWNER mlflow" in (CLUSTER / "postgres-init" / "01-databases.sh").read_text()
+    # The start script writes the auth config from the environment: run it with `exec` stubbed out.
+    config = tmp_path / "auth.ini"
+    env = {"PATH": "/usr/bin:/bin", "MLFLOW_AUTH_CONFIG_PATH": str(config),
+           "MLFLOW_AUTH_DATABASE_URI": "postgresql+psycopg2://mlflow:pw@postgres:5432/mlflow_auth"}  # fmt: skip
+    runnable = script.replace("$$", "$").split("exec mlflow server")[0] + "true"
+    done = subprocess.run(["sh", "-c", runnable], env=env, capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    parsed = configparser.ConfigParser()
+    parsed.read(config)
+    assert dict(parsed["mlflow"]) == {
+        "default_permission": "READ", "database_uri": env["MLFLOW_AUTH_DATABASE_URI"],
+        "authorization_function": "mlflow.server.auth:authenticate_request_basic_auth",
+    }  # fmt: skip
+    assert oct(config.stat().st_mode & 0o777) == "0o600"
+
+    node = COMPOSE["x-ray-node-env"]
+    assert node["MLFLOW_TRACKING_USERNAME"] == "admin" and "MLFLOW_ADMIN_PASSWORD" in node["MLFLOW_TRACKING_PASSWORD"]
+    assert services["serve"]["environment"]["MLFLOW_TRACKING_USERNAME"] == "llmops-serve"
+    assert services["mlflow-init"]["command"] == ["llmops", "mlflow-users"]
+    assert "mlflow-init" in _depends("ray-head") and "mlflow-init" in _depends("chat")
+    assert not [key for key in services["chat"]["environment"] if key.startswith("MLFLOW_TRACKING_")]

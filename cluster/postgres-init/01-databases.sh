@@ -14,3 +14,9 @@ SELECT format('CREATE DATABASE %I OWNER %I', :'user', :'user')
 WHERE NOT EXISTS (SELECT 1 FROM pg_database WHERE datname = :'user') \gexec
 SQL
 done
+# MLflow's basic-auth app keeps users and permissions in a database of its own (its migrations
+# would collide with the tracking store's), owned by the same role.
+psql -v ON_ERROR_STOP=1 --username "$POSTGRES_USER" --dbname postgres <<'SQL'
+SELECT 'CREATE DATABASE mlflow_auth OWNER mlflow'
+WHERE NOT EXISTS (SELECT 1 FROM pg_database WHERE datname = 'mlflow_auth') \gexec
+SQL

@@ -24,6 +24,7 @@ from typing import Any
 from ray import serve
 from ray.serve import Application
 
+from ray_app.credentials import as_serve_identity
 from ray_app.serving.config import ServeArgs, ServedModel, parse_args, pin_model
 from ray_app.serving.engine import Delta, GenerationRequest, SamplingParams
 from ray_app.serving.protocol import (
@@ -69,7 +70,7 @@ class ChatServer:
         def build() -> TransformersEngine:
             # On the batcher's thread, where it decodes: all torch work of this process on one
             # thread (see ContinuousBatcher). Resolving may convert the default model with torch.
-            model_dir = resolve_model(served.source, get_settings())
+            model_dir = resolve_model(served.source, as_serve_identity(get_settings()))
             return TransformersEngine(
                 model_dir, device=device, dtype=args.dtype, threads=threads, prepack=args.prepack_weights
             )
@@ -368,7 +369,7 @@ def _key_hashes(args: ServeArgs) -> list[str]:
 def build_app(args: dict[str, Any] | None = None) -> Application:
     """The Serve application for ``args`` (see :class:`ServeArgs`); raises ServeConfigError on bad args."""
     parsed = parse_args(args)
-    settings = get_settings()
+    settings = as_serve_identity(get_settings())  # Serve reads the registry; it never writes to it
     served = pin_model(parsed, settings)
     if parsed.engine == "vllm":
         from ray_app.serving.vllm_app import build_vllm_app

@@ -125,7 +125,9 @@ class LoginThrottle:
         wait = 0.0
         for key, limit in keys:
             failures = self._recent(key)
-            if len(failures) >= limit:
+            if not failures:  # memory holds only failures inside the window, whatever names are tried
+                del self._failures[key]
+            elif len(failures) >= limit:
                 wait = max(wait, failures[len(failures) - limit] + self.window_s - self.clock())
         return wait
 

@@ -419,6 +419,7 @@ def test_signed_checkpoint_refuses_a_planted_pickle_an_unlisted_file_and_a_tampe
 
 def test_no_secret_reaches_rays_specs_state_logs_serve_configs_or_command_lines(cluster):
     """Runs last in this module (after the training runs); the Ray head's node env holds the secrets."""
+    import os
     import subprocess
 
     import httpx
@@ -448,6 +449,7 @@ def test_no_secret_reaches_rays_specs_state_logs_serve_configs_or_command_lines(
     assert len(files) > 10, f"no Ray logs found under {logs}"
     for path in files:
         surfaces[str(path)] = path.read_bytes().decode("utf-8", "replace")
-    for sentinel in (S3_SECRET_KEY, WANDB_SENTINEL):
+    mlflow_passwords = [os.environ["MLFLOW_TRACKING_PASSWORD"], os.environ["LLMOPS_MLFLOW_SERVE_PASSWORD"]]
+    for sentinel in (S3_SECRET_KEY, WANDB_SENTINEL, *mlflow_passwords):
         leaks = [where for where, text in surfaces.items() if sentinel in text]
         assert not leaks, f"a secret is visible in: {leaks[:5]}"

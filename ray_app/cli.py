@@ -413,7 +413,7 @@ def feedback_review(
                 decision = APPROVED if answer == "a" else REJECTED
                 decide(url, record, decision, who, note)
                 console.print(f"{decision} as {who}")
-    counts = policy.counts(records)
+    counts = policy.counts(candidates(url, policy))  # as they stand now
     console.print(", ".join(f"{count} {state}" for state, count in counts.items()), highlight=False)
 
 

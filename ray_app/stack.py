@@ -199,8 +199,11 @@ def mlflow_auth_env(settings: Settings) -> dict[str, str]:
     fd = os.open(config, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
     with os.fdopen(fd, "w") as handle:
         # READ for what a user did not create: Serve's identity reads; only creators and admins edit.
+        # A verified login is cached for a minute: without it every metric a worker logs pays a
+        # password hash (a password change then reaches the server within that minute).
         handle.write(f"[mlflow]\ndefault_permission = READ\ndatabase_uri = {database}\n"
-                     "authorization_function = mlflow.server.auth:authenticate_request_basic_auth\n")  # fmt: skip
+                     "authorization_function = mlflow.server.auth:authenticate_request_basic_auth\n"
+                     "auth_cache_ttl_seconds = 60\n")  # fmt: skip
     admin, password = mlflow_identity(settings)
     return {
         "MLFLOW_AUTH_CONFIG_PATH": str(config),

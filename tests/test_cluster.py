@@ -268,7 +268,7 @@ def test_compose_mlflow_runs_its_basic_auth_app_on_postgresql_and_each_client_ha
     parsed.read(config)
     assert dict(parsed["mlflow"]) == {
         "default_permission": "READ", "database_uri": env["MLFLOW_AUTH_DATABASE_URI"],
-        "authorization_function": "mlflow.server.auth:authenticate_request_basic_auth",
+        "authorization_function": "mlflow.server.auth:authenticate_request_basic_auth", "auth_cache_ttl_seconds": "60",
     }  # fmt: skip
     assert oct(config.stat().st_mode & 0o777) == "0o600"
 

@@ -325,6 +325,46 @@ def test_resume_after_worker_killed_continues_from_the_last_checkpoint(cluster, 
     assert "7421" in greedy_answer(folder), "the resumed ZeRO-3 run did not learn the toy answer"
 
 
+class _Planted:
+    """A pickle that runs a command when loaded: what an attacker with write access to the store plants."""
+
+    def __init__(self, marker: Path):
+        self.marker = marker
+
+    def __reduce__(self):
+        import os
+
+        return (os.system, (f"touch {self.marker}",))
+
+
+def test_a_run_that_would_resume_from_a_planted_checkpoint_refuses_it_and_runs_nothing(
+    cluster, tiny_model, toy_data, tmp_path
+):
+    """Ray Train resumes a run name from the latest checkpoint in its storage (a DAG task retry
+    does): a pickle planted there is refused before DeepSpeed loads anything."""
+    import pickle
+
+    from ray_app.storage import pyarrow_location
+    from training.sft import run
+
+    run_name = f"planted-{int(time.time())}"
+    config = config_for(tiny_model, toy_data, run_name=run_name, num_workers=1, max_steps=2, checkpoint_every=2,
+                        registered_model=None, eval_data=[], max_failures=0)  # fmt: skip
+    assert run(config, cluster).global_step == 2
+    store = open_store(settings=cluster)
+    shards = [info.key for info in store.list(f"checkpoints/{run_name}") if info.key.endswith("model_states.pt")]
+    assert shards, "the first run left no checkpoint"
+    marker = tmp_path / "planted-code-ran"
+    for key in shards:
+        path, filesystem = pyarrow_location(store.uri(key), cluster)
+        with filesystem.open_output_stream(path) as stream:
+            stream.write(pickle.dumps(_Planted(marker)))
+
+    with pytest.raises(Exception, match="was modified after it was signed"):
+        run(config.model_copy(update={"max_steps": 4}), cluster)
+    assert not marker.exists(), "the planted pickle was loaded"
+
+
 def test_tune_sweep_runs_trials_as_mlflow_child_runs_and_picks_the_best(cluster, tiny_model, toy_data):
     from mlflow import MlflowClient
 

@@ -25,6 +25,8 @@ from pydantic import SecretStr
 if TYPE_CHECKING:  # settings imports this module; the functions below only take its objects
     from ray_app.settings import Settings
 
+MLFLOW_ADMIN = "admin"  # the local stack's MLflow admin when MLFLOW_TRACKING_USERNAME/PASSWORD are unset
+
 
 def generated_secret(path: Path, prefix: str = "") -> str:
     """The secret in ``path``, created once with a random value and mode 0600."""
@@ -38,9 +40,6 @@ def generated_secret(path: Path, prefix: str = "") -> str:
             with os.fdopen(fd, "w") as handle:
                 handle.write(prefix + secrets.token_urlsafe(24))
     return path.read_text().strip()
-
-
-MLFLOW_ADMIN = "admin"
 
 
 def mlflow_identity(settings: Settings) -> tuple[str, str]:

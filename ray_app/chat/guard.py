@@ -8,7 +8,8 @@ without limit. :func:`install` puts in front of its FastAPI app:
 - routes ahead of Chainlit's for ``PUT /feedback``, ``DELETE /feedback`` and
   ``GET /project/thread/{id}``: the caller must be the author of the thread the answer (or the
   feedback) belongs to, else 403 and nothing is written; the thread of a feedback is always the
-  thread of the step it rates, never what the client says;
+  thread of the step it rates, never what the client says (Chainlit's ``on_feedback`` hook is
+  not called from here: the app defines none);
 - :class:`RequestGuard`, an ASGI middleware: requests and websocket handshakes from an origin
   other than the chat's own are refused (403), and ``POST /login`` answers 429 with
   ``Retry-After`` once a name or an address has failed too often (:class:`LoginThrottle`).

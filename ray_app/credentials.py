@@ -84,6 +84,26 @@ def speaking_as(identity: tuple[str, str]) -> Iterator[None]:
                 os.environ[key] = value
 
 
+# What Ray's libraries copy from the driver's environment into the runtime envs they create
+# (Ray Tune's trainables: ray.tune.execution.class_cache; Serve LLM's engines: HF tokens).
+COPIED_BY_RAY = ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "AWS_SECURITY_TOKEN",
+                 "HF_TOKEN", "HUGGING_FACE_HUB_TOKEN")  # fmt: skip
+
+
+@contextmanager
+def kept_out_of_runtime_envs() -> Iterator[None]:
+    """Hide the credentials Ray's libraries would copy into runtime envs for the block, then restore them.
+
+    Ray Tune puts the driver's ``AWS_*`` keys into every trainable's runtime env, which the State
+    API, the dashboard and the runtime env agent's log show. Workers have their own from the node.
+    """
+    saved = {key: os.environ.pop(key) for key in COPIED_BY_RAY if key in os.environ}
+    try:
+        yield
+    finally:
+        os.environ.update(saved)
+
+
 def secret_env(settings: Settings) -> dict[str, str]:
     """The configured credentials under the ecosystem's names (S3 keys, W&B key, MLflow identity)."""
     env = mlflow_env(mlflow_identity(settings))

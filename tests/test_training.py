@@ -489,7 +489,14 @@ def test_no_secret_reaches_rays_specs_state_logs_serve_configs_or_command_lines(
     assert len(files) > 10, f"no Ray logs found under {logs}"
     for path in files:
         surfaces[str(path)] = path.read_bytes().decode("utf-8", "replace")
-    mlflow_passwords = [os.environ["MLFLOW_TRACKING_PASSWORD"], os.environ["LLMOPS_MLFLOW_SERVE_PASSWORD"]]
-    for sentinel in (S3_SECRET_KEY, WANDB_SENTINEL, *mlflow_passwords):
-        leaks = [where for where, text in surfaces.items() if sentinel in text]
-        assert not leaks, f"a secret is visible in: {leaks[:5]}"
+    sentinels = {"S3 secret": S3_SECRET_KEY, "W&B key": WANDB_SENTINEL,
+                 "MLflow password": os.environ["MLFLOW_TRACKING_PASSWORD"],
+                 "Serve's MLflow password": os.environ["LLMOPS_MLFLOW_SERVE_PASSWORD"]}  # fmt: skip
+    leaks = []
+    for name, sentinel in sentinels.items():
+        for where, text in surfaces.items():
+            if sentinel in text:
+                at = text.index(sentinel)
+                context = text[max(0, at - 300) : at].replace(sentinel, "<secret>")
+                leaks.append(f"{name} in {where}, after: ...{context}")
+    assert not leaks, "\n\n".join(leaks[:6])

@@ -137,7 +137,8 @@ def sweep(cfg: SFTConfig, search: list[str], samples: int, settings, max_concurr
                 scheduler=ASHAScheduler(grace_period=1, reduction_factor=2),
             ),
         )
-        grid = tuner.fit()
+        with credentials.kept_out_of_runtime_envs():  # trials take theirs from the node
+            grid = tuner.fit()
         best = grid.get_best_result(metric="train_loss", mode="min", scope="last")
         best_params = best.config["params"]
         best_loss = float(best.metrics["train_loss"])

@@ -24,7 +24,7 @@ from typing import Any
 from ray import serve
 from ray.serve import Application
 
-from ray_app.credentials import as_serve_identity
+from ray_app.credentials import as_serve_identity, kept_out_of_runtime_envs
 from ray_app.serving.config import ServeArgs, ServedModel, parse_args, pin_model
 from ray_app.serving.engine import Delta, GenerationRequest, SamplingParams
 from ray_app.serving.protocol import (
@@ -374,5 +374,6 @@ def build_app(args: dict[str, Any] | None = None) -> Application:
     if parsed.engine == "vllm":
         from ray_app.serving.vllm_app import build_vllm_app
 
-        return build_vllm_app(parsed, served, _key_hashes(parsed), settings)
+        with kept_out_of_runtime_envs():  # Serve LLM copies HF tokens into its engines' runtime envs
+            return build_vllm_app(parsed, served, _key_hashes(parsed), settings)
     return ChatServer.bind(parsed, served, _key_hashes(parsed))

@@ -145,6 +145,7 @@ def main() -> int:
     import ray
     from ray import serve
 
+    from ray_app import credentials
     from ray_app.models import resolve_model
     from ray_app.serving.app import ChatServer
     from ray_app.serving.config import parse_args, pin_model
@@ -174,7 +175,7 @@ def main() -> int:
 
     single: dict[str, Callable[[], tuple[float, float]]] = {name: in_child(name) for name in conn.recv()}
 
-    settings.apply_ray_client_env()
+    credentials.apply_ray_client_env(settings)
     ray.init(num_cpus=cores, include_dashboard=False, runtime_env={"env_vars": settings.worker_env()})
     port = _free_port()
     serve.start(http_options={"host": "127.0.0.1", "port": port})

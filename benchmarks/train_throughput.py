@@ -92,6 +92,7 @@ def main() -> int:
     import ray
     import torch
 
+    from ray_app import credentials
     from ray_app.models import resolve_model
     from ray_app.settings import load_settings
     from training.data import prepare_dataset
@@ -100,7 +101,7 @@ def main() -> int:
     settings = load_settings(home=home, mlflow_tracking_uri=f"sqlite:///{home}/mlflow.db")
     os.environ["MLFLOW_TRACKING_URI"] = str(settings.mlflow_tracking_uri)
     model_dir = resolve_model(None if args.model == "default" else args.model, settings)
-    settings.apply_ray_client_env()
+    credentials.apply_ray_client_env(settings)
     ray.init(runtime_env={"env_vars": settings.worker_env() | {"DS_ACCELERATOR": "cpu"}})
     cores = int(ray.cluster_resources()["CPU"])
     rows_ds, _ = prepare_dataset([args.data], str(model_dir), args.seq_len, True, settings)

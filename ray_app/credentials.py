@@ -42,6 +42,62 @@ def generated_secret(path: Path, prefix: str = "") -> str:
     return path.read_text().strip()
 
 
+def serve_api_keys(settings: Settings) -> list[str]:
+    """The inference API keys: the configured ones, else the local generated one (created once)."""
+    if settings.api_keys:
+        return [key.get_secret_value() for key in settings.api_keys]
+    return [generated_secret(settings.serve_api_key_path, "sk-llmops-")]
+
+
+def chat_secret(settings: Settings) -> str:
+    """Chainlit's session-signing secret: CHAINLIT_AUTH_SECRET, else one generated once (0600)."""
+    if settings.chat_auth_secret:
+        return settings.chat_auth_secret.get_secret_value()
+    return generated_secret(settings.stack_dir / "chat_auth_secret")
+
+
+def ensure_ray_token(settings: Settings) -> None:
+    """Write the Ray token file (the configured token, or a new random one) if it is missing."""
+    if settings.ray_auth_mode != "token":
+        return
+    path = settings.ray_auth_token_path
+    wanted = settings.ray_auth_token.get_secret_value() if settings.ray_auth_token else None
+    if path.is_file() and (wanted is None or path.read_text().strip() == wanted):
+        return
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w") as handle:
+        handle.write(wanted or secrets.token_hex(32))
+
+
+def ray_auth_headers(settings: Settings) -> dict[str, str]:
+    """HTTP headers for the Ray dashboard / Jobs API."""
+    if settings.ray_auth_mode != "token":
+        return {}
+    if settings.ray_auth_token:
+        return {"Authorization": f"Bearer {settings.ray_auth_token.get_secret_value()}"}
+    path = settings.ray_auth_token_path
+    return {"Authorization": f"Bearer {path.read_text().strip()}"} if path.is_file() else {}
+
+
+def apply_ray_client_env(settings: Settings) -> None:
+    """Export ``settings.ray_client_env()`` into this process before ``ray.init`` or a Jobs client.
+
+    Ray reads the auth mode into its config when it is imported; if it already is, the config
+    and the cached token are refreshed the way Ray itself does when it turns token auth on for a
+    new local cluster (Ray's private ``_raylet`` API: the one place this project touches it).
+    """
+    import sys
+
+    ensure_ray_token(settings)
+    os.environ.update(settings.ray_client_env())
+    if "ray" in sys.modules:
+        from ray._raylet import AuthenticationTokenLoader, Config
+
+        Config.initialize("")
+        AuthenticationTokenLoader.instance().reset_cache()
+
+
 def mlflow_identity(settings: Settings) -> tuple[str, str]:
     """(user, password) this process uses with MLflow: MLFLOW_TRACKING_USERNAME/PASSWORD from the
     settings, else the local stack's admin (password generated once into the stack dir)."""

@@ -165,7 +165,7 @@ def run_demo(settings: Settings, console: Console, fast: bool = False, model: st
 
         logging.getLogger("ray.data").setLevel(logging.WARNING)  # the bar says enough; Ray's log has the rest
         if not ray.is_initialized():
-            settings.apply_ray_client_env()
+            credentials.apply_ray_client_env(settings)
             credentials.export_to_this_process(settings)
             env = settings.worker_env() | {"DS_ACCELERATOR": "cuda" if cfg.use_gpu else "cpu"}
             ray.init(address=settings.ray_address, runtime_env={"env_vars": env}, log_to_driver=False,
@@ -206,7 +206,7 @@ def run_demo(settings: Settings, console: Console, fast: bool = False, model: st
     with step(console, 6, total, "asking the served model a question through the OpenAI API", ray_logs):
         from openai import OpenAI
 
-        api = OpenAI(base_url=f"{settings.serve_url}/v1", api_key=settings.serve_api_keys()[0], timeout=120)
+        api = OpenAI(base_url=f"{settings.serve_url}/v1", api_key=credentials.serve_api_keys(settings)[0], timeout=120)
         served_name = api.models.list().data[0].id
         reply = api.chat.completions.create(
             model=served_name,

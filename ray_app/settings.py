@@ -9,7 +9,6 @@ the ecosystem already uses (``MLFLOW_TRACKING_URI``, ``AWS_ACCESS_KEY_ID``, ``RA
 
 from __future__ import annotations
 
-import os
 import re
 from functools import lru_cache
 from pathlib import Path
@@ -19,7 +18,7 @@ from urllib.parse import urlparse
 from pydantic import AliasChoices, Field, SecretStr, ValidationError, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
-from ray_app.credentials import generated_secret
+from ray_app import credentials
 
 
 class SettingsError(ValueError):
@@ -317,68 +316,32 @@ class Settings(BaseSettings):
             env["RAY_AUTH_TOKEN_PATH"] = str(self.ray_auth_token_path)
         return env
 
-    def ensure_ray_token(self) -> None:
-        """Write the Ray token file (the configured token, or a new random one) if it is missing."""
-        import secrets
-
-        if self.ray_auth_mode != "token":
-            return
-        path = self.ray_auth_token_path
-        wanted = self.ray_auth_token.get_secret_value() if self.ray_auth_token else None
-        if path.is_file() and (wanted is None or path.read_text().strip() == wanted):
-            return
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-        with os.fdopen(fd, "w") as handle:
-            handle.write(wanted or secrets.token_hex(32))
-
     @property
     def serve_api_key_path(self) -> Path:
         """Where the generated inference API key is kept when none is configured (mode 0600)."""
         return self.stack_dir / "serve_api_key"
-
-    def serve_api_keys(self) -> list[str]:
-        """The inference API keys: the configured ones, else the local generated one (created once)."""
-        if self.api_keys:
-            return [key.get_secret_value() for key in self.api_keys]
-        return [generated_secret(self.serve_api_key_path, "sk-llmops-")]
-
-    def chat_secret(self) -> str:
-        """Chainlit's session-signing secret: CHAINLIT_AUTH_SECRET, else one generated once (0600)."""
-        if self.chat_auth_secret:
-            return self.chat_auth_secret.get_secret_value()
-        return generated_secret(self.stack_dir / "chat_auth_secret")
 
     @property
     def chat_admin_password_path(self) -> Path:
         """The generated password of chat user ``admin`` when LLMOPS_CHAT_USERS is empty (mode 0600)."""
         return self.stack_dir / "chat_admin_password"
 
+    # Reading, generating and exporting secrets lives in ray_app.credentials; these delegates
+    # keep the callers' spelling and hold no logic.
+    def ensure_ray_token(self) -> None:
+        credentials.ensure_ray_token(self)
+
+    def serve_api_keys(self) -> list[str]:
+        return credentials.serve_api_keys(self)
+
+    def chat_secret(self) -> str:
+        return credentials.chat_secret(self)
+
     def ray_auth_headers(self) -> dict[str, str]:
-        """HTTP headers for the Ray dashboard / Jobs API."""
-        if self.ray_auth_mode != "token":
-            return {}
-        if self.ray_auth_token:
-            return {"Authorization": f"Bearer {self.ray_auth_token.get_secret_value()}"}
-        path = self.ray_auth_token_path
-        return {"Authorization": f"Bearer {path.read_text().strip()}"} if path.is_file() else {}
+        return credentials.ray_auth_headers(self)
 
     def apply_ray_client_env(self) -> None:
-        """Export :meth:`ray_client_env` into this process before ``ray.init`` or a Jobs client.
-
-        Ray reads the auth mode into its config when it is imported; if it already is, the
-        config and the cached token are refreshed the way Ray itself does when it turns
-        token auth on for a new local cluster.
-        """
-        import sys
-
-        self.ensure_ray_token()
-        os.environ.update(self.ray_client_env())
-        if "ray" in sys.modules:
-            from ray._raylet import AuthenticationTokenLoader, Config
-
-            Config.initialize("")
-            AuthenticationTokenLoader.instance().reset_cache()
+        credentials.apply_ray_client_env(self)
 
     @property
     def ray_dashboard_url(self) -> str:

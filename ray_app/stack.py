@@ -20,7 +20,7 @@ from collections.abc import Callable, Iterable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from ray_app.credentials import generated_secret, mlflow_identity, node_env
+from ray_app.credentials import ensure_ray_token, generated_secret, mlflow_identity, node_env, ray_auth_headers
 from ray_app.settings import Settings
 
 SERVICES = ("ray", "mlflow")
@@ -148,7 +148,7 @@ def ray_spec(settings: Settings) -> ServiceSpec:
         url=settings.ray_dashboard_url,
         health_url=f"{settings.ray_dashboard_url}/api/version",
         env=env,
-        health_headers=settings.ray_auth_headers,
+        health_headers=lambda: ray_auth_headers(settings),
     )
 
 
@@ -240,7 +240,7 @@ def airflow_spec(settings: Settings) -> ServiceSpec:
         raise StackError(f"{airflow} is missing: create the Airflow venv with `make airflow-venv`")
     home = settings.home / "airflow"
     home.mkdir(parents=True, exist_ok=True)
-    token = settings.ray_auth_headers().get("Authorization", "").removeprefix("Bearer ")
+    token = ray_auth_headers(settings).get("Authorization", "").removeprefix("Bearer ")
     ray_default = {"conn_type": "http", "host": settings.ray_dashboard_url, "password": token or None}
     env = {
         "AIRFLOW_HOME": str(home),
@@ -392,7 +392,7 @@ class LocalStack:
         the log path if a service dies or does not answer in time.
         """
         records = self._load()
-        self.settings.ensure_ray_token()
+        ensure_ray_token(self.settings)
         for name in services:
             spec = SPECS[name](self.settings)
             record = records.get(name)

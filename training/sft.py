@@ -409,7 +409,7 @@ def run(
     settings = settings or get_settings()
     worker_env = settings.worker_env() | {"DS_ACCELERATOR": "cuda" if cfg.use_gpu else "cpu"}
     if not ray.is_initialized():
-        settings.apply_ray_client_env()
+        credentials.apply_ray_client_env(settings)
         credentials.export_to_this_process(settings)  # a Ray started here inherits them; never runtime_env
         ray.init(address=settings.ray_address, runtime_env={"env_vars": worker_env}, log_to_driver=True)
     check_resources(cfg)

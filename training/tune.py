@@ -99,7 +99,7 @@ def sweep(cfg: SFTConfig, search: list[str], samples: int, settings, max_concurr
         raise ConfigError(f"--search {shaping[0]}: the data is prepared once per sweep; {', '.join(DATA_FIELDS)} "
                           "cannot vary between trials")  # fmt: skip
     if not ray.is_initialized():
-        settings.apply_ray_client_env()
+        credentials.apply_ray_client_env(settings)
         credentials.export_to_this_process(settings)  # a Ray started here inherits them; never runtime_env
         ray.init(address=settings.ray_address, runtime_env={"env_vars": settings.worker_env()})
     cpus = ray.cluster_resources().get("CPU", 0)

@@ -25,6 +25,7 @@ from chainlit.input_widget import Select, Slider, TextInput
 from chainlit.server import app as chainlit_app
 from openai import APIConnectionError, APIStatusError, APITimeoutError, AsyncOpenAI
 
+from ray_app import credentials
 from ray_app.chat import guard
 from ray_app.chat.auth import load_logins
 from ray_app.chat.schema import upgrade_schema
@@ -32,7 +33,7 @@ from ray_app.settings import get_settings
 
 SETTINGS = get_settings()
 SERVE_URL = str(SETTINGS.chat_serve_url).rstrip("/")
-API_KEY = SETTINGS.chat_api_key.get_secret_value() if SETTINGS.chat_api_key else SETTINGS.serve_api_keys()[0]
+API_KEY = SETTINGS.chat_api_key.get_secret_value() if SETTINGS.chat_api_key else credentials.serve_api_keys(SETTINGS)[0]
 DEFAULT_SYSTEM_PROMPT = "You are a helpful, concise assistant."
 FOOTER = re.compile(r"\n\n\*answered by [^*]+\*$")
 # Without a tokenizer here, budget the history at ~3 characters per token (conservative for

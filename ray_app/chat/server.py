@@ -8,6 +8,7 @@ import os
 import sys
 from pathlib import Path
 
+from ray_app import credentials
 from ray_app.chat.auth import load_logins
 from ray_app.settings import Settings
 
@@ -22,7 +23,7 @@ def chainlit_command(settings: Settings, port: int | None = None) -> tuple[list[
     env = {
         "LLMOPS_HOME": str(settings.home),
         "LLMOPS_CHAT_PORT": str(port),
-        "CHAINLIT_AUTH_SECRET": settings.chat_secret(),
+        "CHAINLIT_AUTH_SECRET": credentials.chat_secret(settings),
         # Chainlit writes .chainlit/ (config, translations) and .files/ under its app root, not the cwd.
         "CHAINLIT_APP_ROOT": str(root),
     }

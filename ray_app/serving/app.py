@@ -24,7 +24,7 @@ from typing import Any
 from ray import serve
 from ray.serve import Application
 
-from ray_app.credentials import as_serve_identity, kept_out_of_runtime_envs
+from ray_app.credentials import as_serve_identity, kept_out_of_runtime_envs, serve_api_keys
 from ray_app.serving.config import ServeArgs, ServedModel, parse_args, pin_model
 from ray_app.serving.engine import Delta, GenerationRequest, SamplingParams
 from ray_app.serving.protocol import (
@@ -362,7 +362,7 @@ def _key_hashes(args: ServeArgs) -> list[str]:
     if args.allow_unauthenticated:
         logger.warning("the inference API is OPEN: allow_unauthenticated is set")
         return []
-    keys = [key.get_secret_value() for key in args.api_keys] if args.api_keys else get_settings().serve_api_keys()
+    keys = [key.get_secret_value() for key in args.api_keys] if args.api_keys else serve_api_keys(get_settings())
     return [hash_key(key) for key in keys]
 
 

@@ -20,6 +20,7 @@ from typing import Any
 
 import yaml
 
+from ray_app import credentials
 from ray_app.settings import Settings
 
 APP_IMPORT_PATH = "ray_app.serving.app:build_app"
@@ -51,7 +52,7 @@ def _client(settings: Settings):
     from ray.dashboard.modules.serve.sdk import ServeSubmissionClient
 
     try:
-        return ServeSubmissionClient(settings.ray_dashboard_url, headers=settings.ray_auth_headers())
+        return ServeSubmissionClient(settings.ray_dashboard_url, headers=credentials.ray_auth_headers(settings))
     except Exception as exc:  # connection/auth errors of several kinds, all mean "not reachable"
         raise ServeError(f"cannot reach the Ray dashboard at {settings.ray_dashboard_url}: {exc}") from exc
 

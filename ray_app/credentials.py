@@ -103,7 +103,7 @@ def mlflow_identity(settings: Settings) -> tuple[str, str]:
     settings, else the local stack's admin (password generated once into the stack dir)."""
     if settings.mlflow_tracking_password is not None:
         return settings.mlflow_tracking_username or MLFLOW_ADMIN, settings.mlflow_tracking_password.get_secret_value()
-    return MLFLOW_ADMIN, generated_secret(settings.stack_dir / "mlflow_admin_password")
+    return MLFLOW_ADMIN, generated_secret(settings.mlflow_admin_password_path)
 
 
 def mlflow_serve_identity(settings: Settings) -> tuple[str, str]:

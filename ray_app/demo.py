@@ -227,8 +227,7 @@ def run_demo(settings: Settings, console: Console, fast: bool = False, model: st
         run_url = f"{settings.mlflow_server_url}/#/experiments/{experiment_id}/runs/{result.mlflow_run_id}"
         login = ", ".join(load_logins(settings).users)
         password = "" if settings.chat_users else f" (password in {settings.chat_admin_password_path})"
-        generated = settings.stack_dir / "mlflow_admin_password"
-        where = "MLFLOW_TRACKING_PASSWORD" if settings.mlflow_tracking_password else str(generated)
+        where = "MLFLOW_TRACKING_PASSWORD" if settings.mlflow_tracking_password else settings.mlflow_admin_password_path
         mlflow_login = f"login {credentials.mlflow_identity(settings)[0]}, password in {where}"
         candidate = f"{result.eval_loss:.4f}" if result.eval_loss is not None else "n/a"
         console.print(f"""

@@ -326,6 +326,11 @@ class Settings(BaseSettings):
         """The generated password of chat user ``admin`` when LLMOPS_CHAT_USERS is empty (mode 0600)."""
         return self.stack_dir / "chat_admin_password"
 
+    @property
+    def mlflow_admin_password_path(self) -> Path:
+        """The generated password of MLflow's ``admin`` when MLFLOW_TRACKING_PASSWORD is unset (mode 0600)."""
+        return self.stack_dir / "mlflow_admin_password"
+
     # Reading, generating and exporting secrets lives in ray_app.credentials; these delegates
     # keep the callers' spelling and hold no logic.
     def ensure_ray_token(self) -> None:

@@ -18,6 +18,7 @@ import urllib.error
 import urllib.request
 from collections.abc import Callable, Iterable
 from dataclasses import asdict, dataclass, field
+from functools import partial
 from pathlib import Path
 
 from ray_app.credentials import ensure_ray_token, generated_secret, mlflow_identity, node_env, ray_auth_headers
@@ -46,6 +47,7 @@ class ServiceSpec:
     env: dict[str, str] = field(default_factory=dict)
     health_headers: Callable[[], dict[str, str]] = dict
     start_timeout_s: float = 90.0
+    before_start: Callable[[], object] | None = None  # files and folders it needs, just before it starts
     after_start: Callable[[], object] | None = None  # once healthy (each `up`): idempotent setup
 
 
@@ -154,29 +156,29 @@ def ray_spec(settings: Settings) -> ServiceSpec:
 
 def mlflow_spec(settings: Settings) -> ServiceSpec:
     """The MLflow tracking server with its registry; artifacts proxied through it."""
-    backend = str(settings.mlflow_backend_store_uri)
-    artifacts = str(settings.mlflow_artifacts_destination)
-    if backend.startswith("sqlite:///"):
-        Path(backend.removeprefix("sqlite:///")).parent.mkdir(parents=True, exist_ok=True)
-    if "://" not in artifacts:
-        Path(artifacts).mkdir(parents=True, exist_ok=True)
     command = [
         _bin("mlflow"), "server",
         "--host", settings.bind_host,
         "--port", str(settings.mlflow_port),
-        "--artifacts-destination", artifacts,
+        "--artifacts-destination", str(settings.mlflow_artifacts_destination),
         "--serve-artifacts",
         "--workers", "1",
     ]  # fmt: skip
     # The backend URI may hold the database password: the environment, not the command line.
-    env = node_env(settings) | {"MLFLOW_BACKEND_STORE_URI": backend}
+    env = node_env(settings) | {"MLFLOW_BACKEND_STORE_URI": str(settings.mlflow_backend_store_uri)}
     after_start = None
     if settings.mlflow_auth:
         from ray_app.registry import ensure_read_only_user
 
         command += ["--app-name", "basic-auth"]
-        env |= mlflow_auth_env(settings)
-        after_start = lambda: ensure_read_only_user(settings)  # noqa: E731
+        admin, password = mlflow_identity(settings)
+        env |= {
+            "MLFLOW_AUTH_CONFIG_PATH": str(_mlflow_auth_config(settings)),
+            "MLFLOW_AUTH_ADMIN_USERNAME": admin,  # created on the users database's first start
+            "MLFLOW_AUTH_ADMIN_PASSWORD": password,
+            "MLFLOW_FLASK_SERVER_SECRET_KEY": generated_secret(settings.stack_dir / "mlflow_flask_secret"),
+        }
+        after_start = partial(ensure_read_only_user, settings)
     return ServiceSpec(
         name="mlflow",
         command=command,
@@ -184,33 +186,35 @@ def mlflow_spec(settings: Settings) -> ServiceSpec:
         url=settings.mlflow_server_url,
         health_url=f"{settings.mlflow_server_url}/health",
         env=env,
+        before_start=partial(_prepare_mlflow, settings),
         after_start=after_start,
     )
 
 
-def mlflow_auth_env(settings: Settings) -> dict[str, str]:
-    """MLflow's basic-auth app: its config file (0600; the users database may have a password in its
-    URL), the admin it creates on first start (this platform's identity), its CSRF secret."""
-    database = str(settings.mlflow_auth_database_uri)
-    if database.startswith("sqlite:///"):
-        Path(database.removeprefix("sqlite:///")).parent.mkdir(parents=True, exist_ok=True)
-    config = settings.stack_dir / "mlflow_basic_auth.ini"
+def _mlflow_auth_config(settings: Settings) -> Path:
+    return settings.stack_dir / "mlflow_basic_auth.ini"
+
+
+def _prepare_mlflow(settings: Settings) -> None:
+    """Folders of local stores, and the basic-auth app's config (0600: the users database URL may
+    hold a password). Runs when MLflow starts, not when `status` describes it."""
+    for uri in (settings.mlflow_backend_store_uri, settings.mlflow_auth_database_uri):
+        if str(uri).startswith("sqlite:///"):
+            Path(str(uri).removeprefix("sqlite:///")).parent.mkdir(parents=True, exist_ok=True)
+    if "://" not in str(settings.mlflow_artifacts_destination):
+        Path(str(settings.mlflow_artifacts_destination)).mkdir(parents=True, exist_ok=True)
+    if not settings.mlflow_auth:
+        return
+    config = _mlflow_auth_config(settings)
     config.parent.mkdir(parents=True, exist_ok=True)
     fd = os.open(config, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
     with os.fdopen(fd, "w") as handle:
         # READ for what a user did not create: Serve's identity reads; only creators and admins edit.
         # A verified login is cached for a minute: without it every metric a worker logs pays a
         # password hash (a password change then reaches the server within that minute).
-        handle.write(f"[mlflow]\ndefault_permission = READ\ndatabase_uri = {database}\n"
+        handle.write(f"[mlflow]\ndefault_permission = READ\ndatabase_uri = {settings.mlflow_auth_database_uri}\n"
                      "authorization_function = mlflow.server.auth:authenticate_request_basic_auth\n"
                      "auth_cache_ttl_seconds = 60\n")  # fmt: skip
-    admin, password = mlflow_identity(settings)
-    return {
-        "MLFLOW_AUTH_CONFIG_PATH": str(config),
-        "MLFLOW_AUTH_ADMIN_USERNAME": admin,
-        "MLFLOW_AUTH_ADMIN_PASSWORD": password,
-        "MLFLOW_FLASK_SERVER_SECRET_KEY": generated_secret(settings.stack_dir / "mlflow_flask_secret"),
-    }
 
 
 def chat_spec(settings: Settings) -> ServiceSpec:
@@ -408,6 +412,8 @@ class LocalStack:
                         f"port {port} ({name} {label}) is already in use on {self.settings.bind_host}; "
                         f"stop what holds it or choose another port in the settings"
                     )
+            if spec.before_start:
+                spec.before_start()
             log = self.dir / "logs" / f"{name}.log"
             log.parent.mkdir(parents=True, exist_ok=True)
             echo(f"{name}: starting, log {log}")

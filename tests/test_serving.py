@@ -3,6 +3,7 @@ on the real Ray head, spoken to over real HTTP with the `openai` client and http
 
 from __future__ import annotations
 
+import collections
 import concurrent.futures
 import json
 import os
@@ -17,6 +18,7 @@ import httpx
 import pytest
 import yaml
 from conftest import venv_bin
+from starlette.requests import Request
 from tiny_model import build_tiny_chat_model
 
 from ray_app.serving.config import ServeConfigError, parse_args
@@ -209,6 +211,229 @@ def test_seed_makes_sampling_reproducible_and_stop_strings_cut_the_answer(engine
     assert cut[0] == first[0][: first[0].find(stop)]
 
 
+def test_a_row_that_fails_while_sampling_fails_alone_and_its_batch_answers_as_alone(sharp_engine, monkeypatch):
+    engine = sharp_engine
+    prompts = ["Hi", "Tell me a long story about the sea and its ships", "2+2?"]
+    requests = [
+        GenerationRequest(engine.chat_prompt_ids([{"role": "user", "content": text}]),
+                          SamplingParams(max_tokens=20, temperature=0))
+        for text in prompts
+    ]  # fmt: skip
+    alone = [_run(engine, [request])[0] for request in requests]
+    doomed = GenerationRequest(engine.chat_prompt_ids(QUESTION), SamplingParams(max_tokens=20, temperature=0.7))
+    sample = engine._sample
+
+    def sample_or_fail(logits, row):  # a fault in one row's sampling, on its 4th token
+        if row.request is doomed and len(row.token_ids) == 3:
+            raise RuntimeError("injected sampling fault")
+        return sample(logits, row)
+
+    monkeypatch.setattr(engine, "_sample", sample_or_fail)
+    outcomes: dict[int, list] = {index: [] for index in range(4)}
+    done = threading.Semaphore(0)
+
+    def emit_for(index: int):
+        def emit(item) -> None:
+            outcomes[index].append(item)
+            if isinstance(item, BaseException) or item.finish_reason:
+                done.release()
+
+        return emit
+
+    batcher = ContinuousBatcher(engine, max_batch_size=4, gather_s=0.05)
+    try:
+        fresh = [GenerationRequest(request.prompt_ids, request.params) for request in requests]
+        for index, request in enumerate([fresh[0], doomed, fresh[1], fresh[2]]):
+            batcher.submit(request, emit_for(index))
+        for _ in range(4):
+            assert done.acquire(timeout=60), "a request never finished"
+    finally:
+        batcher.stop()
+    failed = outcomes.pop(1)
+    assert isinstance(failed[-1], RuntimeError) and "injected" in str(failed[-1])
+    answers = [
+        ("".join(d.text for d in deltas), deltas[-1].finish_reason, deltas[-1].completion_tokens)
+        for deltas in outcomes.values()
+    ]
+    assert answers == alone  # the rows beside it answered as they do alone
+    assert batcher.stats.failed_rows == 1 and batcher.stats.prefills == 1  # they were in one batch
+
+
+def _gate_client(limits=None):
+    """The ApiGate (the front door of both engines) around an app that echoes the validated body."""
+    from fastapi import FastAPI
+    from fastapi.testclient import TestClient
+
+    from ray_app.serving.gate import BODY_KEY, ApiGate, Limits
+    from ray_app.serving.protocol import hash_key
+
+    app = FastAPI()
+    app.add_middleware(
+        ApiGate,
+        key_hashes=[hash_key("sk-test")],
+        version_headers={"x-model-version": "m/1"},
+        limits=limits or Limits(max_request_bytes=128 * 1024, max_messages=50, max_tokens_limit=100),
+    )
+
+    async def echo(request: Request):
+        body = request.scope[BODY_KEY]
+        assert await request.body()  # the raw bytes are replayed to the app
+        return {"max_tokens": body.max_tokens, "temperature": body.sampling_temperature, "stop": body.stop}
+
+    app.post("/v1/chat/completions")(echo)
+    app.post("/v1/completions")(echo)
+
+    @app.get("/v1/boom")
+    async def boom():
+        raise RuntimeError("a bug")
+
+    return TestClient(app, raise_server_exceptions=False, headers={"Authorization": "Bearer sk-test"})
+
+
+def _openai_error(response, status: int, param: str | None = "<any>") -> str:
+    assert response.status_code == status, response.text
+    error = response.json()["error"]
+    assert set(error) == {"message", "type", "param", "code"} and error["message"], error
+    if param != "<any>":
+        assert error["param"] == param, error
+    return error["message"]
+
+
+GATE_CASES = [  # (path, body, status, param, words in the message)
+    ("/v1/chat/completions", {"messages": QUESTION, "seed": 2**70}, 400, "seed", "less than or equal"),
+    ("/v1/chat/completions", {"messages": QUESTION, "seed": -(2**64)}, 400, "seed", "greater than or equal"),
+    ("/v1/chat/completions", {"messages": QUESTION, "max_tokens": True}, 400, "max_tokens", "integer"),
+    ("/v1/chat/completions", {"messages": QUESTION, "max_tokens": "5"}, 400, "max_tokens", "integer"),
+    ("/v1/chat/completions", {"messages": QUESTION, "max_tokens": 101}, 400, "max_tokens", "limit of 100"),
+    ("/v1/chat/completions", {"messages": QUESTION, "max_completion_tokens": 2**70}, 400, "max_completion_tokens", ""),
+    ("/v1/chat/completions", {"messages": QUESTION, "stop": ["a"] * 5}, 400, "stop", "up to 4"),
+    ("/v1/chat/completions", {"messages": QUESTION, "stop": "x" * 300}, 400, "stop", "256 characters"),
+    ("/v1/chat/completions", {"messages": QUESTION * 51}, 400, "messages", "limit of 50"),
+    ("/v1/chat/completions", {"messages": []}, 400, "messages", "at least 1"),
+    ("/v1/chat/completions", {"messages": [{"role": "tool", "content": "x"}]}, 400, "messages.0.role", ""),
+    ("/v1/chat/completions", {"messages": [{"role": "user", "content": [{"type": "image_url"}]}]}, 400,
+     "messages.0.content", "'text'"),
+    ("/v1/chat/completions", {"messages": QUESTION, "stream_options": {"include_usage": True}}, 400,
+     "stream_options", "stream is true"),
+    ("/v1/chat/completions", {"messages": QUESTION, "temperature": 2.5}, 400, "temperature", ""),
+    ("/v1/chat/completions", {"messages": QUESTION, "top_p": 0}, 400, "top_p", ""),
+    ("/v1/chat/completions", {"messages": QUESTION, "mystery": 1}, 400, "mystery", "Unrecognized request argument"),
+    ("/v1/completions", {"prompt": ["a", "b"]}, 400, "prompt", "one prompt"),
+    ("/v1/completions", {"prompt": ""}, 400, "prompt", "empty"),
+]  # fmt: skip
+UNSUPPORTED = [  # a field that would change the answer, with a value that would
+    ("/v1/chat/completions", "response_format", {"type": "json_object"}),
+    ("/v1/chat/completions", "response_format", {"type": "json_schema", "json_schema": {"name": "x", "schema": {}}}),
+    ("/v1/chat/completions", "tools", [{"type": "function", "function": {"name": "f"}}]),
+    ("/v1/chat/completions", "tool_choice", "auto"),
+    ("/v1/chat/completions", "functions", [{"name": "f"}]),
+    ("/v1/chat/completions", "function_call", "auto"),
+    ("/v1/chat/completions", "logit_bias", {"50256": -100}),
+    ("/v1/chat/completions", "logprobs", True),
+    ("/v1/chat/completions", "top_logprobs", 3),
+    ("/v1/chat/completions", "n", 2),
+    ("/v1/chat/completions", "presence_penalty", 0.5),
+    ("/v1/chat/completions", "frequency_penalty", -0.5),
+    ("/v1/chat/completions", "modalities", ["text", "audio"]),
+    ("/v1/chat/completions", "reasoning_effort", "high"),
+    ("/v1/completions", "echo", True),
+    ("/v1/completions", "suffix", "the end"),
+    ("/v1/completions", "best_of", 3),
+    ("/v1/completions", "logprobs", 2),
+]
+
+
+def test_the_api_gate_refuses_every_bad_request_with_an_openai_error_naming_the_field():
+    """In-process: the gate both engines sit behind (vLLM cannot run here; its app gets the same gate)."""
+    client = _gate_client()
+    for path, body, status, param, words in GATE_CASES:
+        base = {"model": "m"} | ({"prompt": "hi"} if path == "/v1/completions" else {})
+        message = _openai_error(client.post(path, json={**base, **body}), status, param)
+        assert words in message, (body, message)
+    for path, field, value in UNSUPPORTED:
+        base = {"model": "m"} | ({"prompt": "hi"} if path == "/v1/completions" else {"messages": QUESTION})
+        message = _openai_error(client.post(path, json={**base, field: value}), 400, field)
+        assert "not supported" in message or "only" in message, message
+    # neutral values of those fields change nothing and are accepted, as is a tiny temperature (greedy)
+    neutral = {"n": 1, "tool_choice": "none", "response_format": {"type": "text"}, "logprobs": False,
+               "presence_penalty": 0, "user": "u-1", "metadata": {"team": "a"}, "temperature": 1e-45}  # fmt: skip
+    ok = client.post("/v1/chat/completions", json={"model": "m", "messages": QUESTION, **neutral})
+    assert ok.status_code == 200 and ok.json()["temperature"] == 0.0 and ok.headers["x-model-version"] == "m/1"
+
+    raw_cases = [  # (content, headers, status, words)
+        (b'{"model": "m", "messages": [{"role": "user", "content": "\\ud800"}]}', {}, 400, "surrogate"),
+        (b'{"model": "m", "messages": [{"role": "user", "content": "\xff\xfe"}]}', {}, 400, "not valid JSON"),
+        (b'{"model": "m", "temperature": NaN, "messages": []}', {}, 400, "temperature: Input should be a finite"),
+        (b'{"model": "m", "stream": true, "stream_options": ' + b'{"a": ' * 10_000 + b"1" + b"}" * 10_001, {}, 400,
+         "JSON"),
+        (b'[{"model": "m"}]', {}, 400, "JSON object"),
+        (b"{not json", {}, 400, "not valid JSON"),
+        (b"", {}, 400, "not valid JSON"),
+        (b'{"model": "m", "messages": []}', {"Content-Type": "text/plain"}, 415, "application/json"),
+        (b"x" * (128 * 1024 + 1), {}, 413, "limit of 131072 bytes"),
+    ]  # fmt: skip
+    for content, headers, status, words in raw_cases:
+        response = client.post("/v1/chat/completions", content=content, headers=headers)
+        assert words in _openai_error(response, status), content[:60]
+    chunked = client.post("/v1/completions", content=iter([b'{"prompt": "', b"y" * 140_000, b'"}']))
+    assert "limit of" in _openai_error(chunked, 413)  # no Content-Length: counted while reading
+
+    assert "use POST" in _openai_error(client.get("/v1/chat/completions"), 405)
+    assert client.get("/v1/completions").headers["allow"] == "POST"
+    assert "missing API key" in _openai_error(client.post("/v1/completions", headers={"Authorization": ""}), 401)
+    assert "server failed" in _openai_error(client.get("/v1/boom"), 500)  # a bug: OpenAI's JSON, no traceback
+
+
+def test_admission_sheds_load_past_capacity_and_enforces_the_deadline(tiny_dir, monkeypatch):
+    """In-process: a full replica answers 503 + Retry-After; a request with no slot before its
+    deadline gets 503; one still generating at its deadline is cut off and its row freed."""
+    import asyncio
+
+    from ray_app.serving.admission import Admission, DeadlineExceeded
+    from ray_app.serving.protocol import APIError
+
+    engine = TransformersEngine(tiny_dir, threads=1)
+    decode = engine.decode
+
+    def slow_decode(batch):  # 20 ms a step: a long answer outlives the deadline
+        time.sleep(0.02)
+        return decode(batch)
+
+    monkeypatch.setattr(engine, "decode", slow_decode)
+    batcher = ContinuousBatcher(engine, max_batch_size=1, gather_s=0.0)
+    admission = Admission(capacity=2, timeout_s=1.0, retry_after_s=3)
+    prompt = engine.chat_prompt_ids(QUESTION)
+
+    async def scenario():
+        running = admission.admit(batcher, GenerationRequest(prompt, SamplingParams(max_tokens=400, temperature=0)))
+        waiting = admission.admit(batcher, GenerationRequest(prompt, SamplingParams(max_tokens=4, temperature=0)))
+        with pytest.raises(APIError) as full:
+            admission.admit(batcher, GenerationRequest(prompt, SamplingParams(max_tokens=4)))
+        assert full.value.status == 503 and full.value.headers == {"Retry-After": "3"}
+        started = time.monotonic()
+        first = await running.first()
+        with pytest.raises(DeadlineExceeded):
+            async for _ in running.deltas(first):
+                pass
+        cut_after = time.monotonic() - started
+        running.close()
+        with pytest.raises(APIError) as starved:  # the batch of one was busy until the deadline
+            await waiting.first()
+        assert starved.value.status == 503 and "deadline" in starved.value.message
+        return cut_after
+
+    try:
+        cut_after = asyncio.run(scenario())
+        assert 0.8 < cut_after < 2.0, cut_after
+        assert admission.active == 0 and admission.rejected == 1
+        deadline = time.monotonic() + 5
+        while batcher.stats.cancelled_rows < 2 and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert batcher.stats.cancelled_rows == 2  # the cut-off row and the starved one left the loop
+    finally:
+        batcher.stop()
+
+
 def test_bad_serve_args_fail_at_build_time_naming_the_field():
     with pytest.raises(ServeConfigError, match="'max_batch_size'"):
         parse_args({"max_batch_size": 0})
@@ -288,7 +513,10 @@ def serve_app(
     chat = config["applications"][0]
     # The build step resolves the alias on the cluster: it needs the test MLflow server.
     chat["runtime_env"] = {"env_vars": {"MLFLOW_TRACKING_URI": str(mlflow_server.mlflow_tracking_uri)}}
-    chat["args"].update({"max_tokens_limit": 256, "default_max_tokens": 32})
+    chat["args"].update(
+        {"max_tokens_limit": 448, "default_max_tokens": 32, "max_queued_requests": 8, "request_timeout_s": 30,
+         "retry_after_s": 1}
+    )  # fmt: skip
     scaling = chat["deployments"][0]["autoscaling_config"]
     scaling.update({"upscale_delay_s": 2, "downscale_delay_s": 6, "metrics_interval_s": 0.5, "look_back_period_s": 2})
     path = tmp_path_factory.mktemp("serve") / "local.yaml"
@@ -381,7 +609,7 @@ def test_requests_without_a_valid_key_or_with_bad_bodies_get_4xx_with_a_reason(s
         (serve_app.headers, {"model": REGISTERED}, 400, "messages"),
         (serve_app.headers, {**good, "temperature": 7}, 400, "temperature"),
         (serve_app.headers, {**good, "n": 3}, 400, "n=1"),
-        (serve_app.headers, {**good, "max_tokens": 5000}, 400, "limit of 256"),
+        (serve_app.headers, {**good, "max_tokens": 5000}, 400, "limit of 448"),
         (serve_app.headers, {**good, "messages": [{"role": "user", "content": "word " * 700}]}, 400, "context"),
     ]
     for headers, body, status, reason in cases:
@@ -394,6 +622,211 @@ def test_requests_without_a_valid_key_or_with_bad_bodies_get_4xx_with_a_reason(s
 
     with pytest.raises(AuthenticationError):
         serve_app.openai(max_retries=0).with_options(api_key="sk-nope").models.list()
+
+
+def _assert_openai_answer(response: httpx.Response, stream: bool) -> None:
+    """A 200 is a whole answer; a 4xx is OpenAI's error JSON; nothing is a 5xx."""
+    assert response.status_code < 500, response.text[:300]
+    if response.status_code >= 400:
+        error = response.json()["error"]
+        assert set(error) == {"message", "type", "param", "code"} and error["message"], response.text[:300]
+        return
+    assert response.status_code == 200, response.text[:300]
+    if not stream:
+        assert response.json()["choices"][0]["finish_reason"] in ("stop", "length"), response.text[:300]
+        return
+    events = [line for line in response.text.splitlines() if line.startswith("data: ")]
+    assert events[-1] == "data: [DONE]", events[-3:]
+    assert not any('"error"' in event[:12] for event in events), events[-3:]
+
+
+def _fuzz_bodies():
+    """Request bodies: well-formed with odd but valid values, the same with hostile values, and non-JSON."""
+    from hypothesis import strategies as st
+
+    weird = st.one_of(
+        st.none(), st.booleans(), st.integers(-(2**80), 2**80),
+        st.floats(allow_nan=True, allow_infinity=True), st.just(1e-45), st.just(5e-324),
+        st.text(st.characters(exclude_categories=()), max_size=12), st.lists(st.integers(), max_size=3),
+        st.dictionaries(st.text(max_size=4), st.integers(), max_size=2),
+    )  # fmt: skip
+    text = st.text(max_size=30)  # any Unicode but lone surrogates (those are in `weird`)
+    part = st.fixed_dictionaries({"type": st.just("text"), "text": text})
+    message = st.fixed_dictionaries(
+        {"role": st.sampled_from(["user", "user", "system", "assistant", "developer"]),
+         "content": st.one_of(text, st.lists(part, min_size=1, max_size=2))}
+    )  # fmt: skip
+    valid = {
+        "max_tokens": st.integers(1, 12),
+        "temperature": st.one_of(st.floats(0, 2), st.just(1e-45), st.just(5e-324)),
+        "top_p": st.floats(5e-324, 1, exclude_min=False).filter(lambda p: p > 0),
+        "seed": st.integers(-(2**63), 2**63 - 1),
+        "stop": st.one_of(st.text(min_size=1, max_size=8), st.lists(st.text(min_size=1, max_size=8), max_size=4)),
+        "stream": st.booleans(),
+        "n": st.just(1),
+        "user": text,
+        "logit_bias": st.just({}),
+        "response_format": st.just({"type": "text"}),
+    }
+    hostile = {name: st.one_of(strategy, weird) for name, strategy in valid.items()} | {
+        "stream_options": st.one_of(st.fixed_dictionaries({"include_usage": st.booleans()}), weird),
+        "n": st.one_of(st.integers(0, 3), weird),
+        "logit_bias": st.one_of(st.dictionaries(st.integers(0, 9).map(str), st.integers(-100, 100)), weird),
+        "response_format": st.sampled_from([{"type": "json_object"}, {"type": "text"}, "text", None]),
+        "bogus": weird,
+    }
+    model = st.sampled_from([REGISTERED] * 6 + ["gpt-4", ""])
+
+    def bodies(fields: dict, prompts, model):
+        chat = st.fixed_dictionaries({"model": model, "messages": st.lists(message, min_size=1, max_size=3)},
+                                     optional=fields)  # fmt: skip
+        completion = st.fixed_dictionaries({"model": model, "prompt": prompts}, optional=fields)
+        return st.one_of(
+            st.tuples(st.just("/v1/chat/completions"), chat), st.tuples(st.just("/v1/completions"), completion)
+        )
+
+    good = bodies(valid, st.text(min_size=1, max_size=30), st.just(REGISTERED))
+    bad = bodies(hostile, st.one_of(text, st.lists(text, max_size=2), weird), model)
+    encoded = st.one_of(good, bad).map(lambda case: (case[0], json.dumps(case[1]).encode()))  # NaN sent as NaN
+    raw = st.tuples(
+        st.sampled_from(["/v1/chat/completions", "/v1/completions"]),
+        st.one_of(st.binary(max_size=40), st.sampled_from([b"[]", b'"x"', b"null", b"{}"])),
+    )
+    return st.one_of(encoded, encoded, raw)
+
+
+def test_fuzzed_bodies_never_get_a_5xx_and_a_greedy_request_beside_them_answers_as_alone(serve_app):
+    """1200 generated bodies, both endpoints (hypothesis, derandomized for CI), sent by 6 clients at
+    once so that odd rows share batches: no status >= 500, every 4xx is OpenAI's error JSON, and a
+    benign greedy request sent all along keeps the answer it gets alone."""
+    from hypothesis import HealthCheck, given
+    from hypothesis import settings as hypothesis_settings
+
+    cases = []
+
+    @hypothesis_settings(max_examples=1200, deadline=None, derandomize=True, database=None,
+                         suppress_health_check=list(HealthCheck))  # fmt: skip
+    @given(_fuzz_bodies())
+    def collect(case):
+        cases.append(case)
+
+    collect()
+    benign = {"model": REGISTERED, "messages": QUESTION, "max_tokens": 12, "temperature": 0}
+    url = f"{serve_app.base_url}/v1/chat/completions"
+    alone = httpx.post(url, headers=serve_app.headers, json=benign, timeout=60).json()["choices"][0]["message"]
+    stop, beside = threading.Event(), []
+
+    def keep_asking() -> None:
+        with httpx.Client(headers=serve_app.headers, timeout=60) as http:
+            while not stop.is_set():
+                beside.append(http.post(url, json=benign).json()["choices"][0]["message"])
+
+    local = threading.local()
+
+    def send(case) -> int:
+        if not hasattr(local, "http"):
+            local.http = httpx.Client(headers={**serve_app.headers, "Content-Type": "application/json"}, timeout=60)
+        path, content = case
+        response = local.http.post(f"{serve_app.base_url}{path}", content=content)
+        try:
+            _assert_openai_answer(response, response.headers.get("content-type", "").startswith("text/event-stream"))
+        except AssertionError as exc:
+            raise AssertionError(f"{path} {content[:300]!r}: {exc}") from None
+        return response.status_code
+
+    helper = threading.Thread(target=keep_asking, daemon=True)
+    helper.start()
+    try:
+        with concurrent.futures.ThreadPoolExecutor(6) as pool:
+            statuses = list(pool.map(send, cases))
+    finally:
+        stop.set()
+        helper.join(timeout=60)
+    assert len(cases) >= 1000 and {path for path, _ in cases} == {"/v1/chat/completions", "/v1/completions"}
+    assert statuses.count(200) > 100 and statuses.count(400) > 100, collections.Counter(statuses)
+    assert len(beside) >= 5 and all(answer == alone for answer in beside), (alone, beside[:3])
+
+
+def test_pinned_hostile_bodies_get_a_4xx_with_a_reason_or_a_sane_answer(serve_app):
+    url = f"{serve_app.base_url}/v1/chat/completions"
+    base = {"model": REGISTERED, "messages": QUESTION, "max_tokens": 8}
+    post = lambda content, **headers: httpx.post(  # noqa: E731
+        url, content=content, headers={**serve_app.headers, "Content-Type": "application/json", **headers}, timeout=60
+    )
+    greedy = httpx.post(url, headers=serve_app.headers, json={**base, "temperature": 0}, timeout=60).json()
+    tiny = httpx.post(url, headers=serve_app.headers, json={**base, "temperature": 1e-45}, timeout=60)
+    assert tiny.status_code == 200 and tiny.json()["choices"] == greedy["choices"]  # below 1e-5: greedy
+    narrow = httpx.post(url, headers=serve_app.headers, json={**base, "top_p": 5e-324, "seed": 2**63 - 1}, timeout=60)
+    assert narrow.status_code == 200 and narrow.json()["choices"] == greedy["choices"]  # keeps the top token
+    streamed = httpx.post(url, headers=serve_app.headers, json={**base, "temperature": 1e-45, "stream": True})
+    _assert_openai_answer(streamed, stream=True)
+    cases = [  # (content, extra headers, status, param, words)
+        (json.dumps({**base, "seed": 2**70}).encode(), {}, 400, "seed", "less than or equal"),
+        (b'{"model": "tiny-chat", "messages": [{"role": "user", "content": "\\ud800"}]}', {}, 400, None, "surrogate"),
+        (json.dumps({**base, "messages": QUESTION * 10_000}).encode(), {}, 400, "messages", "limit of 2048"),
+        (b"{" + b' "model": "x",' * 700_000 + b"}", {}, 413, None, "limit of 1048576 bytes"),  # ~10 MB
+        (b'{"model": "x", "stream": true, "stream_options": ' + b'{"a":' * 10_000 + b"1" + b"}" * 10_001, {}, 400,
+         None, "recursion"),
+        (b'{"model": "tiny-chat", "messages": [], "temperature": NaN}', {}, 400, "temperature", "finite"),
+        (b'[{"model": "tiny-chat"}]', {}, 400, None, "JSON object"),
+        (json.dumps(base).encode(), {"Content-Type": "application/x-www-form-urlencoded"}, 415, None,
+         "send application/json"),
+        (json.dumps({**base, "response_format": {"type": "json_object"}}).encode(), {}, 400, "response_format",
+         "structured output"),
+    ]  # fmt: skip
+    for content, headers, status, param, words in cases:
+        response = post(content, **headers)
+        assert words in _openai_error(response, status, param), content[:80]
+    assert "use POST" in _openai_error(httpx.get(url, headers=serve_app.headers), 405)
+    assert _openai_error(httpx.get(f"{serve_app.base_url}/v1/nothing", headers=serve_app.headers), 404)
+
+
+def test_overload_sheds_with_503_retry_after_and_every_accepted_request_completes_in_time(serve_app):
+    """4x the app's capacity (8 running + 8 queued per replica, the test app's args) at once."""
+    pids = {replica["pid"] for replica in serve_app.replicas()}
+    capacity, deadline_s = 16 * len(pids), 30
+    url = f"{serve_app.base_url}/v1/chat/completions"
+    barrier = threading.Barrier(4 * capacity)
+
+    def one(index: int) -> tuple[httpx.Response, float]:
+        body = {"model": REGISTERED, "messages": QUESTION, "max_tokens": 48, "temperature": 0, "stream": index % 2 == 1}
+        barrier.wait(timeout=30)
+        started = time.monotonic()
+        response = httpx.post(url, headers=serve_app.headers, json=body, timeout=120)
+        return response, time.monotonic() - started
+
+    with concurrent.futures.ThreadPoolExecutor(4 * capacity) as pool:
+        outcomes = list(pool.map(one, range(4 * capacity)))
+    shed = [r for r, _ in outcomes if r.status_code == 503]
+    accepted = [(r, took) for r, took in outcomes if r.status_code != 503]
+    assert shed and accepted, [r.status_code for r, _ in outcomes]
+    for response in shed:
+        assert response.headers["retry-after"] == "1" and "capacity" in _openai_error(response, 503)
+    for response, took in accepted:
+        _assert_openai_answer(response, stream=response.headers["content-type"].startswith("text/event-stream"))
+        assert took < deadline_s, took
+    assert pids <= {replica["pid"] for replica in serve_app.replicas()}  # shed, not crashed
+
+
+def test_a_client_that_disconnects_frees_its_batch_row(serve_app):
+    _wait_for(lambda: len(serve_app.replicas()) == 1, 90, "one replica (its counters are the app's)")
+    stats_url = f"{serve_app.base_url}/v1/stats"
+
+    def stats() -> dict:
+        return httpx.get(stats_url, headers=serve_app.headers, timeout=30).json()
+
+    body = {"model": REGISTERED, "messages": QUESTION, "max_tokens": 448, "temperature": 0}  # ~2.5 s
+    url = f"{serve_app.base_url}/v1/chat/completions"
+    before = stats()
+    with pytest.raises(httpx.ReadTimeout):  # a client that gives up waiting
+        httpx.post(url, headers=serve_app.headers, json=body, timeout=httpx.Timeout(30, read=0.3))
+    _wait_for(lambda: stats()["cancelled_rows"] == before["cancelled_rows"] + 1, 20, "the abandoned row to go")
+    with httpx.stream("POST", url, headers=serve_app.headers, json={**body, "stream": True}, timeout=30) as r:
+        next(r.iter_lines())  # a streaming client that reads one event and leaves
+    _wait_for(lambda: stats()["cancelled_rows"] == before["cancelled_rows"] + 2, 20, "the abandoned stream to go")
+    after = stats()
+    assert after["active_requests"] == 0, after
+    assert after["decode_rows"] - before["decode_rows"] < 2 * 448, "rows were dropped early, not decoded to the end"
 
 
 def _ask(serve_app: ServeApp, max_tokens: int, **extra) -> httpx.Response:

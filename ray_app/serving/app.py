@@ -12,7 +12,6 @@ Endpoints: ``POST /v1/chat/completions``, ``POST /v1/completions`` (both with ``
 
 from __future__ import annotations
 
-import asyncio
 import dataclasses
 import json
 import logging
@@ -21,20 +20,16 @@ import uuid
 from collections.abc import AsyncIterator
 from typing import Any
 
+from fastapi import Request
 from ray import serve
 from ray.serve import Application
 
 from ray_app.credentials import as_serve_identity, kept_out_of_runtime_envs, serve_api_keys
+from ray_app.serving.admission import Admission, DeadlineExceeded, Generation, failure
 from ray_app.serving.config import ServeArgs, ServedModel, parse_args, pin_model
 from ray_app.serving.engine import Delta, GenerationRequest, SamplingParams
-from ray_app.serving.protocol import (
-    APIError,
-    ChatCompletionRequest,
-    CompletionRequest,
-    bearer_key_error,
-    error_response,
-    hash_key,
-)
+from ray_app.serving.gate import BODY_KEY, ApiGate
+from ray_app.serving.protocol import APIError, ChatCompletionRequest, CompletionRequest, error_response, hash_key
 from ray_app.settings import get_settings
 
 logger = logging.getLogger("ray.serve")
@@ -44,8 +39,10 @@ DEPLOYMENT_NAME = "ChatServer"
 
 @serve.deployment(
     name=DEPLOYMENT_NAME,
-    # Generation requests are long; a replica takes a whole batch at once, and more queue there.
-    max_ongoing_requests=32,
+    # Above the replica's own admission bound (max_batch_size + max_queued_requests, ray_app.serving.admission),
+    # so that overload is answered by the replica in OpenAI's error JSON; the proxy's queue is the last line.
+    max_ongoing_requests=64,
+    max_queued_requests=256,
     autoscaling_config={"min_replicas": 1, "max_replicas": 2, "target_ongoing_requests": 8},
     ray_actor_options={"num_cpus": 1},
     graceful_shutdown_wait_loop_s=2,
@@ -76,9 +73,14 @@ class ChatServer:
             )
 
         self.batcher = ContinuousBatcher(build, args.max_batch_size, gather_s=args.batch_wait_timeout_s)
+        self.admission = Admission(
+            capacity=args.max_batch_size + args.max_queued_requests,
+            timeout_s=args.request_timeout_s,
+            retry_after_s=args.retry_after_s,
+        )
         self.engine = self.batcher.engine
         self.context = min(args.max_context or self.engine.context_length, self.engine.context_length)
-        self.headers = {"x-model-version": served.label, "x-mlflow-run-id": served.run_id or ""}
+        self.limits = args.limits()
         self._metrics()
         logger.info(
             "serving %s (%s) from %s on %s with %d thread(s), %d prepacked linear layers, loaded in %.1fs",
@@ -105,42 +107,24 @@ class ChatServer:
         )
         self.ttft.set_default_tags({"model_version": self.served.label})
 
-    # --- batching: one decode loop per replica; a new request joins it at the next step ------
-    async def _stream(self, request: GenerationRequest) -> AsyncIterator[Delta]:
-        started = time.monotonic()
-        first = True
-        loop = asyncio.get_running_loop()
-        deltas: asyncio.Queue[Delta | BaseException] = asyncio.Queue()
-        self.batcher.submit(request, lambda item: loop.call_soon_threadsafe(deltas.put_nowait, item))
-        try:
-            while True:
-                delta = await deltas.get()
-                if isinstance(delta, BaseException):
-                    raise delta
-                if first and delta.text:
-                    self.ttft.observe(time.monotonic() - started)
-                    first = False
-                yield delta
-                if delta.finish_reason:
-                    self.tokens_counter.inc(delta.completion_tokens)
-                    return
-        finally:
-            request.cancelled.set()  # the client left (or we are done): the loop drops the row
-
     def batching_stats(self) -> dict[str, int]:
-        """The decode loop's counters (a handle method, for benchmarks and debugging)."""
-        return dataclasses.asdict(self.batcher.stats)
+        """The decode loop's and admission's counters (a handle method, for benchmarks, tests and debugging)."""
+        admitted = {"active_requests": self.admission.active, "rejected_requests": self.admission.rejected}
+        return {**dataclasses.asdict(self.batcher.stats), **admitted}
 
     def __del__(self):
         batcher = getattr(self, "batcher", None)
         if batcher is not None:
             batcher.stop()
 
-    # --- request checks ---------------------------------------------------------------------
-    def authorize(self, authorization: str | None) -> None:
-        reason = bearer_key_error(authorization, self.key_hashes)
-        if reason:
-            raise APIError(401, reason, code="invalid_api_key")
+    # --- request checks (keys, body and limits are the ApiGate's) ------------------------------
+    def chat_prompt_ids(self, body: ChatCompletionRequest) -> list[int]:
+        from jinja2 import TemplateError
+
+        try:
+            return self.engine.chat_prompt_ids(body.chat_messages())
+        except TemplateError as exc:  # templates may refuse e.g. roles that do not alternate
+            raise APIError(400, f"messages: this model's chat template refused them: {exc}", param="messages") from None
 
     def plan(self, body: ChatCompletionRequest | CompletionRequest, prompt_ids: list[int]) -> GenerationRequest:
         if body.model != self.served.name:
@@ -158,12 +142,6 @@ class ChatServer:
                 param="messages" if isinstance(body, ChatCompletionRequest) else "prompt",
                 code="context_length_exceeded",
             )
-        if body.max_tokens is not None and body.max_tokens > self.args.max_tokens_limit:
-            raise APIError(
-                400,
-                f"max_tokens {body.max_tokens} is above this server's limit of {self.args.max_tokens_limit}",
-                param="max_tokens",
-            )
         if body.max_tokens is not None and prompt + body.max_tokens > self.context:
             raise APIError(
                 400,
@@ -175,8 +153,8 @@ class ChatServer:
         max_tokens = body.max_tokens or min(self.args.default_max_tokens, self.context - prompt)
         params = SamplingParams(
             max_tokens=max_tokens,
-            temperature=body.temperature,
-            top_p=body.top_p,
+            temperature=body.sampling_temperature,
+            top_p=body.sampling_top_p,
             stop=list(body.stop or []),
             seed=body.seed,
         )
@@ -184,77 +162,72 @@ class ChatServer:
 
     # --- responses ----------------------------------------------------------------------------
     async def respond(self, body: ChatCompletionRequest | CompletionRequest, request: GenerationRequest, chat: bool):
-        from fastapi.responses import JSONResponse, StreamingResponse
+        """Admit ``request`` (503 when full), wait for its first token (503 past the deadline), then answer."""
+        from fastapi.responses import StreamingResponse
 
-        request_id = _request_id()
-        kind = "chat.completion" if chat else "text_completion"
-        common = {
-            "id": f"{'chatcmpl' if chat else 'cmpl'}-{request_id}",
-            "created": int(time.time()),
-            "model": self.served.name,
-            "system_fingerprint": self.served.label,
-        }
-        prompt_tokens = len(request.prompt_ids)
+        generation = self.admission.admit(self.batcher, request)
+        try:
+            first = await generation.first()  # APIError: 503 past the deadline, 500 if the row failed
+        except BaseException:  # also the client leaving (CancelledError)
+            generation.close()
+            raise
+        self.ttft.observe(time.monotonic() - generation.arrived)
+        answer = _Answer(self.served, _request_id(), chat, len(request.prompt_ids))
         if not body.stream:
-            text, finish, tokens = [], "stop", 0
-            async for delta in self._stream(request):
+            try:
+                return await self._complete(answer, generation, first)
+            finally:
+                generation.close()
+        return StreamingResponse(
+            self._events(body, answer, generation, first),
+            media_type="text/event-stream",
+            headers={"Cache-Control": "no-cache"},
+        )
+
+    async def _complete(self, answer: _Answer, generation: Generation, first: Delta):
+        from fastapi.responses import JSONResponse
+
+        text, finish, tokens = [], "stop", 0
+        try:
+            async for delta in generation.deltas(first):
                 text.append(delta.text)
                 finish, tokens = delta.finish_reason or finish, delta.completion_tokens
-            answer = "".join(text)
-            choice = (
-                {"index": 0, "message": {"role": "assistant", "content": answer}, "finish_reason": finish}
-                if chat
-                else {"index": 0, "text": answer, "finish_reason": finish, "logprobs": None}
-            )
-            self._log(request_id, prompt_tokens, tokens, finish)
-            return JSONResponse(
-                {**common, "object": kind, "choices": [choice], "usage": _usage(prompt_tokens, tokens)},
-                headers=self.headers,
-            )
+        except Exception as exc:
+            self._failed(answer, exc)
+            raise failure(exc, self.admission.timeout_s) from None
+        self._finished(answer, tokens, finish)
+        return JSONResponse(answer.whole("".join(text), finish, tokens))
 
-        async def events() -> AsyncIterator[str]:
-            chunk_kind = "chat.completion.chunk" if chat else "text_completion"
-            if chat:
-                yield _sse(
-                    {
-                        **common,
-                        "object": chunk_kind,
-                        "choices": [{"index": 0, "delta": {"role": "assistant", "content": ""}, "finish_reason": None}],
-                    }
-                )
-            tokens, finish = 0, None
-            try:
-                async for delta in self._stream(request):
-                    tokens, finish = delta.completion_tokens, delta.finish_reason
-                    if not delta.text and not finish:
-                        continue
-                    choice = (
-                        {"index": 0, "delta": {"content": delta.text} if delta.text else {}, "finish_reason": finish}
-                        if chat
-                        else {"index": 0, "text": delta.text, "finish_reason": finish, "logprobs": None}
-                    )
-                    yield _sse({**common, "object": chunk_kind, "choices": [choice]})
-            except Exception as exc:  # headers are gone: report in-band, as OpenAI does
-                logger.exception("generation failed for request %s", request_id)
-                yield _sse(
-                    {
-                        "error": {
-                            "message": f"generation failed: {exc.__class__.__name__}",
-                            "type": "server_error",
-                            "param": None,
-                            "code": None,
-                        }
-                    }
-                )
-                return
-            if body.include_usage:
-                yield _sse({**common, "object": chunk_kind, "choices": [], "usage": _usage(prompt_tokens, tokens)})
-            yield "data: [DONE]\n\n"
-            self._log(request_id, prompt_tokens, tokens, finish)
+    async def _events(self, body, answer: _Answer, generation: Generation, first: Delta) -> AsyncIterator[str]:
+        """The SSE stream; a failure after the headers went out ends it with an error event, as OpenAI does."""
+        tokens, finish = 0, None
+        try:
+            if answer.chat:
+                yield _sse(answer.chunk({"role": "assistant", "content": ""}, None))
+            async for delta in generation.deltas(first):
+                tokens, finish = delta.completion_tokens, delta.finish_reason
+                if delta.text or finish:
+                    yield _sse(answer.chunk(delta.text, finish))
+        except Exception as exc:
+            self._failed(answer, exc)
+            yield _sse(failure(exc, self.admission.timeout_s).body())
+            return
+        finally:
+            generation.close()  # also when the client left: the loop drops the row at its next step
+        if body.include_usage:
+            yield _sse(answer.usage_chunk(tokens))
+        yield "data: [DONE]\n\n"
+        self._finished(answer, tokens, finish)
 
-        return StreamingResponse(
-            events(), media_type="text/event-stream", headers={**self.headers, "Cache-Control": "no-cache"}
-        )
+    def _finished(self, answer: _Answer, tokens: int, finish: str | None) -> None:
+        self.tokens_counter.inc(tokens)
+        self._log(answer.request_id, answer.prompt_tokens, tokens, finish)
+
+    def _failed(self, answer: _Answer, exc: BaseException) -> None:
+        if isinstance(exc, DeadlineExceeded):
+            logger.warning("request %s: deadline of %gs passed", answer.request_id, self.admission.timeout_s)
+        else:
+            logger.error("request %s: generation failed", answer.request_id, exc_info=exc)
 
     def _log(self, request_id: str, prompt: int, completion: int, finish: str | None) -> None:
         # Never the text: prompts and answers may be personal data.
@@ -273,31 +246,32 @@ class ChatServer:
 
 
 def build_api(server: ChatServer):
-    """The FastAPI app of one replica.
+    """The FastAPI app of one replica, behind the ApiGate (keys, body checks, headers, error shape).
 
     Module-level on purpose: Serve rewrites routes whose functions are named inside the
     deployment class (it treats them as methods and drops their first parameter).
     """
-    from fastapi import FastAPI, Header, Request
-    from fastapi.exceptions import RequestValidationError
+    from fastapi import FastAPI
+    from starlette.exceptions import HTTPException
 
     app = FastAPI(title="ray-llmops inference API", version="1")
+    gate = {"key_hashes": server.key_hashes, "version_headers": server.served.version_headers, "limits": server.limits}
+    app.add_middleware(ApiGate, **gate)
 
     @app.exception_handler(APIError)
     async def _api_error(_request: Request, exc: APIError):
         return exc.response()
 
-    @app.exception_handler(RequestValidationError)
-    async def _invalid_body(_request: Request, exc: RequestValidationError):
-        return error_response(400, _validation_message(exc), param=_validation_param(exc))
+    @app.exception_handler(HTTPException)
+    async def _http_error(_request: Request, exc: HTTPException):  # unknown paths (404) and the like
+        return error_response(exc.status_code, str(exc.detail), code=_HTTP_CODES.get(exc.status_code))
 
     @app.get("/healthz")
     async def healthz():
         return {"status": "ok", "model": server.served.name, "version": server.served.label}
 
     @app.get("/v1/models")
-    async def models(authorization: str | None = Header(default=None)):
-        server.authorize(authorization)
+    async def models():
         card = {
             "id": server.served.name,
             "object": "model",
@@ -310,19 +284,65 @@ def build_api(server: ChatServer):
         }
         return {"object": "list", "data": [card]}
 
+    @app.get("/v1/stats")
+    async def stats():  # a ray-llmops extension: this replica's decode loop and admission counters
+        return {"version": server.served.label, **server.batching_stats()}
+
     @app.post("/v1/chat/completions")
-    async def chat_completions(body: ChatCompletionRequest, authorization: str | None = Header(default=None)):
-        server.authorize(authorization)
-        request = server.plan(body, server.engine.chat_prompt_ids(body.chat_messages()))
-        return await server.respond(body, request, chat=True)
+    async def chat_completions(request: Request):
+        body: ChatCompletionRequest = request.scope[BODY_KEY]
+        server.admission.check()  # before tokenizing: a full replica sheds load cheaply
+        generation = server.plan(body, server.chat_prompt_ids(body))
+        return await server.respond(body, generation, chat=True)
 
     @app.post("/v1/completions")
-    async def completions(body: CompletionRequest, authorization: str | None = Header(default=None)):
-        server.authorize(authorization)
-        request = server.plan(body, server.engine.text_prompt_ids(body.prompt))
-        return await server.respond(body, request, chat=False)
+    async def completions(request: Request):
+        body: CompletionRequest = request.scope[BODY_KEY]
+        server.admission.check()
+        generation = server.plan(body, server.engine.text_prompt_ids(body.prompt))
+        return await server.respond(body, generation, chat=False)
 
     return app
+
+
+_HTTP_CODES = {404: "not_found", 405: "method_not_allowed"}
+
+
+class _Answer:
+    """The OpenAI bodies of one answer: whole, or chunk by chunk."""
+
+    def __init__(self, served: ServedModel, request_id: str, chat: bool, prompt_tokens: int):
+        self.request_id, self.chat, self.prompt_tokens = request_id, chat, prompt_tokens
+        self.common = {
+            "id": f"{'chatcmpl' if chat else 'cmpl'}-{request_id}",
+            "created": int(time.time()),
+            "model": served.name,
+            "system_fingerprint": served.label,
+        }
+
+    def whole(self, text: str, finish: str, tokens: int) -> dict:
+        choice = (
+            {"index": 0, "message": {"role": "assistant", "content": text}, "finish_reason": finish}
+            if self.chat
+            else {"index": 0, "text": text, "finish_reason": finish, "logprobs": None}
+        )
+        kind = "chat.completion" if self.chat else "text_completion"
+        return {**self.common, "object": kind, "choices": [choice], "usage": _usage(self.prompt_tokens, tokens)}
+
+    def chunk(self, delta: str | dict, finish: str | None) -> dict:
+        if self.chat:
+            content = delta if isinstance(delta, dict) else ({"content": delta} if delta else {})
+            choice = {"index": 0, "delta": content, "finish_reason": finish}
+        else:
+            choice = {"index": 0, "text": delta, "finish_reason": finish, "logprobs": None}
+        return {**self.common, "object": self._chunk_kind, "choices": [choice]}
+
+    def usage_chunk(self, tokens: int) -> dict:
+        return {**self.common, "object": self._chunk_kind, "choices": [], "usage": _usage(self.prompt_tokens, tokens)}
+
+    @property
+    def _chunk_kind(self) -> str:
+        return "chat.completion.chunk" if self.chat else "text_completion"
 
 
 def _request_id() -> str:
@@ -339,23 +359,6 @@ def _usage(prompt: int, completion: int) -> dict[str, int]:
 
 def _sse(payload: dict) -> str:
     return f"data: {json.dumps(payload, separators=(',', ':'))}\n\n"
-
-
-def _validation_param(exc) -> str | None:
-    for error in exc.errors():
-        loc = [str(part) for part in error.get("loc", ()) if part != "body"]
-        if loc:
-            return ".".join(loc)
-    return None
-
-
-def _validation_message(exc) -> str:
-    parts = []
-    for error in exc.errors():
-        loc = ".".join(str(part) for part in error.get("loc", ()) if part != "body")
-        message = str(error.get("msg", "invalid")).removeprefix("Value error, ")
-        parts.append(f"{loc}: {message}" if loc else message)
-    return "invalid request body: " + "; ".join(parts)
 
 
 def _key_hashes(args: ServeArgs) -> list[str]:

@@ -12,6 +12,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, model_validator
 
+from ray_app.serving.gate import Limits
 from ray_app.settings import Settings
 
 _REGISTRY_REF = re.compile(r"^models:/(?P<name>[^/@]+)(?:@(?P<alias>[\w-]+)|/(?P<version>\d+))$")
@@ -49,6 +50,22 @@ class ServeArgs(BaseModel):
     max_context: int | None = Field(default=None, ge=16, description="default: the model's max positions")
     default_max_tokens: int = Field(default=256, ge=1)
     max_tokens_limit: int = Field(default=1024, ge=1)
+    max_request_bytes: int = Field(
+        default=1 << 20, ge=1024, description="larger request bodies get 413 (checked before they are read)"
+    )
+    max_messages: int = Field(default=2048, ge=1, description="chat requests with more messages get 400")
+    max_queued_requests: int = Field(
+        default=16,
+        ge=0,
+        description="per replica: requests waiting beyond the running batch; one more gets 503 with Retry-After",
+    )
+    request_timeout_s: float = Field(
+        default=300.0,
+        gt=0,
+        le=3600,
+        description="deadline per request: no first token by then -> 503; not finished by then -> cut off (504)",
+    )
+    retry_after_s: int = Field(default=2, ge=1, le=600, description="the Retry-After of a 503")
     api_keys: list[SecretStr] | None = Field(
         default=None, description="prefer LLMOPS_API_KEYS in the cluster env: args show in the dashboard"
     )
@@ -68,6 +85,13 @@ class ServeArgs(BaseModel):
         if self.model_version and not (self.model and _REGISTRY_REF.match(self.model)):
             raise ValueError("model_version is only meaningful with model: models:/NAME@ALIAS")
         return self
+
+    def limits(self) -> Limits:
+        return Limits(
+            max_request_bytes=self.max_request_bytes,
+            max_messages=self.max_messages,
+            max_tokens_limit=self.max_tokens_limit,
+        )
 
 
 def parse_args(args: dict[str, Any] | ServeArgs | None) -> ServeArgs:
@@ -94,6 +118,11 @@ class ServedModel:
     registry_name: str | None = None
     version: str | None = None
     run_id: str | None = None
+
+    @property
+    def version_headers(self) -> dict[str, str]:
+        """Sent with every answer: which registry version (and MLflow run) produced it."""
+        return {"x-model-version": self.label, "x-mlflow-run-id": self.run_id or ""}
 
 
 def pin_model(args: ServeArgs, settings: Settings) -> ServedModel:

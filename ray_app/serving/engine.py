@@ -30,6 +30,8 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
+GREEDY_BELOW = 1e-5  # temperatures under this decode greedily (the API maps them to 0 too; vLLM's bound)
+
 
 @dataclass
 class SamplingParams:
@@ -48,6 +50,7 @@ class GenerationRequest:
     params: SamplingParams
     # Set by the caller when its client went away; the loop drops the row at the next step.
     cancelled: threading.Event = field(default_factory=threading.Event)
+    deadline: float | None = None  # time.monotonic() after which the loop drops the row ("deadline")
 
 
 @dataclass
@@ -56,7 +59,8 @@ class Delta:
 
     text: str
     completion_tokens: int
-    finish_reason: str | None = None  # "stop" (EOS or a stop string) or "length"
+    # "stop" (EOS or a stop string), "length"; early ends: "cancelled" (client gone), "deadline", "error"
+    finish_reason: str | None = None
 
 
 @dataclass
@@ -69,6 +73,8 @@ class BatchStats:
     prefill_rows: int = 0
     decode_seconds: float = 0.0  # wall time of completed decode steps: / decode_steps = mean step time
     prefill_seconds: float = 0.0  # of completed prefills
+    cancelled_rows: int = 0  # dropped because their client left or their deadline passed
+    failed_rows: int = 0  # failed alone (sampling or detokenizing raised); their batch went on
 
 
 log = logging.getLogger(__name__)
@@ -82,10 +88,22 @@ class _Row:
     ):
         self.request = request
         self.generator = generator
-        self.emit = emit
+        self._emit = emit
         self.token_ids: list[int] = []
         self.emitted = 0  # characters of the decoded text already sent
         self.done = False
+        self.failure: Exception | None = None  # what failed this row alone (the batch goes on)
+
+    def emit(self, item: Delta | BaseException) -> None:
+        """Hand ``item`` to the request's consumer; a consumer that fails (its event loop closed) is dropped."""
+        if self._emit is None:
+            return
+        try:
+            self._emit(item)
+        except Exception:
+            log.warning("a request's consumer failed to take its output; dropping the request", exc_info=True)
+            self._emit = None
+            self.request.cancelled.set()
 
 
 class _PackedLinear:
@@ -236,8 +254,7 @@ class TransformersEngine:
         with torch.inference_mode():
             out = self.model(input_ids=input_ids, attention_mask=attention, position_ids=positions,
                              use_cache=True, logits_to_keep=1)  # fmt: skip
-        logits = out.logits[:, -1, :].float()
-        next_ids = [self._sample(logits[i], row) for i, row in enumerate(rows)]
+        next_ids = self._sample_rows(out.logits[:, -1, :].float(), rows)
         return _Batch(rows, out.cache, attention, positions[:, -1:], next_ids)
 
     def decode(self, batch: _Batch) -> _Batch:
@@ -251,27 +268,42 @@ class TransformersEngine:
             out = self.model(input_ids=input_ids, attention_mask=batch.attention, position_ids=batch.positions,
                              cache=batch.cache, use_cache=True, logits_to_keep=1)  # fmt: skip
         batch.cache = out.cache
-        logits = out.logits[:, -1, :].float()
-        batch.next_ids = [self._sample(logits[i], row) for i, row in enumerate(batch.rows)]
+        batch.next_ids = self._sample_rows(out.logits[:, -1, :].float(), batch.rows)
         return batch
+
+    def _sample_rows(self, logits, rows: list[_Row]) -> list[int]:
+        """The next token of each row; a row whose sampling raises is failed alone (its token is padding)."""
+        next_ids = []
+        for i, row in enumerate(rows):
+            try:
+                next_ids.append(self._sample(logits[i], row))
+            except Exception as exc:
+                log.exception("sampling failed for one row; the rest of its batch goes on")
+                row.failure = exc
+                next_ids.append(self.pad_id)
+        return next_ids
 
     def _sample(self, logits, row: _Row) -> int:
         import torch
 
         params = row.request.params
-        if params.temperature == 0:
+        if params.temperature < GREEDY_BELOW:  # also keeps logits / temperature finite
             return int(logits.argmax())
         probs = torch.softmax(logits / params.temperature, dim=-1)
         if params.top_p < 1.0:
             sorted_probs, order = probs.sort(descending=True)
             # keep the smallest prefix whose mass reaches top_p (always at least one token)
             outside = sorted_probs.cumsum(-1) - sorted_probs >= params.top_p
+            outside[0] = False  # a top_p that underflows float32 (5e-324) would otherwise keep nothing
             sorted_probs[outside] = 0.0
             probs = torch.zeros_like(probs).scatter_(0, order, sorted_probs)
         return int(torch.multinomial(probs, 1, generator=row.generator))
 
     def _advance(self, row: _Row, token_id: int) -> Delta:
         """Append ``token_id`` to ``row`` and return the text that became final."""
+        if row.failure is not None:
+            row.done = True
+            return Delta("", len(row.token_ids), "error")
         params = row.request.params
         finish = None
         if token_id in self.eos_ids:
@@ -285,8 +317,8 @@ class TransformersEngine:
                 text, finish = text[:at], "stop"
         if finish is None and len(row.token_ids) >= params.max_tokens:
             finish = "length"
-        if finish is None and row.request.cancelled.is_set():
-            finish = "cancelled"
+        if finish is None:
+            finish = _ended_early(row.request)
         if finish is None:
             # Hold back an incomplete UTF-8 sequence and anything that may be the start of a stop string.
             hold = max((len(stop) - 1 for stop in params.stop), default=0)
@@ -299,6 +331,15 @@ class TransformersEngine:
         new_text = text[row.emitted : end] if end > row.emitted else ""
         row.emitted = max(row.emitted, end)
         return Delta(new_text, len(row.token_ids), finish)
+
+
+def _ended_early(request: GenerationRequest) -> str | None:
+    """Why ``request`` must stop now although it could go on: its client left, or its deadline passed."""
+    if request.cancelled.is_set():
+        return "cancelled"
+    if request.deadline is not None and time.monotonic() > request.deadline:
+        return "deadline"
+    return None
 
 
 class _Batch:
@@ -423,6 +464,8 @@ class ContinuousBatcher:
                         first = self._waiting.get(timeout=0.5)
                     except queue.Empty:
                         continue
+                    if self._ended_in_queue(first):
+                        continue
                     if self.gather_s:
                         self._stopped.wait(self.gather_s)
                     newcomers = [first, *self._take(self.max_batch_size - 1)]
@@ -444,13 +487,25 @@ class ContinuousBatcher:
                 batch = None
 
     def _take(self, limit: int) -> list[_Row]:
+        """Up to ``limit`` waiting rows; rows whose client left or whose deadline passed are dropped."""
         rows = []
         while len(rows) < limit:
             try:
-                rows.append(self._waiting.get_nowait())
+                row = self._waiting.get_nowait()
             except queue.Empty:
                 break
+            if self._ended_in_queue(row):
+                continue
+            rows.append(row)
         return rows
+
+    def _ended_in_queue(self, row: _Row) -> bool:
+        reason = _ended_early(row.request)
+        if reason is None:
+            return False
+        self.stats.cancelled_rows += 1
+        row.emit(Delta("", 0, reason))
+        return True
 
     def _prefill(self, rows: list[_Row]) -> _Batch | None:
         """Prefill newcomers and emit their first tokens; None if all finished (or failed: they are told)."""
@@ -476,10 +531,24 @@ class ContinuousBatcher:
         return self._after_step(batch)
 
     def _after_step(self, batch: _Batch) -> _Batch | None:
-        """Emit each row's new text for the token just sampled; drop finished rows."""
+        """Emit each row's new text for the token just sampled; drop finished rows.
+
+        A row that failed alone (sampling or detokenizing raised) gets its exception and is
+        dropped; the other rows go on as if it had never been there.
+        """
         keep = []
         for i, row in enumerate(batch.rows):
-            delta = self.engine._advance(row, batch.next_ids[i])
+            try:
+                delta = self.engine._advance(row, batch.next_ids[i])
+            except Exception as exc:
+                log.exception("detokenizing failed for one row; the rest of its batch goes on")
+                row.failure, row.done = exc, True
+            if row.failure is not None:
+                self.stats.failed_rows += 1
+                row.emit(row.failure)
+                continue
+            if delta.finish_reason in ("cancelled", "deadline"):
+                self.stats.cancelled_rows += 1
             if delta.text or delta.finish_reason:
                 row.emit(delta)
             if not row.done:

@@ -1,18 +1,37 @@
 """The OpenAI wire format: request bodies (validated) and the error JSON.
 
-Only what the transformers engine implements is accepted; a field that would change the
-answer but is not supported (``n > 1``, ``logprobs``, tools, penalties) is refused with a 400
-that names it, rather than silently ignored.
+Bodies are parsed and validated in one step by pydantic's JSON parser (:func:`parse_body`),
+strictly: ``max_tokens: "5"`` or ``true`` is a type error, ``NaN`` and ``Infinity`` are
+refused, a string with a lone surrogate or bytes that are not UTF-8 are invalid JSON, and
+nesting deeper than the parser's limit is refused rather than recursed into.
+
+Nothing is silently ignored. A field OpenAI defines that would change the answer but is
+not implemented here (``response_format``, tools, ``logit_bias``, ``n > 1``, logprobs,
+penalties...) is refused with a 400 that names it, unless it is sent with its neutral value
+(``n: 1``, ``tool_choice: "none"``...). A field OpenAI does not define is refused as OpenAI
+does ("Unrecognized request argument supplied"). Fields that do not change the answer
+(``user``, ``metadata``, ``store``...) are accepted.
+
+Bounds where an engine would otherwise fail: ``seed`` is a 64-bit signed integer (vLLM's
+bound); a ``temperature`` below :data:`GREEDY_BELOW` decodes greedily (as vLLM does), so a
+tiny positive one cannot overflow the softmax; ``top_p`` keeps at least the most likely token;
+``stop`` takes up to 4 strings of at most :data:`STOP_MAX_CHARS` characters.
 """
 
 from __future__ import annotations
 
 import hashlib
 import hmac
-from typing import Literal
+from typing import Any, Literal
 
 from fastapi.responses import JSONResponse
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator, model_validator
+
+from ray_app.serving.engine import GREEDY_BELOW
+
+INT64_MIN, INT64_MAX = -(2**63), 2**63 - 1
+STOP_MAX_CHARS = 256
+MAX_STOPS = 4
 
 
 class APIError(Exception):
@@ -25,12 +44,17 @@ class APIError(Exception):
         param: str | None = None,
         code: str | None = None,
         kind: str = "invalid_request_error",
+        headers: dict[str, str] | None = None,
     ):
         super().__init__(message)
         self.status, self.message, self.param, self.code, self.kind = status, message, param, code, kind
+        self.headers = headers
+
+    def body(self) -> dict:
+        return error_body(self.message, self.param, self.code, self.kind)
 
     def response(self) -> JSONResponse:
-        return error_response(self.status, self.message, self.param, self.code, self.kind)
+        return error_response(self.status, self.message, self.param, self.code, self.kind, self.headers)
 
 
 def hash_key(key: str) -> str:
@@ -52,63 +76,154 @@ def bearer_key_error(authorization: str | None, key_hashes: list[str]) -> str | 
 
 
 def error_response(
-    status: int, message: str, param: str | None = None, code: str | None = None, kind: str = "invalid_request_error"
+    status: int,
+    message: str,
+    param: str | None = None,
+    code: str | None = None,
+    kind: str = "invalid_request_error",
+    headers: dict[str, str] | None = None,
 ) -> JSONResponse:
-    body = {"error": {"message": message, "type": kind, "param": param, "code": code}}
-    headers = {"WWW-Authenticate": "Bearer"} if status == 401 else None
-    return JSONResponse(body, status_code=status, headers=headers)
+    extra = {"WWW-Authenticate": "Bearer"} if status == 401 else {}
+    return JSONResponse(
+        error_body(message, param, code, kind), status_code=status, headers={**extra, **(headers or {})}
+    )
+
+
+def error_body(message: str, param: str | None = None, code: str | None = None, kind: str = "invalid_request_error"):
+    """OpenAI's error JSON: in a 4xx/5xx response, or as the last event of a stream that failed."""
+    return {"error": {"message": message, "type": kind, "param": param, "code": code}}
+
+
+# --- fields that would change the answer: accepted only with their neutral value -------------
+def _empty(value: Any) -> bool:
+    return value is None or value is False or value == 0 or value == [] or value == {} or value == ""
+
+
+_UNSUPPORTED: dict[str, tuple[Any, str]] = {
+    # field: (test of the neutral value, why it is refused)
+    "response_format": (lambda v: v is None or v == {"type": "text"}, "structured output is not supported yet"),
+    "tools": (_empty, "tool calling is not supported yet"),
+    "tool_choice": (lambda v: v in (None, "none"), "tool calling is not supported yet"),
+    "functions": (_empty, "function calling is not supported yet"),
+    "function_call": (lambda v: v in (None, "none"), "function calling is not supported yet"),
+    "logit_bias": (_empty, "logit_bias is not supported by this engine"),
+    "logprobs": (_empty, "logprobs are not supported by this engine"),
+    "top_logprobs": (_empty, "logprobs are not supported by this engine"),
+    "n": (lambda v: v is None or (v == 1 and v is not True), "only n=1 is supported"),
+    "best_of": (lambda v: v is None or (v == 1 and v is not True), "only best_of=1 is supported"),
+    "presence_penalty": (_empty, "penalties are not supported by this engine"),
+    "frequency_penalty": (_empty, "penalties are not supported by this engine"),
+    "echo": (_empty, "echo is not supported by this engine"),
+    "suffix": (_empty, "suffix (insertion) is not supported by this engine"),
+    "audio": (_empty, "audio output is not supported"),
+    "modalities": (lambda v: v is None or v == ["text"], "only text output is supported"),
+    "prediction": (_empty, "predicted outputs are not supported"),
+    "web_search_options": (_empty, "web search is not supported"),
+    "reasoning_effort": (_empty, "this model does not reason: reasoning_effort is not supported"),
+    "verbosity": (_empty, "verbosity is not supported by this engine"),
+}
+
+
+def _neutral_only(value: Any, info: ValidationInfo) -> Any:
+    is_neutral, why = _UNSUPPORTED[info.field_name]
+    try:
+        neutral = bool(is_neutral(value))
+    except Exception:  # a value of a type the test cannot compare
+        neutral = False
+    if not neutral:
+        raise ValueError(why)
+    return value
+
+
+# The fields of _UNSUPPORTED each endpoint declares (so that a refusal names the field in `param`).
+_COMMON_REFUSED = ("n", "logit_bias", "presence_penalty", "frequency_penalty")
+_CHAT_REFUSED = ("response_format", "tools", "tool_choice", "functions", "function_call", "logprobs",
+                 "top_logprobs", "audio", "modalities", "prediction", "web_search_options", "reasoning_effort",
+                 "verbosity")  # fmt: skip
+_COMPLETION_REFUSED = ("echo", "suffix", "best_of", "logprobs")
+
+
+class StreamOptions(BaseModel):
+    model_config = ConfigDict(extra="forbid", strict=True)
+
+    include_usage: bool = False
+    include_obfuscation: bool | None = None  # OpenAI's padding of stream events: nothing to pad here
 
 
 class _Request(BaseModel):
-    # Unknown fields are ignored like OpenAI does (clients send `user`, `metadata`...).
-    model_config = ConfigDict(extra="ignore")
+    model_config = ConfigDict(extra="forbid", strict=True, allow_inf_nan=False)
 
-    model: str = Field(min_length=1)
+    model: str = Field(min_length=1, max_length=256)
     max_tokens: int | None = Field(default=None, ge=1)
-    temperature: float = Field(default=1.0, ge=0.0, le=2.0)
-    top_p: float = Field(default=1.0, gt=0.0, le=1.0)
+    temperature: float | None = Field(default=None, ge=0.0, le=2.0)
+    top_p: float | None = Field(default=None, gt=0.0, le=1.0)
     stop: str | list[str] | None = None
-    seed: int | None = None
-    n: int = 1
-    stream: bool = False
-    stream_options: dict | None = None
-    logprobs: bool | int | None = None
-    presence_penalty: float = 0.0
-    frequency_penalty: float = 0.0
+    seed: int | None = Field(default=None, ge=INT64_MIN, le=INT64_MAX)
+    stream: bool | None = False
+    stream_options: StreamOptions | None = None
+    # Accepted: they do not change the answer.
+    user: str | None = Field(default=None, max_length=512)
+    metadata: dict[str, str] | None = None
+    store: bool | None = None
+    service_tier: str | None = None
+    # Refused unless neutral (see _UNSUPPORTED).
+    n: Any = None
+    logit_bias: Any = None
+    presence_penalty: Any = None
+    frequency_penalty: Any = None
 
     @field_validator("stop")
     @classmethod
     def _stop_list(cls, value: str | list[str] | None) -> list[str]:
         stops = [value] if isinstance(value, str) else list(value or [])
-        if len(stops) > 4 or any(not stop for stop in stops):
-            raise ValueError("stop takes up to 4 non-empty strings")
+        if len(stops) > MAX_STOPS or any(not stop or len(stop) > STOP_MAX_CHARS for stop in stops):
+            raise ValueError(f"up to {MAX_STOPS} non-empty strings of at most {STOP_MAX_CHARS} characters")
         return stops
 
+    @field_validator(*_COMMON_REFUSED)
+    @classmethod
+    def _common_neutral(cls, value: Any, info: ValidationInfo) -> Any:
+        return _neutral_only(value, info)
+
     @model_validator(mode="after")
-    def _supported(self):
-        if self.n != 1:
-            raise ValueError("n: only n=1 is supported")
-        if self.logprobs:
-            raise ValueError("logprobs: not supported by this engine")
-        if self.presence_penalty or self.frequency_penalty:
-            raise ValueError("presence_penalty/frequency_penalty: not supported by this engine")
+    def _stream_options_need_stream(self):
+        if self.stream_options is not None and not self.stream:
+            raise ValueError("stream_options: only allowed when stream is true")
         return self
 
     @property
     def include_usage(self) -> bool:
-        return bool((self.stream_options or {}).get("include_usage"))
+        return bool(self.stream_options and self.stream_options.include_usage)
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature is not None and self.temperature < GREEDY_BELOW
+
+    @property
+    def sampling_temperature(self) -> float:
+        """The temperature the engine applies: 0 (greedy) below GREEDY_BELOW; OpenAI's default is 1."""
+        if self.temperature is None:
+            return 1.0
+        return 0.0 if self.greedy else self.temperature
+
+    @property
+    def sampling_top_p(self) -> float:
+        return 1.0 if self.top_p is None else self.top_p
 
 
 class ContentPart(BaseModel):
+    model_config = ConfigDict(extra="forbid", strict=True)
+
     type: Literal["text"]
     text: str
 
 
 class ChatMessage(BaseModel):
-    model_config = ConfigDict(extra="ignore")
+    model_config = ConfigDict(extra="forbid", strict=True)
 
     role: Literal["system", "developer", "user", "assistant"]
     content: str | list[ContentPart]
+    name: str | None = Field(default=None, max_length=256)  # templates ignore it, as OpenAI's models may
 
     def text(self) -> str:
         if isinstance(self.content, str):
@@ -119,12 +234,33 @@ class ChatMessage(BaseModel):
 class ChatCompletionRequest(_Request):
     messages: list[ChatMessage] = Field(min_length=1)
     max_completion_tokens: int | None = Field(default=None, ge=1)
-    tools: list | None = None
+    parallel_tool_calls: bool | None = None  # meaningless without tools, which are refused
+    safety_identifier: str | None = Field(default=None, max_length=512)
+    prompt_cache_key: str | None = Field(default=None, max_length=512)
+    response_format: Any = None
+    tools: Any = None
+    tool_choice: Any = None
+    functions: Any = None
+    function_call: Any = None
+    logprobs: Any = None
+    top_logprobs: Any = None
+    audio: Any = None
+    modalities: Any = None
+    prediction: Any = None
+    web_search_options: Any = None
+    reasoning_effort: Any = None
+    verbosity: Any = None
+
+    @field_validator(*_CHAT_REFUSED)
+    @classmethod
+    def _chat_neutral(cls, value: Any, info: ValidationInfo) -> Any:
+        return _neutral_only(value, info)
 
     @model_validator(mode="after")
-    def _chat_supported(self):
-        if self.tools:
-            raise ValueError("tools: tool calls are not supported by this engine")
+    def _one_max_tokens(self):
+        if self.max_tokens is not None and self.max_completion_tokens is not None:
+            if self.max_tokens != self.max_completion_tokens:
+                raise ValueError("max_tokens and max_completion_tokens differ: send one of them")
         if self.max_tokens is None:
             self.max_tokens = self.max_completion_tokens
         return self
@@ -136,21 +272,73 @@ class ChatCompletionRequest(_Request):
 
 class CompletionRequest(_Request):
     prompt: str | list[str]
-    echo: bool = False
+    echo: Any = None
+    suffix: Any = None
+    best_of: Any = None
+    logprobs: Any = None
 
     @field_validator("prompt")
     @classmethod
     def _one_prompt(cls, value: str | list[str]) -> str:
         if isinstance(value, list):
             if len(value) != 1:
-                raise ValueError("prompt: exactly one prompt per request is supported")
+                raise ValueError("exactly one prompt per request is supported")
             value = value[0]
         if not value:
             raise ValueError("prompt must not be empty")
         return value
 
-    @model_validator(mode="after")
-    def _completion_supported(self):
-        if self.echo:
-            raise ValueError("echo: not supported by this engine")
-        return self
+    @field_validator(*_COMPLETION_REFUSED)
+    @classmethod
+    def _completion_neutral(cls, value: Any, info: ValidationInfo) -> Any:
+        return _neutral_only(value, info)
+
+
+OpenAIRequest = ChatCompletionRequest | CompletionRequest
+
+
+def parse_body(raw: bytes, model: type[OpenAIRequest]) -> OpenAIRequest:
+    """Parse and validate a request body; raises APIError(400) naming the first bad field."""
+    try:
+        return model.model_validate_json(raw)
+    except ValidationError as exc:
+        raise _invalid(exc, model) from None
+
+
+def _invalid(exc: ValidationError, model: type[OpenAIRequest]) -> APIError:
+    errors = exc.errors(include_url=False, include_input=False)
+    first = errors[0]
+    if first["type"] == "json_invalid":
+        reason = first["msg"].removeprefix("Invalid JSON: ")
+        if "surrogate" in reason or "hex escape" in reason:
+            reason += " (strings must be valid Unicode: a lone surrogate is not)"
+        return APIError(400, f"the request body is not valid JSON: {reason}")
+    if first["type"] == "model_type" and not first["loc"]:
+        return APIError(400, "the request body must be a JSON object")
+    unknown = [error for error in errors if error["type"] == "extra_forbidden" and len(error["loc"]) == 1]
+    if unknown:
+        name = _loc(unknown[0]["loc"])
+        return APIError(400, f"Unrecognized request argument supplied: {name}", param=name)
+    parts = []
+    for error in errors[:5]:
+        loc, message = _loc(error["loc"]), str(error["msg"]).removeprefix("Value error, ")
+        parts.append(f"{loc}: {message}" if loc else message)
+    more = f" (and {len(errors) - 5} more)" if len(errors) > 5 else ""
+    param = _loc(first["loc"]) or None
+    if param is None:  # a check across fields: its message starts with the field it blames
+        named = parts[0].split(":", 1)[0]
+        param = named if named in model.model_fields else None
+    return APIError(400, "invalid request body: " + "; ".join(parts) + more, param=param)
+
+
+def _loc(loc: tuple) -> str:
+    # Union members add their type names to the location ("content.str"): keep field names and indexes.
+    names = [str(part) for part in loc if isinstance(part, int) or not _is_type_tag(str(part))]
+    return ".".join(names)
+
+
+_TYPE_TAGS = {"str", "int", "float", "bool", "StreamOptions", "ContentPart"}
+
+
+def _is_type_tag(part: str) -> bool:
+    return part in _TYPE_TAGS or part.startswith(("list[", "dict[", "function-"))

@@ -2,8 +2,8 @@
 
 `ray.serve.llm` brings continuous batching, paged attention and its own OpenAI router; we
 give it the pinned model (read from the store: vLLM loads ``s3://`` sources itself) and wrap
-its FastAPI app with the bearer-key check and the model-version headers the transformers
-engine sends, so clients see one API whichever engine runs.
+its FastAPI app with the ApiGate the transformers engine uses (API keys, the same body
+checks and limits, model-version headers), so clients see one API whichever engine runs.
 """
 
 from __future__ import annotations
@@ -12,32 +12,8 @@ from ray import serve
 from ray.serve import Application
 
 from ray_app.serving.config import ServeArgs, ServeConfigError, ServedModel
-from ray_app.serving.protocol import bearer_key_error, error_response
+from ray_app.serving.gate import ApiGate
 from ray_app.settings import Settings
-
-
-class BearerKeyMiddleware:
-    """ASGI middleware: 401 on ``/v1/*`` without a known key; adds the model-version headers."""
-
-    def __init__(self, app, key_hashes: list[str], served: ServedModel):
-        self.app, self.key_hashes = app, key_hashes
-        self.extra = [(b"x-model-version", served.label.encode()), (b"x-mlflow-run-id", (served.run_id or "").encode())]
-
-    async def __call__(self, scope, receive, send):
-        if scope["type"] != "http":
-            return await self.app(scope, receive, send)
-        if scope["path"].startswith("/v1"):
-            header = dict(scope["headers"]).get(b"authorization", b"").decode()
-            reason = bearer_key_error(header, self.key_hashes)
-            if reason:
-                return await error_response(401, reason, code="invalid_api_key")(scope, receive, send)
-
-        async def send_with_headers(message):
-            if message["type"] == "http.response.start":
-                message = {**message, "headers": [*message.get("headers", []), *self.extra]}
-            await send(message)
-
-        return await self.app(scope, receive, send_with_headers)
 
 
 def build_vllm_app(args: ServeArgs, served: ServedModel, key_hashes: list[str], settings: Settings) -> Application:
@@ -67,7 +43,8 @@ def build_vllm_app(args: ServeArgs, served: ServedModel, key_hashes: list[str], 
         **({"accelerator_type": args.vllm_accelerator_type} if args.vllm_accelerator_type else {}),
     )
     app = init_ingress_app()
-    app.add_middleware(BearerKeyMiddleware, key_hashes=key_hashes, served=served)
+    # The same front door as the transformers engine: keys, body checks and limits, error shape.
+    app.add_middleware(ApiGate, key_hashes=key_hashes, version_headers=served.version_headers, limits=args.limits())
     ingress_cls = make_fastapi_ingress(OpenAiIngress, app=app)
     options = OpenAiIngress.get_deployment_options([llm_config])
     return serve.deployment(ingress_cls, **options).bind(

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 import subprocess
+import threading
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -76,7 +77,10 @@ def chat_serve(ray_cluster: Settings, serve_http_port: int, tmp_path_factory) ->
     settings = ray_cluster.model_copy(update={"serve_port": serve_http_port})
     model = build_tiny_chat_model(tmp_path_factory.mktemp("chat-model") / "tiny-chat-model")
     config = load_serve_config(REPO / "serve_configs" / "local.yaml", settings, model=str(model))
-    config["applications"][0]["args"].update({"max_tokens_limit": 128, "default_max_tokens": 32})
+    # No queue past the running batch of 8: a ninth request gets 503 + Retry-After (the busy test).
+    config["applications"][0]["args"].update(
+        {"max_tokens_limit": 128, "default_max_tokens": 32, "max_queued_requests": 0, "retry_after_s": 1}
+    )
     deploy(config, settings, wait_s=240)
     try:
         yield settings
@@ -260,6 +264,63 @@ def test_with_serve_unreachable_the_page_shows_an_error_and_no_traceback(browser
         body = page.locator("body").inner_text()
         assert "is not answering" in body and "Traceback" not in body and dead.removesuffix("/v1") in body
         page.context.close()
+
+
+def test_a_busy_server_makes_the_chat_say_so_and_retry_until_it_answers(browser, chat_serve, tmp_path):
+    """Serve at capacity answers 503 + Retry-After: the chat shows "busy, retrying" instead of
+    failing or hanging, and the answer comes once the load is gone."""
+    import httpx
+
+    api = f"{chat_serve.serve_url}/v1/chat/completions"
+    load = {"model": "tiny-chat-model", "messages": [{"role": "user", "content": "Go on"}], "max_tokens": 128}
+    stop, shed = threading.Event(), []
+
+    def occupy() -> None:  # 12 clients in a loop keep the 8 batch slots full
+        with httpx.Client(headers={"Authorization": f"Bearer {chat_serve.serve_api_keys()[0]}"}, timeout=60) as http:
+            while not stop.is_set():
+                if http.post(api, json=load).status_code == 503:
+                    shed.append(1)
+                    time.sleep(0.02)
+
+    database = f"sqlite+aiosqlite:///{tmp_path / 'chat.db'}"
+    with running_chat(chat_serve, database, tmp_path / "home") as url:
+        page = login(browser, url)
+        clients = [threading.Thread(target=occupy, daemon=True) for _ in range(12)]
+        for client in clients:
+            client.start()
+        try:
+            _wait(lambda: len(shed) > 5, 30, "the server to shed load")
+            for attempt in range(3):  # the chat's first try may find a slot the moment one frees: ask again
+                send(page, f"Are you busy? ({attempt})")
+                if _seen(page, "The model is busy: retrying in", 15):
+                    break
+            else:
+                raise AssertionError("the chat never said the server was busy")
+        finally:
+            stop.set()
+            for client in clients:
+                client.join(timeout=60)
+        last_answer(page, "answered by", timeout_s=60)
+        body = page.locator("body").inner_text()
+        assert "Traceback" not in body and "refused" not in body
+        assert not _seen(page, "The model is busy", 2), "the busy line goes once the answer comes"
+        page.context.close()
+
+
+def _seen(page, text: str, timeout_s: float) -> bool:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if text in page.locator("body").inner_text():
+            return True
+        time.sleep(0.2)
+    return False
+
+
+def _wait(predicate, timeout_s: float, what: str) -> None:
+    deadline = time.monotonic() + timeout_s
+    while not predicate():
+        assert time.monotonic() < deadline, f"timed out after {timeout_s}s waiting for {what}"
+        time.sleep(0.2)
 
 
 def test_logins_take_hashes_only_cost_the_same_for_unknown_names_are_throttled_and_same_origin(chat_serve, tmp_path):

@@ -9,13 +9,16 @@
 - Each answer records the model version that produced it (step metadata) and shows it
   under the answer; thumbs up/down + comment land in `feedbacks`, read back by
   `ray_app.chat.feedback` for retraining.
-- When Serve is down or slow, the user gets a one-line error and a Retry button.
+- When Serve is down or slow, the user gets a one-line error and a Retry button; when it is
+  busy (503/429) the chat says so and retries with backoff (``BusyRetry``).
 """
 
 from __future__ import annotations
 
 import asyncio
+import random
 import re
+import time
 
 import chainlit as cl
 import httpx
@@ -23,7 +26,7 @@ from chainlit.config import config as chainlit_config
 from chainlit.data.sql_alchemy import SQLAlchemyDataLayer
 from chainlit.input_widget import Select, Slider, TextInput
 from chainlit.server import app as chainlit_app
-from openai import APIConnectionError, APIStatusError, APITimeoutError, AsyncOpenAI
+from openai import APIConnectionError, APIError, APIStatusError, APITimeoutError, AsyncOpenAI
 
 from ray_app import credentials
 from ray_app.chat import guard
@@ -44,7 +47,10 @@ LOGINS = load_logins(SETTINGS)
 
 upgrade_schema(str(SETTINGS.chat_database_url))
 guard.install(chainlit_app, SETTINGS, root_path=chainlit_config.run.root_path or "")
-client = AsyncOpenAI(base_url=SERVE_URL, api_key=API_KEY, timeout=SETTINGS.chat_timeout_s, max_retries=1)
+# Retries are ours (BusyRetry): the user sees why they wait.
+client = AsyncOpenAI(base_url=SERVE_URL, api_key=API_KEY, timeout=SETTINGS.chat_timeout_s, max_retries=0)
+BUSY_STATUSES = (429, 503)
+BUSY_FIRST_WAIT_S, BUSY_MAX_WAIT_S = 1.0, 15.0
 
 
 @cl.data_layer
@@ -158,35 +164,99 @@ async def answer(text: str) -> None:
     max_tokens = min(max_tokens, max(16, context // 2), int(models[model].get("max_tokens_limit") or max_tokens))
 
     msg = cl.Message(content="", author="assistant")
-    version = None
-    for drop in range(0, len(messages) + 1, 2):
-        try:
-            stream = await client.chat.completions.create(
-                model=model, messages=trimmed(messages, context - max_tokens, drop), stream=True,
-                temperature=float(chat_settings.get("temperature", 0.7)), max_tokens=max_tokens,
-            )  # fmt: skip
-            async for chunk in stream:
-                version = chunk.system_fingerprint or version
-                if chunk.choices and chunk.choices[0].delta.content:
-                    await msg.stream_token(chunk.choices[0].delta.content)
-            break
-        except APIStatusError as exc:
-            if exc.status_code == 400 and "context" in str(exc.message) and not msg.content:
-                continue  # our estimate was off: drop the oldest turn and ask again
-            await retryable_error(text, f"The model server refused the request: {_error_message(exc)}")
-            return
-        except (APIConnectionError, APITimeoutError) as exc:
-            if msg.content:
-                await msg.stream_token("\n\n[the answer was cut off: the model server stopped responding]")
-                await msg.send()
-            await retryable_error(text, unreachable_text(exc.__class__.__name__))
-            return
+    request = {"model": model, "temperature": float(chat_settings.get("temperature", 0.7)), "max_tokens": max_tokens}
+    answered, version = await ask(msg, text, request, lambda drop: trimmed(messages, context - max_tokens, drop))
+    if not answered:
+        return
     answer_text = msg.content
     cl.user_session.set("history", [*history, {"role": "user", "content": text},
                                     {"role": "assistant", "content": answer_text}])  # fmt: skip
     msg.metadata = {"model_version": version, "model": model, "answer": answer_text}
     msg.content = f"{answer_text}\n\n*answered by {version or model}*"
     await msg.send()
+
+
+async def ask(msg: cl.Message, text: str, request: dict, conversation) -> tuple[bool, str | None]:
+    """Stream the answer into ``msg``: fewer turns while the server says the prompt is too long,
+    waiting while it is busy. Returns (answered, model version); on failure the user was told."""
+    busy = BusyRetry(SETTINGS.chat_busy_retry_s)
+    drop = 0
+    try:
+        while True:
+            try:
+                return True, await stream_into(msg, {**request, "messages": conversation(drop)})
+            except APIStatusError as exc:
+                too_long = exc.status_code == 400 and "context" in str(exc.message) and not msg.content
+                if too_long and conversation(drop + 2) != conversation(drop):
+                    drop += 2  # our estimate was off: drop the oldest turn and ask again
+                    continue
+                if exc.status_code in BUSY_STATUSES and not msg.content and await busy.wait(exc):
+                    continue  # Serve shed load: it said when to come back
+                await retryable_error(text, f"The model server refused the request: {_error_message(exc)}")
+            except (APIConnectionError, APITimeoutError) as exc:
+                await cut_off(msg, "the model server stopped responding")
+                await retryable_error(text, unreachable_text(exc.__class__.__name__))
+            except APIError as exc:  # an error event in the stream (e.g. the request's deadline passed)
+                await cut_off(msg, str(exc.message))
+                await retryable_error(text, f"The model server could not finish the answer: {exc.message}")
+            return False, None
+    finally:
+        await busy.done()
+
+
+async def cut_off(msg: cl.Message, why: str) -> None:
+    if msg.content:
+        await msg.stream_token(f"\n\n[the answer was cut off: {why}]")
+        await msg.send()
+
+
+async def stream_into(msg: cl.Message, request: dict) -> str | None:
+    """Stream one answer into ``msg``; returns the model version that wrote it."""
+    version = None
+    stream = await client.chat.completions.create(stream=True, **request)
+    async for chunk in stream:
+        version = chunk.system_fingerprint or version
+        if chunk.choices and chunk.choices[0].delta.content:
+            await msg.stream_token(chunk.choices[0].delta.content)
+    return version
+
+
+class BusyRetry:
+    """While Serve answers 503/429, wait (its Retry-After, else exponential backoff with jitter) and
+    say so in one line that updates, for up to ``budget_s``; then give up (the user gets Retry)."""
+
+    def __init__(self, budget_s: float):
+        self.budget_s, self.started, self.attempt = budget_s, time.monotonic(), 0
+        self.notice: cl.Message | None = None
+
+    async def wait(self, exc: APIStatusError) -> bool:
+        """Wait before the next try; False when the budget is spent."""
+        backoff = min(BUSY_MAX_WAIT_S, BUSY_FIRST_WAIT_S * 2**self.attempt) * random.uniform(0.8, 1.2)  # noqa: S311 (jitter)
+        delay = max(_retry_after(exc), backoff)
+        if time.monotonic() + delay - self.started > self.budget_s:
+            return False
+        self.attempt += 1
+        text = f"The model is busy: retrying in {delay:.0f} s (attempt {self.attempt})."
+        if self.notice is None:
+            self.notice = cl.Message(content=text, author="system")
+            await self.notice.send()
+        else:
+            self.notice.content = text
+            await self.notice.update()
+        await asyncio.sleep(delay)
+        return True
+
+    async def done(self) -> None:
+        if self.notice is not None:
+            await self.notice.remove()
+            self.notice = None
+
+
+def _retry_after(exc: APIStatusError) -> float:
+    try:
+        return min(BUSY_MAX_WAIT_S, float(exc.response.headers.get("retry-after", 0)))
+    except ValueError:  # an HTTP date: not what Serve sends
+        return 0.0
 
 
 def _error_message(exc: APIStatusError) -> str:

@@ -696,16 +696,17 @@ def _fuzz_bodies():
 
 
 def test_fuzzed_bodies_never_get_a_5xx_and_a_greedy_request_beside_them_answers_as_alone(serve_app):
-    """1200 generated bodies, both endpoints (hypothesis, derandomized for CI), sent by 6 clients at
+    """1200 generated bodies, both endpoints (hypothesis, seeded for CI), sent by 6 clients at
     once so that odd rows share batches: no status >= 500, every 4xx is OpenAI's error JSON, and a
     benign greedy request sent all along keeps the answer it gets alone."""
     from hypothesis import HealthCheck, given
+    from hypothesis import seed as hypothesis_seed
     from hypothesis import settings as hypothesis_settings
 
     cases = []
 
-    @hypothesis_settings(max_examples=1200, deadline=None, derandomize=True, database=None,
-                         suppress_health_check=list(HealthCheck))  # fmt: skip
+    @hypothesis_settings(max_examples=1200, deadline=None, database=None, suppress_health_check=list(HealthCheck))
+    @hypothesis_seed(17)  # the same bodies in every checkout (derandomize hashes the test's path)
     @given(_fuzz_bodies())
     def collect(case):
         cases.append(case)
@@ -777,6 +778,9 @@ def test_pinned_hostile_bodies_get_a_4xx_with_a_reason_or_a_sane_answer(serve_ap
     for content, headers, status, param, words in cases:
         response = post(content, **headers)
         assert words in _openai_error(response, status, param), content[:80]
+    empty = httpx.post(f"{serve_app.base_url}/v1/completions", headers=serve_app.headers, json={
+        "model": REGISTERED, "prompt": "\x16"})  # fmt: skip
+    assert "empty once tokenized" in _openai_error(empty, 400, "prompt")  # the tokenizer drops it (found by the fuzz)
     assert "use POST" in _openai_error(httpx.get(url, headers=serve_app.headers), 405)
     assert _openai_error(httpx.get(f"{serve_app.base_url}/v1/nothing", headers=serve_app.headers), 404)
 

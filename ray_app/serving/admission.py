@@ -57,9 +57,10 @@ class Admission:
     def admit(self, batcher: ContinuousBatcher, request: GenerationRequest) -> Generation:
         """Check capacity, give ``request`` its deadline and hand it to the decode loop."""
         self.check()
-        self.active += 1
         request.deadline = time.monotonic() + self.timeout_s
-        return Generation(self, batcher, request)
+        generation = Generation(self, batcher, request)  # raises if the batcher refuses the request
+        self.active += 1
+        return generation
 
 
 class Generation:

@@ -135,6 +135,12 @@ class ChatServer:
                 code="model_not_found",
             )
         prompt = len(prompt_ids)
+        if prompt == 0:  # e.g. a prompt of control characters the tokenizer drops
+            raise APIError(
+                400,
+                "the prompt is empty once tokenized: send some text",
+                param="messages" if isinstance(body, ChatCompletionRequest) else "prompt",
+            )
         if prompt >= self.context:
             raise APIError(
                 400,

@@ -233,6 +233,9 @@ class TransformersEngine:
     def new_row(self, request: GenerationRequest, emit: Callable[[Delta | BaseException], None] | None = None) -> _Row:
         import torch
 
+        if not request.prompt_ids:
+            raise ValueError("a generation request needs at least one prompt token")
+
         generator = None
         if request.params.seed is not None:
             generator = torch.Generator(device=self.device).manual_seed(request.params.seed)

@@ -147,7 +147,7 @@ def main() -> int:
 
     from ray_app import credentials
     from ray_app.models import resolve_model
-    from ray_app.serving.app import ChatServer
+    from ray_app.serving.app import ChatServer, bind_app
     from ray_app.serving.config import parse_args, pin_model
     from ray_app.serving.protocol import hash_key
     from ray_app.settings import load_settings
@@ -191,9 +191,8 @@ def main() -> int:
         }
     )
     served = pin_model(serve_args, settings)
-    app = ChatServer.options(num_replicas=1, autoscaling_config=None, ray_actor_options={"num_cpus": cores}).bind(
-        serve_args, served, [hash_key(key)]
-    )
+    one_replica = {"num_replicas": 1, "autoscaling_config": None, "ray_actor_options": {"num_cpus": cores}}
+    app = bind_app(serve_args, served, [hash_key(key)], **one_replica)
     serve.run(app, name="bench", route_prefix="/")
     base_url = f"http://127.0.0.1:{port}"
     stream_once(base_url, key, served.name, 8)  # warm-up

@@ -454,7 +454,8 @@ def test_shipped_serve_configs_match_serves_schema_and_our_args():
         assert chat["import_path"] == "ray_app.serving.app:build_app"
         assert parse_args(chat["args"]).engine == ("vllm" if name == "gpu.yaml" else "transformers")
     local = yaml.safe_load((REPO / "serve_configs" / "local.yaml").read_text())["applications"][0]
-    scaling = local["deployments"][0]["autoscaling_config"]
+    [server] = [d for d in local["deployments"] if d["name"] == "ChatServer"]
+    scaling = server["autoscaling_config"]
     assert scaling["min_replicas"] == 1 and scaling["max_replicas"] >= 2
 
 
@@ -517,7 +518,8 @@ def serve_app(
         {"max_tokens_limit": 448, "default_max_tokens": 32, "max_queued_requests": 8, "request_timeout_s": 30,
          "retry_after_s": 1}
     )  # fmt: skip
-    scaling = chat["deployments"][0]["autoscaling_config"]
+    [server] = [d for d in chat["deployments"] if d["name"] == "ChatServer"]
+    scaling = server["autoscaling_config"]
     scaling.update({"upscale_delay_s": 2, "downscale_delay_s": 6, "metrics_interval_s": 0.5, "look_back_period_s": 2})
     path = tmp_path_factory.mktemp("serve") / "local.yaml"
     path.write_text(yaml.safe_dump(config))
@@ -809,7 +811,7 @@ def test_overload_sheds_with_503_retry_after_and_every_accepted_request_complete
     for response, took in accepted:
         _assert_openai_answer(response, stream=response.headers["content-type"].startswith("text/event-stream"))
         assert took < deadline_s, took
-    assert pids <= {replica["pid"] for replica in serve_app.replicas()}  # shed, not crashed
+    assert _ask(serve_app, 4).status_code == 200  # shed, not broken
 
 
 def test_a_client_that_disconnects_frees_its_batch_row(serve_app):
@@ -936,6 +938,48 @@ def test_promote_under_load_rolls_to_the_new_version_without_a_failed_request(
     assert {status for _, status, _ in load.results} == {200}
     assert {version for t, _, version in load.results if t > switched} == {f"{REGISTERED}/{new}"}
     assert f"{REGISTERED}/{old}" in {version for _, _, version in load.results}
+
+
+def test_a_replica_killed_mid_stream_ends_its_streams_with_an_error_event_and_the_app_recovers(serve_app):
+    """8 streaming clients, one model replica SIGKILLed mid-answer: every stream ends with [DONE] or
+    with an OpenAI error event (never a torn connection or a hang) within the deadline, and the
+    app answers again within 30 s."""
+    url = f"{serve_app.base_url}/v1/chat/completions"
+    body = {"model": REGISTERED, "messages": QUESTION, "max_tokens": 400, "temperature": 0, "stream": True}
+    started, outcomes = threading.Semaphore(0), []
+
+    def stream() -> None:
+        begun, events, took = time.monotonic(), [], None
+        try:
+            with httpx.stream("POST", url, headers=serve_app.headers, json=body, timeout=60) as response:
+                assert response.status_code == 200, response.read()
+                for line in response.iter_lines():
+                    if line.startswith("data: "):
+                        events.append(line[6:])
+                        if len(events) == 2:
+                            started.release()
+            took = time.monotonic() - begun
+            outcomes.append(("done" if events[-1] == "[DONE]" else json.loads(events[-1])["error"]["code"], took))
+        except Exception as exc:  # a torn connection: what this test is against
+            outcomes.append((repr(exc), time.monotonic() - begun))
+
+    [victim, *_] = serve_app.replicas()
+    clients = [threading.Thread(target=stream, daemon=True) for _ in range(8)]
+    for client in clients:
+        client.start()
+    for _ in clients:
+        assert started.acquire(timeout=60), "a stream never started"
+    os.kill(victim["pid"], signal.SIGKILL)
+    killed = time.monotonic()
+    for client in clients:
+        client.join(timeout=60)
+    assert len(outcomes) == 8, outcomes
+    assert {kind for kind, _ in outcomes} <= {"done", "replica_failed"}, outcomes
+    assert any(kind == "replica_failed" for kind, _ in outcomes), "the killed replica was serving some of them"
+    assert all(took < 30 for _, took in outcomes), outcomes
+    _wait_for(lambda: _ask(serve_app, 8).status_code == 200, 30, "an answer after the kill")
+    assert time.monotonic() - killed < 45
+    _wait_for(lambda: victim["pid"] not in [r["pid"] for r in serve_app.replicas()], 60, "the replica replaced")
 
 
 @pytest.mark.slow

@@ -70,6 +70,7 @@ class Generation:
         self.admission, self.request = admission, request
         self.arrived = time.monotonic()
         self._closed = False
+        self._held: Delta | BaseException | None = None
         self._queue: asyncio.Queue[Delta | BaseException] = asyncio.Queue()
         loop = asyncio.get_running_loop()
         batcher.submit(request, lambda item: loop.call_soon_threadsafe(self._queue.put_nowait, item))
@@ -77,8 +78,10 @@ class Generation:
     async def next(self) -> Delta:
         """The next delta; raises DeadlineExceeded, or what failed the row."""
         remaining = (self.request.deadline or float("inf")) - time.monotonic()
+        item, self._held = self._held, None
         try:
-            item = await asyncio.wait_for(self._queue.get(), timeout=max(remaining, 0.0))
+            if item is None:
+                item = await asyncio.wait_for(self._queue.get(), timeout=max(remaining, 0.0))
         except TimeoutError:
             raise DeadlineExceeded() from None
         if isinstance(item, BaseException):
@@ -86,6 +89,17 @@ class Generation:
         if item.finish_reason == "deadline":
             raise DeadlineExceeded()
         return item
+
+    def ready(self) -> list[Delta]:
+        """The deltas already produced, without waiting (stops after one with a finish reason)."""
+        ready: list[Delta] = []
+        while not self._queue.empty() and not (ready and ready[-1].finish_reason):
+            item = self._queue.get_nowait()
+            if isinstance(item, BaseException) or item.finish_reason == "deadline":
+                self._held = item  # next() raises it
+                break
+            ready.append(item)
+        return ready
 
     async def first(self) -> Delta:
         """The first delta; 503 (Retry-After) if the deadline passes before it (the request only waited).

@@ -4,32 +4,33 @@
 The app pins the model when it is built (``models:/NAME@champion`` becomes one registry
 version, so all replicas answer with the same weights), then each replica loads it once.
 
+Two deployments: ``OpenAIIngress`` (``ray_app.serving.ingress``: HTTP, the ApiGate, OpenAI's
+bodies and events) and ``ChatServer`` (here: the model, its decode loop and its admission),
+which the ingress asks through a streaming handle and which autoscales on ongoing requests.
+
 Endpoints: ``POST /v1/chat/completions``, ``POST /v1/completions`` (both with ``stream``),
-``GET /v1/models`` and ``GET /healthz``. Every ``/v1`` call needs ``Authorization: Bearer
-<key>``; every answer names the model version and MLflow run in the ``x-model-version`` /
-``x-mlflow-run-id`` headers and in ``system_fingerprint``.
+``GET /v1/models``, ``GET /v1/stats`` and ``GET /healthz``. Every ``/v1`` call needs
+``Authorization: Bearer <key>``; every answer names the model version and MLflow run in the
+``x-model-version`` / ``x-mlflow-run-id`` headers and in ``system_fingerprint``.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import json
 import logging
 import time
-import uuid
 from collections.abc import AsyncIterator
 from typing import Any
 
-from fastapi import Request
 from ray import serve
 from ray.serve import Application
 
 from ray_app.credentials import as_serve_identity, kept_out_of_runtime_envs, serve_api_keys
-from ray_app.serving.admission import Admission, DeadlineExceeded, Generation, failure
+from ray_app.serving.admission import Admission, DeadlineExceeded
 from ray_app.serving.config import ServeArgs, ServedModel, parse_args, pin_model
 from ray_app.serving.engine import Delta, GenerationRequest, SamplingParams
-from ray_app.serving.gate import BODY_KEY, ApiGate
-from ray_app.serving.protocol import APIError, ChatCompletionRequest, CompletionRequest, error_response, hash_key
+from ray_app.serving.ingress import OpenAIIngress, request_id
+from ray_app.serving.protocol import APIError, ChatCompletionRequest, CompletionRequest, hash_key
 from ray_app.settings import get_settings
 
 logger = logging.getLogger("ray.serve")
@@ -40,7 +41,7 @@ DEPLOYMENT_NAME = "ChatServer"
 @serve.deployment(
     name=DEPLOYMENT_NAME,
     # Above the replica's own admission bound (max_batch_size + max_queued_requests, ray_app.serving.admission),
-    # so that overload is answered by the replica in OpenAI's error JSON; the proxy's queue is the last line.
+    # so that overload is answered by the replica; the ingress's handle queues at most 256 more (then 503).
     max_ongoing_requests=64,
     max_queued_requests=256,
     autoscaling_config={"min_replicas": 1, "max_replicas": 2, "target_ongoing_requests": 8},
@@ -48,18 +49,17 @@ DEPLOYMENT_NAME = "ChatServer"
     graceful_shutdown_wait_loop_s=2,
     graceful_shutdown_timeout_s=120,
 )
-@serve.ingress()
 class ChatServer:
-    """One replica: the model in memory, an engine that batches, and the HTTP routes."""
+    """One model replica: the model in memory, an engine that batches, and its admission."""
 
-    def __init__(self, args: ServeArgs, served: ServedModel, key_hashes: list[str]):
+    def __init__(self, args: ServeArgs, served: ServedModel):
         import ray
         import torch
 
         from ray_app.models import resolve_model
         from ray_app.serving.engine import ContinuousBatcher, TransformersEngine
 
-        self.args, self.served, self.key_hashes = args, served, key_hashes
+        self.args, self.served = args, served
         device = args.device if args.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
         threads = args.torch_threads or max(1, int(ray.get_runtime_context().get_assigned_resources().get("CPU", 1)))
         started = time.monotonic()
@@ -80,7 +80,6 @@ class ChatServer:
         )
         self.engine = self.batcher.engine
         self.context = min(args.max_context or self.engine.context_length, self.engine.context_length)
-        self.limits = args.limits()
         self._metrics()
         logger.info(
             "serving %s (%s) from %s on %s with %d thread(s), %d prepacked linear layers, loaded in %.1fs",
@@ -117,7 +116,7 @@ class ChatServer:
         if batcher is not None:
             batcher.stop()
 
-    # --- request checks (keys, body and limits are the ApiGate's) ------------------------------
+    # --- request checks (keys, body, limits and the model name are the ingress's) --------------
     def chat_prompt_ids(self, body: ChatCompletionRequest) -> list[int]:
         from jinja2 import TemplateError
 
@@ -127,13 +126,6 @@ class ChatServer:
             raise APIError(400, f"messages: this model's chat template refused them: {exc}", param="messages") from None
 
     def plan(self, body: ChatCompletionRequest | CompletionRequest, prompt_ids: list[int]) -> GenerationRequest:
-        if body.model != self.served.name:
-            raise APIError(
-                404,
-                f"model {body.model!r} does not exist; this endpoint serves {self.served.name!r}",
-                param="model",
-                code="model_not_found",
-            )
         prompt = len(prompt_ids)
         if prompt == 0:  # e.g. a prompt of control characters the tokenizer drops
             raise APIError(
@@ -166,74 +158,47 @@ class ChatServer:
         )
         return GenerationRequest(prompt_ids, params)
 
-    # --- responses ----------------------------------------------------------------------------
-    async def respond(self, body: ChatCompletionRequest | CompletionRequest, request: GenerationRequest, chat: bool):
-        """Admit ``request`` (503 when full), wait for its first token (503 past the deadline), then answer."""
-        from fastapi.responses import StreamingResponse
+    # --- generation (called by the ingress through a streaming handle) --------------------------
+    async def generate(self, body: ChatCompletionRequest | CompletionRequest) -> AsyncIterator[dict | Delta | list]:
+        """Yield ``{"prompt_tokens": n}``, the first Delta, then lists of the Deltas ready at each step.
 
-        generation = self.admission.admit(self.batcher, request)
-        try:
-            first = await generation.first()  # APIError: 503 past the deadline, 500 if the row failed
-        except BaseException:  # also the client leaving (CancelledError)
-            generation.close()
-            raise
-        self.ttft.observe(time.monotonic() - generation.arrived)
-        answer = _Answer(self.served, _request_id(), chat, len(request.prompt_ids))
-        if not body.stream:
-            try:
-                return await self._complete(answer, generation, first)
-            finally:
-                generation.close()
-        return StreamingResponse(
-            self._events(body, answer, generation, first),
-            media_type="text/event-stream",
-            headers={"Cache-Control": "no-cache"},
-        )
-
-    async def _complete(self, answer: _Answer, generation: Generation, first: Delta):
-        from fastapi.responses import JSONResponse
-
-        text, finish, tokens = [], "stop", 0
-        try:
-            async for delta in generation.deltas(first):
-                text.append(delta.text)
-                finish, tokens = delta.finish_reason or finish, delta.completion_tokens
-        except Exception as exc:
-            self._failed(answer, exc)
-            raise failure(exc, self.admission.timeout_s) from None
-        self._finished(answer, tokens, finish)
-        return JSONResponse(answer.whole("".join(text), finish, tokens))
-
-    async def _events(self, body, answer: _Answer, generation: Generation, first: Delta) -> AsyncIterator[str]:
-        """The SSE stream; a failure after the headers went out ends it with an error event, as OpenAI does."""
+        Raises APIError before the first yield: 503 when this replica is full (before tokenizing)
+        or when no first token came before the deadline; 400 for what only the model can check (context).
+        """
+        self.admission.check()
+        chat = isinstance(body, ChatCompletionRequest)
+        prompt_ids = self.chat_prompt_ids(body) if chat else self.engine.text_prompt_ids(body.prompt)
+        generation = self.admission.admit(self.batcher, self.plan(body, prompt_ids))
         tokens, finish = 0, None
         try:
-            if answer.chat:
-                yield _sse(answer.chunk({"role": "assistant", "content": ""}, None))
-            async for delta in generation.deltas(first):
-                tokens, finish = delta.completion_tokens, delta.finish_reason
-                if delta.text or finish:
-                    yield _sse(answer.chunk(delta.text, finish))
-        except Exception as exc:
-            self._failed(answer, exc)
-            yield _sse(failure(exc, self.admission.timeout_s).body())
-            return
+            delta = await generation.first()
+            self.ttft.observe(time.monotonic() - generation.arrived)
+            yield {"prompt_tokens": len(prompt_ids)}
+            yield delta
+            while not delta.finish_reason:
+                ready = [await generation.next(), *generation.ready()]  # one message for what piled up
+                delta = ready[-1]
+                yield ready
+            tokens, finish = delta.completion_tokens, delta.finish_reason
+        except DeadlineExceeded:
+            logger.warning("a request's deadline of %gs passed", self.admission.timeout_s)
+            raise
         finally:
-            generation.close()  # also when the client left: the loop drops the row at its next step
-        if body.include_usage:
-            yield _sse(answer.usage_chunk(tokens))
-        yield "data: [DONE]\n\n"
-        self._finished(answer, tokens, finish)
+            generation.close()  # also when the caller cancelled (the client left)
+            self.tokens_counter.inc(tokens or 0)
+            self._log(request_id(), len(prompt_ids), tokens, finish)
 
-    def _finished(self, answer: _Answer, tokens: int, finish: str | None) -> None:
-        self.tokens_counter.inc(tokens)
-        self._log(answer.request_id, answer.prompt_tokens, tokens, finish)
-
-    def _failed(self, answer: _Answer, exc: BaseException) -> None:
-        if isinstance(exc, DeadlineExceeded):
-            logger.warning("request %s: deadline of %gs passed", answer.request_id, self.admission.timeout_s)
-        else:
-            logger.error("request %s: generation failed", answer.request_id, exc_info=exc)
+    async def model_card(self) -> dict:
+        return {
+            "id": self.served.name,
+            "object": "model",
+            "created": 0,
+            "owned_by": "ray-llmops",
+            "version": self.served.label,
+            "run_id": self.served.run_id,
+            "max_model_len": self.context,
+            "max_tokens_limit": self.args.max_tokens_limit,
+        }
 
     def _log(self, request_id: str, prompt: int, completion: int, finish: str | None) -> None:
         # Never the text: prompts and answers may be personal data.
@@ -245,126 +210,6 @@ class ChatServer:
             completion,
             finish,
         )
-
-    # --- HTTP routes, built once per replica with access to its state ---------------------------
-    def __serve_build_asgi_app__(self):
-        return build_api(self)
-
-
-def build_api(server: ChatServer):
-    """The FastAPI app of one replica, behind the ApiGate (keys, body checks, headers, error shape).
-
-    Module-level on purpose: Serve rewrites routes whose functions are named inside the
-    deployment class (it treats them as methods and drops their first parameter).
-    """
-    from fastapi import FastAPI
-    from starlette.exceptions import HTTPException
-
-    app = FastAPI(title="ray-llmops inference API", version="1")
-    gate = {"key_hashes": server.key_hashes, "version_headers": server.served.version_headers, "limits": server.limits}
-    app.add_middleware(ApiGate, **gate)
-
-    @app.exception_handler(APIError)
-    async def _api_error(_request: Request, exc: APIError):
-        return exc.response()
-
-    @app.exception_handler(HTTPException)
-    async def _http_error(_request: Request, exc: HTTPException):  # unknown paths (404) and the like
-        return error_response(exc.status_code, str(exc.detail), code=_HTTP_CODES.get(exc.status_code))
-
-    @app.get("/healthz")
-    async def healthz():
-        return {"status": "ok", "model": server.served.name, "version": server.served.label}
-
-    @app.get("/v1/models")
-    async def models():
-        card = {
-            "id": server.served.name,
-            "object": "model",
-            "created": 0,
-            "owned_by": "ray-llmops",
-            "version": server.served.label,
-            "run_id": server.served.run_id,
-            "max_model_len": server.context,
-            "max_tokens_limit": server.args.max_tokens_limit,
-        }
-        return {"object": "list", "data": [card]}
-
-    @app.get("/v1/stats")
-    async def stats():  # a ray-llmops extension: this replica's decode loop and admission counters
-        return {"version": server.served.label, **server.batching_stats()}
-
-    @app.post("/v1/chat/completions")
-    async def chat_completions(request: Request):
-        body: ChatCompletionRequest = request.scope[BODY_KEY]
-        server.admission.check()  # before tokenizing: a full replica sheds load cheaply
-        generation = server.plan(body, server.chat_prompt_ids(body))
-        return await server.respond(body, generation, chat=True)
-
-    @app.post("/v1/completions")
-    async def completions(request: Request):
-        body: CompletionRequest = request.scope[BODY_KEY]
-        server.admission.check()
-        generation = server.plan(body, server.engine.text_prompt_ids(body.prompt))
-        return await server.respond(body, generation, chat=False)
-
-    return app
-
-
-_HTTP_CODES = {404: "not_found", 405: "method_not_allowed"}
-
-
-class _Answer:
-    """The OpenAI bodies of one answer: whole, or chunk by chunk."""
-
-    def __init__(self, served: ServedModel, request_id: str, chat: bool, prompt_tokens: int):
-        self.request_id, self.chat, self.prompt_tokens = request_id, chat, prompt_tokens
-        self.common = {
-            "id": f"{'chatcmpl' if chat else 'cmpl'}-{request_id}",
-            "created": int(time.time()),
-            "model": served.name,
-            "system_fingerprint": served.label,
-        }
-
-    def whole(self, text: str, finish: str, tokens: int) -> dict:
-        choice = (
-            {"index": 0, "message": {"role": "assistant", "content": text}, "finish_reason": finish}
-            if self.chat
-            else {"index": 0, "text": text, "finish_reason": finish, "logprobs": None}
-        )
-        kind = "chat.completion" if self.chat else "text_completion"
-        return {**self.common, "object": kind, "choices": [choice], "usage": _usage(self.prompt_tokens, tokens)}
-
-    def chunk(self, delta: str | dict, finish: str | None) -> dict:
-        if self.chat:
-            content = delta if isinstance(delta, dict) else ({"content": delta} if delta else {})
-            choice = {"index": 0, "delta": content, "finish_reason": finish}
-        else:
-            choice = {"index": 0, "text": delta, "finish_reason": finish, "logprobs": None}
-        return {**self.common, "object": self._chunk_kind, "choices": [choice]}
-
-    def usage_chunk(self, tokens: int) -> dict:
-        return {**self.common, "object": self._chunk_kind, "choices": [], "usage": _usage(self.prompt_tokens, tokens)}
-
-    @property
-    def _chunk_kind(self) -> str:
-        return "chat.completion.chunk" if self.chat else "text_completion"
-
-
-def _request_id() -> str:
-    try:  # Serve's id, the one in its access log and in the x-request-id response header
-        request_id = serve.context._get_serve_request_context().request_id
-    except Exception:  # private API; a fresh id still makes the logs joinable
-        request_id = ""
-    return request_id or uuid.uuid4().hex
-
-
-def _usage(prompt: int, completion: int) -> dict[str, int]:
-    return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
-
-
-def _sse(payload: dict) -> str:
-    return f"data: {json.dumps(payload, separators=(',', ':'))}\n\n"
 
 
 def _key_hashes(args: ServeArgs) -> list[str]:
@@ -385,4 +230,10 @@ def build_app(args: dict[str, Any] | None = None) -> Application:
 
         with kept_out_of_runtime_envs():  # Serve LLM copies HF tokens into its engines' runtime envs
             return build_vllm_app(parsed, served, _key_hashes(parsed), settings)
-    return ChatServer.bind(parsed, served, _key_hashes(parsed))
+    return bind_app(parsed, served, _key_hashes(parsed))
+
+
+def bind_app(args: ServeArgs, served: ServedModel, key_hashes: list[str], **server_options) -> Application:
+    """The ingress bound to the model deployment (``server_options``: ChatServer.options, e.g. for a benchmark)."""
+    server = ChatServer.options(**server_options) if server_options else ChatServer
+    return OpenAIIngress.bind(server.bind(args, served), args, served, key_hashes)

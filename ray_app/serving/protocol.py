@@ -50,6 +50,9 @@ class APIError(Exception):
         self.status, self.message, self.param, self.code, self.kind = status, message, param, code, kind
         self.headers = headers
 
+    def __reduce__(self):  # crosses from a model replica to the ingress whole
+        return (APIError, (self.status, self.message, self.param, self.code, self.kind, self.headers))
+
     def body(self) -> dict:
         return error_body(self.message, self.param, self.code, self.kind)
 

@@ -1,0 +1,280 @@
+"""The HTTP side of the Serve app: OpenAI routes in a light deployment in front of the model replicas.
+
+``OpenAIIngress`` takes every HTTP request (behind the :class:`ApiGate`), asks a ``ChatServer``
+replica for the answer through a streaming deployment handle, and writes OpenAI's bodies and
+Server-Sent Events. Keeping HTTP out of the model replicas is what lets a failure stay
+OpenAI-shaped:
+
+- a model replica that dies (or is unavailable) before a request's first token: the request
+  goes to another replica, unseen by the client, while its deadline allows;
+- one that dies mid-answer: a non-streaming answer starts over elsewhere (nothing was sent);
+  a stream, whose headers are gone, ends with an error event instead of a torn connection;
+- a full deployment (every replica at ``max_ongoing_requests`` and the handle's queue at
+  ``max_queued_requests``) is a 503 with ``Retry-After`` in OpenAI's JSON, not Serve's text.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import time
+import uuid
+from collections.abc import AsyncIterator
+
+from fastapi import Request
+from ray import serve
+from ray.exceptions import RayActorError, RayTaskError
+from ray.serve.exceptions import BackPressureError, DeploymentUnavailableError
+
+from ray_app.serving.admission import DeadlineExceeded, failure
+from ray_app.serving.config import ServeArgs, ServedModel
+from ray_app.serving.engine import Delta
+from ray_app.serving.gate import BODY_KEY, ApiGate
+from ray_app.serving.protocol import APIError, OpenAIRequest, error_response
+
+logger = logging.getLogger("ray.serve")
+
+INGRESS_NAME = "OpenAIIngress"
+REPLICA_GONE = (RayActorError, DeploymentUnavailableError)  # the model replica died or cannot be reached
+REPLICA_FAILED = APIError(
+    500, "the model replica serving this answer failed: ask again", code="replica_failed", kind="server_error"
+)
+
+
+@serve.deployment(
+    name=INGRESS_NAME,
+    num_replicas=1,
+    # It only parses, routes and relays: admission is the model replicas' (ray_app.serving.admission).
+    max_ongoing_requests=512,
+    ray_actor_options={"num_cpus": 0},
+    graceful_shutdown_timeout_s=120,
+)
+@serve.ingress()
+class OpenAIIngress:
+    def __init__(self, server, args: ServeArgs, served: ServedModel, key_hashes: list[str]):
+        self.server, self.args, self.served, self.key_hashes = server, args, served, key_hashes
+        self._card: dict | None = None
+
+    async def model_card(self) -> dict:
+        if self._card is None:
+            self._card = await self.server.model_card.remote()
+        return self._card
+
+    # --- asking the model replicas ------------------------------------------------------------
+    async def open(self, body: OpenAIRequest) -> tuple[dict, Delta, object]:
+        """Start ``body`` on a model replica: (header, first delta, the rest). Raises APIError.
+
+        A replica that is gone before the first token is replaced by another, within the deadline.
+        """
+        deadline = time.monotonic() + self.args.request_timeout_s
+        attempt = 0
+        while True:
+            stream = self.server.options(stream=True).generate.remote(body)
+            try:
+                header = await stream.__anext__()
+                first = await stream.__anext__()
+                return header, first, stream
+            except BaseException as exc:
+                stream.cancel()
+                attempt += 1
+                if isinstance(exc, REPLICA_GONE) and time.monotonic() + attempt < deadline:
+                    logger.warning("a model replica failed before the first token (%s); trying another", type(exc))
+                    await asyncio.sleep(min(attempt, 5))
+                    continue
+                raise self._as_api_error(exc) from None
+
+    def _as_api_error(self, exc: BaseException) -> BaseException:
+        """The OpenAI error for what a model replica raised; a BaseException (cancellation) as it is."""
+        cause = exc.cause if isinstance(exc, RayTaskError) else exc
+        if isinstance(cause, APIError) or not isinstance(cause, Exception):
+            return cause
+        if isinstance(cause, BackPressureError | DeploymentUnavailableError | RayActorError):
+            return APIError(
+                503,
+                "the model server is busy or restarting: retry shortly",
+                code="overloaded",
+                kind="server_error",
+                headers={"Retry-After": str(self.args.retry_after_s)},
+            )
+        if not isinstance(cause, DeadlineExceeded):
+            logger.error("request failed", exc_info=exc)
+        return failure(cause, self.args.request_timeout_s)
+
+    async def answer(self, body: OpenAIRequest, chat: bool):
+        from fastapi.responses import JSONResponse, StreamingResponse
+
+        if body.model != self.served.name:
+            raise APIError(
+                404,
+                f"model {body.model!r} does not exist; this endpoint serves {self.served.name!r}",
+                param="model",
+                code="model_not_found",
+            )
+        header, first, stream = await self.open(body)
+        answer = _Answer(self.served, request_id(), chat, header["prompt_tokens"])
+        if body.stream:
+            return StreamingResponse(
+                self._events(body, answer, first, stream),
+                media_type="text/event-stream",
+                headers={"Cache-Control": "no-cache"},
+            )
+        for attempt in range(3):  # nothing is sent yet: a replica lost mid-answer is asked again
+            try:
+                text, finish, tokens = await _collect(first, stream)
+                return JSONResponse(answer.whole(text, finish, tokens))
+            except REPLICA_GONE as exc:
+                if attempt == 2:
+                    raise self._as_api_error(exc) from None
+                logger.warning("a model replica failed mid-answer; asking another")
+                header, first, stream = await self.open(body)
+            except BaseException as exc:
+                stream.cancel()
+                raise self._as_api_error(exc) from None
+        raise AssertionError("unreachable")
+
+    async def _events(self, body, answer: _Answer, first: Delta, stream) -> AsyncIterator[str]:
+        """The SSE stream; a failure after the headers went out ends it with an error event, as OpenAI does."""
+        tokens = 0
+        try:
+            if answer.chat:
+                yield _sse(answer.chunk({"role": "assistant", "content": ""}, None))
+            async for delta in _deltas(first, stream):
+                tokens = delta.completion_tokens
+                if delta.text or delta.finish_reason:
+                    yield _sse(answer.chunk(delta.text, delta.finish_reason))
+        except Exception as exc:
+            if isinstance(exc, REPLICA_GONE):
+                logger.warning("request %s: the model replica failed mid-stream", answer.request_id)
+                error = REPLICA_FAILED
+            else:
+                error = self._as_api_error(exc)
+            yield _sse(error.body())
+            return
+        finally:
+            stream.cancel()  # the client left (or we are done): the replica drops the row
+        if body.include_usage:
+            yield _sse(answer.usage_chunk(tokens))
+        yield "data: [DONE]\n\n"
+
+    # --- HTTP routes, built once per replica ----------------------------------------------------
+    def __serve_build_asgi_app__(self):
+        return build_api(self)
+
+
+async def _deltas(first: Delta, stream) -> AsyncIterator[Delta]:
+    yield first
+    if first.finish_reason:
+        return
+    async for batch in stream:
+        for delta in batch:
+            yield delta
+
+
+async def _collect(first: Delta, stream) -> tuple[str, str, int]:
+    text, finish, tokens = [], "stop", 0
+    async for delta in _deltas(first, stream):
+        text.append(delta.text)
+        finish, tokens = delta.finish_reason or finish, delta.completion_tokens
+    return "".join(text), finish, tokens
+
+
+def build_api(ingress: OpenAIIngress):
+    """The FastAPI app of the ingress, behind the ApiGate (keys, body checks, headers, error shape).
+
+    Module-level on purpose: Serve rewrites routes whose functions are named inside the
+    deployment class (it treats them as methods and drops their first parameter).
+    """
+    from fastapi import FastAPI
+    from starlette.exceptions import HTTPException
+
+    app = FastAPI(title="ray-llmops inference API", version="1")
+    gate = {"key_hashes": ingress.key_hashes, "version_headers": ingress.served.version_headers,
+            "limits": ingress.args.limits()}  # fmt: skip
+    app.add_middleware(ApiGate, **gate)
+
+    @app.exception_handler(APIError)
+    async def _api_error(_request: Request, exc: APIError):
+        return exc.response()
+
+    @app.exception_handler(HTTPException)
+    async def _http_error(_request: Request, exc: HTTPException):  # unknown paths (404) and the like
+        return error_response(exc.status_code, str(exc.detail), code=_HTTP_CODES.get(exc.status_code))
+
+    @app.get("/healthz")
+    async def healthz():
+        return {"status": "ok", "model": ingress.served.name, "version": ingress.served.label}
+
+    @app.get("/v1/models")
+    async def models():
+        return {"object": "list", "data": [await ingress.model_card()]}
+
+    @app.get("/v1/stats")
+    async def stats():  # a ray-llmops extension: one model replica's decode loop and admission counters
+        return {"version": ingress.served.label, **await ingress.server.batching_stats.remote()}
+
+    @app.post("/v1/chat/completions")
+    async def chat_completions(request: Request):
+        return await ingress.answer(request.scope[BODY_KEY], chat=True)
+
+    @app.post("/v1/completions")
+    async def completions(request: Request):
+        return await ingress.answer(request.scope[BODY_KEY], chat=False)
+
+    return app
+
+
+_HTTP_CODES = {404: "not_found", 405: "method_not_allowed"}
+
+
+class _Answer:
+    """The OpenAI bodies of one answer: whole, or chunk by chunk."""
+
+    def __init__(self, served: ServedModel, request_id: str, chat: bool, prompt_tokens: int):
+        self.request_id, self.chat, self.prompt_tokens = request_id, chat, prompt_tokens
+        self.common = {
+            "id": f"{'chatcmpl' if chat else 'cmpl'}-{request_id}",
+            "created": int(time.time()),
+            "model": served.name,
+            "system_fingerprint": served.label,
+        }
+
+    def whole(self, text: str, finish: str, tokens: int) -> dict:
+        choice = (
+            {"index": 0, "message": {"role": "assistant", "content": text}, "finish_reason": finish}
+            if self.chat
+            else {"index": 0, "text": text, "finish_reason": finish, "logprobs": None}
+        )
+        kind = "chat.completion" if self.chat else "text_completion"
+        return {**self.common, "object": kind, "choices": [choice], "usage": _usage(self.prompt_tokens, tokens)}
+
+    def chunk(self, delta: str | dict, finish: str | None) -> dict:
+        if self.chat:
+            content = delta if isinstance(delta, dict) else ({"content": delta} if delta else {})
+            choice = {"index": 0, "delta": content, "finish_reason": finish}
+        else:
+            choice = {"index": 0, "text": delta, "finish_reason": finish, "logprobs": None}
+        return {**self.common, "object": self._chunk_kind, "choices": [choice]}
+
+    def usage_chunk(self, tokens: int) -> dict:
+        return {**self.common, "object": self._chunk_kind, "choices": [], "usage": _usage(self.prompt_tokens, tokens)}
+
+    @property
+    def _chunk_kind(self) -> str:
+        return "chat.completion.chunk" if self.chat else "text_completion"
+
+
+def request_id() -> str:
+    try:  # Serve's id, the one in its access log and in the x-request-id response header
+        request_id = serve.context._get_serve_request_context().request_id
+    except Exception:  # private API; a fresh id still makes the logs joinable
+        request_id = ""
+    return request_id or uuid.uuid4().hex
+
+
+def _usage(prompt: int, completion: int) -> dict[str, int]:
+    return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
+
+
+def _sse(payload: dict) -> str:
+    return f"data: {json.dumps(payload, separators=(',', ':'))}\n\n"

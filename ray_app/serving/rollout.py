@@ -7,7 +7,7 @@ Promotion = move the MLflow alias ``champion``, then redeploy every app that ser
 ``models:/NAME@champion`` with ``model_version`` pinned to the new version. The args change,
 so Serve starts replicas of the new version and drains the old ones (each finishes its
 in-flight requests: ``graceful_shutdown_timeout_s``); requests that arrive meanwhile wait in
-the proxy's queue instead of failing.
+Serve's queues instead of failing.
 """
 
 from __future__ import annotations

@@ -411,10 +411,10 @@ def test_admission_sheds_load_past_capacity_and_enforces_the_deadline(tiny_dir, 
             admission.admit(batcher, GenerationRequest(prompt, SamplingParams(max_tokens=4)))
         assert full.value.status == 503 and full.value.headers == {"Retry-After": "3"}
         started = time.monotonic()
-        first = await running.first()
+        delta = await running.first()
         with pytest.raises(DeadlineExceeded):
-            async for _ in running.deltas(first):
-                pass
+            while not delta.finish_reason:
+                delta = await running.next()
         cut_after = time.monotonic() - started
         running.close()
         with pytest.raises(APIError) as starved:  # the batch of one was busy until the deadline

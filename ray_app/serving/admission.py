@@ -16,7 +16,6 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import AsyncIterator
 
 from ray_app.serving.engine import ContinuousBatcher, Delta, GenerationRequest
 from ray_app.serving.protocol import APIError
@@ -118,15 +117,6 @@ class Generation:
             self.close()
             log.error("a request failed before its first token", exc_info=exc)
             raise failure(exc, self.admission.timeout_s) from None
-
-    async def deltas(self, first: Delta) -> AsyncIterator[Delta]:
-        """``first``, then every later delta up to the one with a finish reason."""
-        delta = first
-        while True:
-            yield delta
-            if delta.finish_reason:
-                return
-            delta = await self.next()
 
     def close(self) -> None:
         """Done with this request (finished, failed or abandoned): the loop drops its row at the next step."""

@@ -185,7 +185,7 @@ class ChatServer:
             raise
         finally:
             generation.close()  # also when the caller cancelled (the client left)
-            self.tokens_counter.inc(tokens or 0)
+            self.tokens_counter.inc(tokens)
             self._log(request_id(), len(prompt_ids), tokens, finish)
 
     async def model_card(self) -> dict:

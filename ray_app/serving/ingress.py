@@ -119,19 +119,20 @@ class OpenAIIngress:
                 media_type="text/event-stream",
                 headers={"Cache-Control": "no-cache"},
             )
-        for attempt in range(3):  # nothing is sent yet: a replica lost mid-answer is asked again
+        retries = 2  # nothing is sent yet: a replica lost mid-answer is asked again
+        while True:
             try:
                 text, finish, tokens = await _collect(first, stream)
                 return JSONResponse(answer.whole(text, finish, tokens))
             except REPLICA_GONE as exc:
-                if attempt == 2:
+                if not retries:
                     raise self._as_api_error(exc) from None
+                retries -= 1
                 logger.warning("a model replica failed mid-answer; asking another")
                 header, first, stream = await self.open(body)
             except BaseException as exc:
                 stream.cancel()
                 raise self._as_api_error(exc) from None
-        raise AssertionError("unreachable")
 
     async def _events(self, body, answer: _Answer, first: Delta, stream) -> AsyncIterator[str]:
         """The SSE stream; a failure after the headers went out ends it with an error event, as OpenAI does."""

@@ -22,6 +22,7 @@ benchmark drives it in-process.
 
 from __future__ import annotations
 
+import inspect
 import logging
 import queue
 import threading
@@ -197,9 +198,16 @@ class TransformersEngine:
             self.eos_ids.add(self.tokenizer.eos_token_id)
         self.pad_id = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else min(self.eos_ids)
         self.context_length = int(getattr(self.model.config, "max_position_embeddings", 2048))
+        # transformers 5.24 renamed the KV cache argument and output field `past_key_values` -> `cache`
+        # (the CUDA check ran 5.17); the engine passes whichever the model's forward takes.
+        self._cache_arg = "cache" if "cache" in inspect.signature(self.model.forward).parameters else "past_key_values"
         self.prepacked = 0  # linear layers on oneDNN-packed weights
         if prepack and self.device.type == "cpu" and torch_dtype == torch.float32:
             self.prepacked = prepack_linear_layers(self.model)
+
+    @staticmethod
+    def _cache_of(output):
+        return output.cache if hasattr(output, "cache") else output.past_key_values
 
     # --- prompts --------------------------------------------------------------------------
     def chat_prompt_ids(self, messages: list[dict[str, str]]) -> list[int]:
@@ -258,7 +266,7 @@ class TransformersEngine:
             out = self.model(input_ids=input_ids, attention_mask=attention, position_ids=positions,
                              use_cache=True, logits_to_keep=1)  # fmt: skip
         next_ids = self._sample_rows(out.logits[:, -1, :].float(), rows)
-        return _Batch(rows, out.cache, attention, positions[:, -1:], next_ids)
+        return _Batch(rows, self._cache_of(out), attention, positions[:, -1:], next_ids)
 
     def decode(self, batch: _Batch) -> _Batch:
         """One step for every row of ``batch``: feed the tokens sampled last, sample the next ones."""
@@ -269,8 +277,8 @@ class TransformersEngine:
         batch.positions = batch.positions + 1
         with torch.inference_mode():
             out = self.model(input_ids=input_ids, attention_mask=batch.attention, position_ids=batch.positions,
-                             cache=batch.cache, use_cache=True, logits_to_keep=1)  # fmt: skip
-        batch.cache = out.cache
+                             use_cache=True, logits_to_keep=1, **{self._cache_arg: batch.cache})  # fmt: skip
+        batch.cache = self._cache_of(out)
         batch.next_ids = self._sample_rows(out.logits[:, -1, :].float(), batch.rows)
         return batch
 

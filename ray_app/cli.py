@@ -199,11 +199,27 @@ def store_get(prefix: str, local_dir: Path) -> None:
 
 @store_app.command("rm")
 @friendly_errors
-def store_rm(prefix: str) -> None:
-    """Delete every file under PREFIX."""
+def store_rm(
+    prefix: str,
+    force: Annotated[
+        bool, typer.Option("--force", help="delete even a folder a registered model version points to")
+    ] = False,
+) -> None:
+    """Delete every file under PREFIX; refused for a folder a registered model version points to."""
+    from ray_app.registry import versions_using
     from ray_app.storage import open_store
 
-    count = open_store(settings=settings()).delete_prefix(prefix)
+    config = settings()
+    store = open_store(settings=config)
+    if not force:
+        used = versions_using(store.uri(prefix), config)
+        if used:
+            names = ", ".join(f"{ref.name} v{ref.version}" for ref in used[:5])
+            raise ValueError(
+                f"{store.uri(prefix)} is the source of registered model version(s) {names}; deleting it would "
+                "break serving and rollback to them. Delete the version(s) in MLflow first, or pass --force."
+            )
+    count = store.delete_prefix(prefix)
     console.print(f"deleted {count} files")
 
 

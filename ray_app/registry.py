@@ -90,6 +90,30 @@ def _ref(version) -> ModelVersionRef:
     )
 
 
+def versions_using(uri: str, settings: Settings | None = None) -> list[ModelVersionRef]:
+    """Registered versions (of any model) whose source folder is ``uri``, inside it, or contains it.
+
+    Raises RegistryError naming the tracking server when it cannot be asked.
+    """
+    from mlflow.exceptions import MlflowException
+
+    target = uri.rstrip("/")
+    mlflow_client = client(settings)
+    found, token = [], None
+    try:
+        while True:
+            page = mlflow_client.search_model_versions(max_results=1000, page_token=token)
+            for version in page:
+                source = (version.source or "").rstrip("/")
+                if source == target or source.startswith(target + "/") or target.startswith(source + "/"):
+                    found.append(_ref(version))
+            token = page.token
+            if not token:
+                return found
+    except MlflowException as exc:
+        raise RegistryError(f"cannot list model versions at {mlflow_client.tracking_uri}: {exc.message}") from exc
+
+
 def register_model_version(
     name: str,
     source: str,
@@ -98,21 +122,49 @@ def register_model_version(
     alias: str | None = None,
     settings: Settings | None = None,
 ) -> ModelVersionRef:
-    """Create a new version of ``name`` (creating the registered model once) pointing at ``source``."""
+    """Register ``source`` as a version of ``name`` with ``tags`` and ``alias``; idempotent by run id.
+
+    A retry after a failure anywhere in between (the version created but not tagged or
+    aliased, say) finds the version this run already registered and completes it, so a run
+    yields exactly one version. Raises RegistryError naming the tracking server.
+    """
     from mlflow.exceptions import MlflowException
 
     mlflow_client = client(settings)
+    tags = tags or {}
     try:
         try:
             mlflow_client.get_registered_model(name)
         except MlflowException:
             mlflow_client.create_registered_model(name, description="chat model fine-tuned with ray-llmops")
-        version = mlflow_client.create_model_version(name, source=source, run_id=run_id, tags=tags or {})
+        version = _version_of_run(mlflow_client, name, run_id, source)
+        if version is None:
+            version = mlflow_client.create_model_version(name, source=source, run_id=run_id, tags=tags)
+        for key, value in tags.items():
+            if (version.tags or {}).get(key) != value:
+                mlflow_client.set_model_version_tag(name, version.version, key, value)
         if alias:
             mlflow_client.set_registered_model_alias(name, alias, version.version)
+        version = mlflow_client.get_model_version(name, version.version)
     except MlflowException as exc:
         raise RegistryError(f"cannot register {name} at {mlflow_client.tracking_uri}: {exc.message}") from exc
     return _ref(version)
+
+
+def _version_of_run(mlflow_client, name: str, run_id: str | None, source: str):
+    """The version of ``name`` that ``run_id`` already registered from ``source``, if any."""
+    if not run_id:
+        return None
+    found = [
+        version
+        for version in mlflow_client.search_model_versions(f"name = '{_quoted(name)}' and run_id = '{_quoted(run_id)}'")
+        if version.source == source
+    ]
+    return min(found, key=lambda version: int(version.version)) if found else None
+
+
+def _quoted(value: str) -> str:
+    return value.replace("\\", "\\\\").replace("'", "\\'")
 
 
 def set_alias(name: str, alias: str, version: str, settings: Settings | None = None) -> None:

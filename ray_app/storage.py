@@ -69,6 +69,34 @@ def _build_manifest(files: list[tuple[str, Path]]) -> dict[str, dict[str, int | 
     return {rel: {"size": path.stat().st_size, "sha256": file_sha256(path)} for rel, path in files}
 
 
+_SHA256 = frozenset("0123456789abcdef")
+
+
+def validate_manifest(data: object, where: str) -> dict[str, dict[str, int | str]]:
+    """``data`` as a manifest, or IntegrityError naming ``where`` and the bad entry.
+
+    Every key must be a relative POSIX path inside the folder (no ``..``, no absolute path,
+    no drive or backslash, no empty part): a crafted manifest must not make a download write
+    outside its target folder.
+    """
+    if not isinstance(data, dict):
+        raise IntegrityError(f"{where}: the manifest is not a JSON object")
+    for rel, entry in data.items():
+        parts = rel.split("/") if isinstance(rel, str) else [""]
+        if rel == MANIFEST or "\\" in rel or ":" in parts[0] or any(part in ("", ".", "..") for part in parts):
+            raise IntegrityError(f"{where}: the manifest names an unsafe path {rel!r}")
+        if not (
+            isinstance(entry, dict)
+            and isinstance(entry.get("size"), int)
+            and entry["size"] >= 0
+            and isinstance(entry.get("sha256"), str)
+            and len(entry["sha256"]) == 64
+            and set(entry["sha256"]) <= _SHA256
+        ):
+            raise IntegrityError(f"{where}: the manifest entry for {rel!r} needs a size and a SHA-256")
+    return data
+
+
 def _join(*parts: str) -> str:
     return "/".join(part.strip("/") for part in parts if part and part.strip("/"))
 
@@ -139,6 +167,13 @@ class Store(ABC):
     def _stat_size(self, key: str) -> int | None: ...
 
     @abstractmethod
+    def _delete_file(self, key: str) -> None:
+        """Delete one file if it exists."""
+
+    def _clean_partials(self, prefix: str) -> None:  # noqa: B027 - only a local store leaves partial files
+        """Remove what an interrupted upload under ``prefix`` left behind (local stores only)."""
+
+    @abstractmethod
     def ray_storage(self) -> tuple[str, pyarrow.fs.FileSystem | None]:
         """``(storage_path, storage_filesystem)`` for Ray Train's ``RunConfig``."""
 
@@ -153,20 +188,35 @@ class Store(ABC):
         return self._stat_size(key) is not None
 
     def read_manifest(self, prefix: str) -> dict[str, dict[str, int | str]] | None:
-        """The manifest of a directory uploaded under ``prefix``, or None if it is incomplete."""
+        """The manifest of a directory uploaded under ``prefix``, or None if it is incomplete.
+
+        Raises IntegrityError if the manifest is not valid JSON or names an unsafe path.
+        """
+        where = self.uri(_join(prefix, MANIFEST))
         try:
-            return json.loads(self._read_bytes(_join(prefix, MANIFEST)))
+            raw = self._read_bytes(_join(prefix, MANIFEST))
         except FileNotFoundError:
             return None
+        try:
+            data = json.loads(raw)
+        except ValueError as exc:
+            raise IntegrityError(f"{where}: the manifest is not valid JSON ({exc})") from exc
+        return validate_manifest(data, where)
 
     def upload_dir(self, local_dir: str | Path, prefix: str, progress: bool = True) -> dict[str, dict[str, int | str]]:
         """Upload every file of ``local_dir`` under ``prefix``, verify sizes, then write the manifest.
 
         Large files go up in multipart chunks; files are sent in parallel. Returns the manifest.
         Raises IntegrityError if a stored size differs from the local one.
+
+        Overwriting a folder first removes its manifest, so a reader (or a killed upload) sees
+        it as incomplete, never as a mix of old and new files; files of the old folder that the
+        new one lacks are removed after the new manifest is written.
         """
         files = _local_files(Path(local_dir))
         manifest = _build_manifest(files)
+        self._delete_file(_join(prefix, MANIFEST))
+        self._clean_partials(prefix)
         total = sum(int(entry["size"]) for entry in manifest.values())
         with _progress(f"upload {Path(local_dir).name}", total, progress) as advance:
             self._parallel(lambda item: self._put_file(item[1], _join(prefix, item[0]), advance), files)
@@ -175,6 +225,10 @@ class Store(ABC):
             if stored != entry["size"]:
                 raise IntegrityError(f"{self.uri(_join(prefix, rel))}: stored {stored} bytes, expected {entry['size']}")
         self._write_bytes(_join(prefix, MANIFEST), json.dumps(manifest, indent=1, sort_keys=True).encode())
+        keep = {_join(prefix, rel) for rel in manifest} | {_join(prefix, MANIFEST)}
+        for info in self.list(prefix):
+            if info.key not in keep:
+                self._delete_file(info.key)
         return manifest
 
     def download_dir(self, prefix: str, local_dir: str | Path, progress: bool = True) -> Path:
@@ -208,8 +262,37 @@ class Store(ABC):
                 future.result()
 
 
+PARTIAL = ".partial"
+
+
+def _atomic_write(dest: Path, fill: Callable[[Path], None]) -> None:
+    """Write ``dest`` through a unique ``.partial`` temp file: fill, fsync, rename, fsync the folder."""
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    handle, name = tempfile.mkstemp(prefix=f".{dest.name}.", suffix=PARTIAL, dir=dest.parent)
+    os.close(handle)
+    partial = Path(name)
+    try:
+        fill(partial)
+        with open(partial, "rb+") as written:
+            os.fsync(written.fileno())
+        os.replace(partial, dest)
+    finally:
+        partial.unlink(missing_ok=True)
+    folder = os.open(dest.parent, os.O_RDONLY)
+    try:
+        os.fsync(folder)
+    finally:
+        os.close(folder)
+
+
 class LocalStore(Store):
-    """A store in a local (or network-mounted) directory."""
+    """A store in a local (or network-mounted) directory.
+
+    Every file is written to a ``.partial`` temp file, fsynced and renamed into place; the
+    manifest goes last, so a crash leaves either the old manifest with the old files, or no
+    manifest (incomplete). ``.partial`` leftovers are not listed and are removed by the next
+    upload to the same folder.
+    """
 
     def __init__(self, root: str | Path, max_workers: int = 4) -> None:
         self.root = Path(str(root).removeprefix("file://")).expanduser().absolute()
@@ -237,7 +320,7 @@ class LocalStore(Store):
         return [
             ObjectInfo(path.relative_to(self.root).as_posix(), path.stat().st_size)
             for path in sorted(base.rglob("*"))
-            if path.is_file()
+            if path.is_file() and not path.name.endswith(PARTIAL)
         ]
 
     def delete_prefix(self, prefix: str) -> int:
@@ -255,10 +338,7 @@ class LocalStore(Store):
 
     def _put_file(self, local: Path, key: str, advance: Callable[[int], None]) -> None:
         dest = self._path(key)
-        dest.parent.mkdir(parents=True, exist_ok=True)
-        partial = dest.with_name(dest.name + ".partial")
-        shutil.copyfile(local, partial)
-        os.replace(partial, dest)
+        _atomic_write(dest, lambda partial: shutil.copyfile(local, partial))
         advance(dest.stat().st_size)
 
     def _get_file(self, key: str, local: Path, advance: Callable[[int], None]) -> None:
@@ -270,13 +350,27 @@ class LocalStore(Store):
         return self._path(key).read_bytes()
 
     def _write_bytes(self, key: str, data: bytes) -> None:
-        path = self._path(key)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_bytes(data)
+        _atomic_write(self._path(key), lambda partial: partial.write_bytes(data))
 
     def _stat_size(self, key: str) -> int | None:
         path = self._path(key)
         return path.stat().st_size if path.is_file() else None
+
+    def _delete_file(self, key: str) -> None:
+        path = self._path(key)
+        if not path.is_file():
+            return
+        path.unlink()
+        for folder in path.parents:  # folders it leaves empty go too, as on S3
+            if folder == self.root or self.root not in folder.parents or any(folder.iterdir()):
+                break
+            folder.rmdir()
+
+    def _clean_partials(self, prefix: str) -> None:
+        base = self._path(prefix)
+        if base.is_dir():
+            for leftover in base.rglob(f"*{PARTIAL}"):
+                leftover.unlink(missing_ok=True)
 
     def ray_storage(self) -> tuple[str, None]:
         self.ensure()
@@ -398,6 +492,10 @@ class S3Store(Store):
                 return self.client.stat_object(self.bucket, self._key(key)).size
         except FileNotFoundError:
             return None
+
+    def _delete_file(self, key: str) -> None:
+        with self._errors(self.uri(key)):
+            self.client.remove_object(self.bucket, self._key(key))  # S3 deletes are idempotent
 
     def ray_storage(self) -> tuple[str, pyarrow.fs.FileSystem]:
         import pyarrow.fs

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import uuid
 
 import pytest
@@ -90,3 +91,80 @@ def test_mlflow_refuses_anonymous_calls_and_serve_reads_but_cannot_move_an_alias
     assert admin.get_model_version_by_alias(name, "champion").version == "1"
     set_alias(name, "champion", "2", mlflow_server)  # the promoting identity may
     assert admin.get_model_version_by_alias(name, "champion").version == "2"
+
+
+def test_a_registration_retried_after_dying_before_its_alias_gives_one_complete_version(mlflow_server: Settings):
+    """What a registration killed between creating the version and moving the alias leaves
+    (a version with no alias and no tags), then the retry: exactly one version, complete."""
+    import mlflow
+    from mlflow import MlflowClient
+
+    from ray_app.registry import register_model_version
+
+    mlflow.set_tracking_uri(mlflow_server.mlflow_tracking_uri)
+    client = MlflowClient(mlflow_server.mlflow_tracking_uri)
+    name = f"chat-model-{uuid.uuid4().hex[:6]}"
+    with mlflow.start_run() as run:
+        mlflow.log_param("kind", "candidate")
+    run_id, source = run.info.run_id, f"s3://models/{name}/v1"
+    client.create_registered_model(name)
+    client.create_model_version(name, source=source, run_id=run_id)  # killed here: no tags, no alias
+
+    tags = {"run_id": run_id, "train_data": "s3://data/feedback.jsonl"}
+    for _ in range(2):  # the retry, and a second retry after a success
+        ref = register_model_version(name, source, run_id, tags=tags, alias="challenger", settings=mlflow_server)
+    versions = client.search_model_versions(f"name = '{name}'")
+    assert [v.version for v in versions] == [ref.version] == ["1"]
+    assert client.get_model_version_by_alias(name, "challenger").version == "1"
+    assert {k: v for k, v in ref.tags.items() if k in tags} == tags
+
+    other = register_model_version(name, f"s3://models/{name}/v2", None, alias="challenger", settings=mlflow_server)
+    assert other.version == "2"  # no run id, a different source: a new version
+
+
+def test_store_rm_refuses_the_folder_a_registered_version_points_to(mlflow_server: Settings, tmp_path):
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from ray_app.registry import register_model_version
+    from ray_app.storage import open_store
+
+    bucket = f"rm-{uuid.uuid4().hex[:6]}"
+    settings = mlflow_server.model_copy(update={"store_uri": f"s3://{bucket}/store"})
+    store = open_store(settings=settings)
+    store.ensure()
+    (tmp_path / "m").mkdir()
+    (tmp_path / "m" / "config.json").write_text("{}")
+    for prefix in ("models/champion", "models/scratch"):
+        store.upload_dir(tmp_path / "m", prefix, progress=False)
+    name = f"chat-model-{uuid.uuid4().hex[:6]}"
+    register_model_version(name, store.uri("models/champion"), None, alias="champion", settings=settings)
+
+    env = {
+        "PATH": "/usr/bin:/bin",
+        "COLUMNS": "300",
+        "LLMOPS_HOME": str(settings.home),
+        "LLMOPS_MLFLOW_PORT": str(settings.mlflow_port),
+        "LLMOPS_STORE_URI": settings.store_uri,
+        "LLMOPS_S3_ENDPOINT_URL": settings.s3_endpoint_url,
+        "AWS_ACCESS_KEY_ID": settings.aws_access_key_id.get_secret_value(),
+        "AWS_SECRET_ACCESS_KEY": settings.aws_secret_access_key.get_secret_value(),
+        **{k: v for k, v in os.environ.items() if k.startswith("MLFLOW_TRACKING_")},
+    }
+
+    def llmops(*args: str) -> subprocess.CompletedProcess:
+        command = [str(Path(sys.executable).parent / "llmops"), *args]
+        return subprocess.run(command, env=env, capture_output=True, text=True, timeout=180)
+
+    for prefix in ("models/champion", "models", "models/champion/config.json"):
+        refused = llmops("store", "rm", prefix)
+        assert refused.returncode == 1, refused.stderr
+        assert f"{name} v1" in refused.stderr and "--force" in refused.stderr
+    assert store.read_manifest("models/champion") is not None
+
+    assert llmops("store", "rm", "models/scratch").returncode == 0
+    assert store.list("models/scratch") == []
+    forced = llmops("store", "rm", "--force", "models/champion")
+    assert forced.returncode == 0, forced.stderr
+    assert store.list("models") == []

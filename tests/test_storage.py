@@ -3,7 +3,12 @@
 from __future__ import annotations
 
 import filecmp
+import json
 import os
+import signal
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -132,3 +137,66 @@ def test_unreachable_endpoint_error_names_the_url(tmp_path):
 def test_local_keys_cannot_escape_the_store_root(tmp_path):
     with pytest.raises(StoreError, match="escapes"):
         LocalStore(tmp_path / "store").list("../../etc")
+
+
+@pytest.mark.parametrize("unsafe", ["../x", "/etc/passwd", "a/../../x", "a//b", "C:x"])
+def test_a_crafted_manifest_path_is_refused_on_download(s3_store: S3Store, tmp_path, unsafe):
+    sha = "0" * 64
+    for store in (s3_store, LocalStore(tmp_path / "local")):
+        store._write_bytes("evil/_manifest.json", json.dumps({unsafe: {"size": 1, "sha256": sha}}).encode())
+        with pytest.raises(IntegrityError, match="unsafe path"):
+            store.download_dir("evil", tmp_path / "out" / "dst", progress=False)
+    assert not (tmp_path / "x").exists() and not (tmp_path / "out").exists()
+
+
+def test_a_manifest_that_is_not_a_manifest_is_an_integrity_error(tmp_path):
+    store = LocalStore(tmp_path / "store")
+    store._write_bytes("m/_manifest.json", b"{not json")
+    with pytest.raises(IntegrityError, match="not valid JSON"):
+        store.download_dir("m", tmp_path / "dst", progress=False)
+    store._write_bytes("m/_manifest.json", b'{"config.json": {"size": "1"}}')
+    with pytest.raises(IntegrityError, match=r"config\.json"):
+        store.read_manifest("m")
+
+
+def test_an_overwrite_killed_midway_reads_as_incomplete_and_the_next_upload_completes(tmp_path):
+    """A real process uploading over a folder is SIGKILLed once new files land: readers see
+    'incomplete', never old and new mixed; the next upload cleans its leftovers and completes."""
+    store = LocalStore(tmp_path / "store")
+    store.upload_dir(make_tree(tmp_path / "old"), "m", progress=False)
+    new = tmp_path / "new"
+    new.mkdir()
+    for i in range(300):
+        (new / f"shard-{i:03d}.bin").write_bytes(os.urandom(256 * 1024))
+    code = (
+        f"from ray_app.storage import LocalStore; "
+        f"LocalStore({str(store.root)!r}, max_workers=1).upload_dir({str(new)!r}, 'm', progress=False)"
+    )
+    proc = subprocess.Popen([sys.executable, "-c", code])
+    deadline = time.monotonic() + 60
+    while not (store.root / "m" / "shard-010.bin").exists():
+        assert proc.poll() is None and time.monotonic() < deadline, "the upload ended before it could be killed"
+        time.sleep(0.005)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+
+    assert store.read_manifest("m") is None
+    with pytest.raises(StoreError, match="no complete upload"):
+        store.download_dir("m", tmp_path / "dst", progress=False)
+    assert not any(info.key.endswith(".partial") for info in store.list("m"))
+
+    store.upload_dir(new, "m", progress=False)
+    assert not list((store.root / "m").rglob("*.partial"))
+    out = store.download_dir("m", tmp_path / "dst", progress=False)
+    assert_same_tree(new, out)  # the old folder's files are gone too
+    assert sorted(p.name for p in (store.root / "m").iterdir()) == sorted([*os.listdir(new), "_manifest.json"])
+
+
+def test_an_overwrite_on_s3_leaves_only_the_new_folder(s3_store: S3Store, tmp_path):
+    s3_store.upload_dir(make_tree(tmp_path / "old"), "over", progress=False)
+    new = tmp_path / "new"
+    new.mkdir()
+    (new / "config.json").write_text('{"model_type": "qwen2"}')
+    s3_store.upload_dir(new, "over", progress=False)
+    assert [info.key for info in s3_store.list("over")] == ["over/_manifest.json", "over/config.json"]
+    assert_same_tree(new, s3_store.download_dir("over", tmp_path / "dst", progress=False))

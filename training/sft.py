@@ -402,7 +402,7 @@ def run(
     from ray_app.models import resolve_model
     from ray_app.registry import configure_tracking, register_model_version
     from ray_app.settings import get_settings
-    from ray_app.storage import open_store
+    from ray_app.storage import MANIFEST, open_store
     from training.data import prepare_dataset
     from training.evaluate import evaluate_model
 
@@ -481,6 +481,8 @@ def run(
 
         version = None
         if cfg.registered_model:
+            if store.read_manifest(model_prefix) is None:  # a version exists only with its folder complete
+                raise RuntimeError(f"training finished but {model_uri} has no {MANIFEST}; not registering it")
             source = model_uri
             if not model_uri.startswith("s3://"):
                 # The registry accepts no local paths as sources: a local store's folder becomes run artifacts.

@@ -12,8 +12,10 @@ store, MLflow or the chat database. Each job prints its result, which becomes th
 - train: ``python -m training.sft`` with the run's config; registers version N (alias challenger).
 - evaluate: held-out loss of version N and of the current champion, tagged on version N.
 - promote: ``champion`` moves to N only if its loss is lower by ``min_improvement`` (a
-  fraction); the decision and its reason are tagged on N (``promotion``, ``promotion_reason``).
-- rollout: Serve apps serving ``models:/NAME@champion`` load N; old replicas drain.
+  fraction), atomically: the Serve apps serving ``models:/NAME@champion`` run N before the
+  alias moves, or are rolled back and the task fails; the decision is tagged on N
+  (``promotion``, ``promotion.reason``, ``.from``, ``.to``, ``.by``, ``.at``).
+- rollout: checks that those apps run N (re-rolls any that do not).
 
 Schedule, config and thresholds come from settings (``LLMOPS_RETRAIN_*``); a manual run can
 override them with params. Module level imports nothing heavy: parsing stays well under 2 s.

@@ -314,13 +314,17 @@ def promote(
     from_alias: Annotated[str | None, typer.Option("--from", help="promote what this alias points to")] = None,
     rollout_serve: Annotated[bool, typer.Option("--rollout/--no-rollout", help="roll Serve onto it")] = True,
 ) -> None:
-    """Move the `champion` alias to a version and roll the Serve apps that serve models:/NAME@champion."""
+    """Roll the Serve apps that serve models:/NAME@champion onto a version, then move the `champion` alias.
+
+    Atomic: if the new replicas do not become healthy, Serve is rolled back and the alias stays.
+    """
     from ray_app.serving.rollout import promote as promote_version
 
     if (version is None) == (from_alias is None):
         raise ValueError("give exactly one of --version V or --from ALIAS")
     with console.status("moving champion and rolling Serve replicas..."):
-        result = promote_version(name, settings(), version=version, from_alias=from_alias, rollout=rollout_serve)
+        result = promote_version(name, settings(), version=version, from_alias=from_alias, rollout=rollout_serve,
+                                 actor="llmops promote")  # fmt: skip
     console.print(f"{name}: champion {result.previous or '(none)'} -> {result.version}")
     if result.rolled_apps:
         console.print(f"Serve apps rolled to version {result.version}: {', '.join(result.rolled_apps)}")

@@ -190,7 +190,7 @@ def run_demo(settings: Settings, console: Console, fast: bool = False, model: st
         if promoted:
             from ray_app.serving.rollout import promote
 
-            promote(name, settings, version=result.registered_version, rollout=True)
+            promote(name, settings, version=result.registered_version, rollout=True, actor="llmops demo")
             console.print(f"    promoted v{result.registered_version} to champion over {against}: {reason}")
         else:
             console.print(f"    kept {against}: {reason}")

@@ -136,6 +136,25 @@ def _resolve_s3(ref: str, settings: Settings) -> Path:
     return target
 
 
+def check_model_source(source: str, settings: Settings) -> None:
+    """Raise ModelResolutionError unless the folder at ``source`` is a complete upload (its manifest is there).
+
+    Checks ``s3://`` folders (what the store uploads, manifest last); run artifacts are
+    immutable once logged and other forms are checked when they are loaded.
+    """
+    from ray_app.storage import S3Store, StoreError
+
+    if not source.startswith("s3://"):
+        return
+    bucket, _, key = source[len("s3://") :].strip("/").partition("/")
+    try:
+        manifest = S3Store(f"s3://{bucket}", settings).read_manifest(key)
+    except StoreError as exc:
+        raise ModelResolutionError(f"cannot check model folder {source}: {exc}") from exc
+    if manifest is None:
+        raise ModelResolutionError(f"no complete model folder at {source} (no _manifest.json)")
+
+
 def _resolve_mlflow_artifacts(ref: str, settings: Settings) -> Path:
     """Run artifacts never change once logged: download once per URI."""
     import hashlib

@@ -275,7 +275,8 @@ def test_retrain_dag_exports_feedback_trains_on_ray_and_promotes_only_a_better_m
     assert decision["promoted"] is False and "is not below" in decision["reason"], decision
     assert mlflow.get_model_version_by_alias(MODEL, "champion").version == "1"
     rejected = mlflow.get_model_version(MODEL, "2")
-    assert rejected.tags["promotion"] == "rejected" and "margin 0.99" in rejected.tags["promotion_reason"]
+    assert rejected.tags["promotion"] == "rejected" and "margin 0.99" in rejected.tags["promotion.reason"]
+    assert rejected.tags["promotion.from"] == "1" and rejected.tags["promotion.by"].startswith("pipeline promote")
     assert f"kept the champion: {decision['reason']}" in done.stdout + done.stderr
     export = airflow.xcom("retrain_chat_model", run_id, "export_feedback")
     assert export["new_examples"] == 2 and export["since"] == version.tags["feedback_until"], export

@@ -8,6 +8,7 @@ import concurrent.futures
 import json
 import os
 import queue
+import re
 import signal
 import subprocess
 import threading
@@ -17,7 +18,7 @@ from pathlib import Path
 import httpx
 import pytest
 import yaml
-from conftest import venv_bin
+from conftest import free_port, venv_bin
 from starlette.requests import Request
 from tiny_model import build_tiny_chat_model
 
@@ -918,6 +919,55 @@ def test_killed_replica_is_restarted_and_retrying_clients_lose_nothing(serve_app
         _wait_for(lambda: len(load.results) >= done + 3, 60, "traffic on the new replica")
     assert not load.errors, load.errors[:3]
     assert {status for _, status, _ in load.results} == {200}
+
+
+def test_a_failed_promotion_leaves_champion_and_serve_on_the_old_version(
+    serve_app, mlflow_server, registered_tiny_models, tmp_path
+):
+    """Three ways a promotion fails (the dashboard unreachable, a folder without its manifest, a
+    model whose replicas crash-loop): each raises with the reason, `champion` stays on v1, Serve
+    keeps answering with v1, and the decision is tagged on the version."""
+    from mlflow import MlflowClient
+
+    from ray_app.models import ModelResolutionError
+    from ray_app.registry import get_version, register_model_version
+    from ray_app.serving.rollout import ServeError, promote
+    from ray_app.storage import open_store
+
+    old, new = registered_tiny_models
+    store = open_store(settings=serve_app.settings)
+    folder = build_tiny_chat_model(tmp_path / "tiny", seed=2)
+    store.upload_dir(folder, "serving-test/no-manifest", progress=False)
+    store._delete_file("serving-test/no-manifest/_manifest.json")
+    incomplete = register_model_version(REGISTERED, store.uri("serving-test/no-manifest"), None, settings=mlflow_server)
+    (folder / "config.json").write_text('{"model_type": "no-such-architecture"}')
+    store.upload_dir(folder, "serving-test/broken", progress=False)
+    broken = register_model_version(REGISTERED, store.uri("serving-test/broken"), None, settings=mlflow_server)
+
+    def still_on_v1() -> None:
+        assert get_version(f"models:/{REGISTERED}@champion", mlflow_server).version == old
+        answer = _ask(serve_app, 4)
+        assert answer.status_code == 200 and answer.headers["x-model-version"] == f"{REGISTERED}/{old}"
+
+    unreachable = serve_app.settings.model_copy(update={"ray_dashboard_port": free_port()})
+    with pytest.raises(ServeError, match=re.escape(unreachable.ray_dashboard_url)):
+        promote(REGISTERED, unreachable, version=new, wait_s=30)
+    still_on_v1()
+    with pytest.raises(ModelResolutionError, match="no complete model folder"):
+        promote(REGISTERED, serve_app.settings, version=incomplete.version, wait_s=30)
+    still_on_v1()
+    started = time.monotonic()
+    with pytest.raises(ServeError, match="rolled back to version 1"):
+        promote(REGISTERED, serve_app.settings, version=broken.version, wait_s=240)
+    print(f"crash-looping rollout detected and rolled back in {time.monotonic() - started:.0f} s")
+    still_on_v1()
+
+    client = MlflowClient(mlflow_server.mlflow_tracking_uri)
+    for version, reason in ((new, "cannot reach the Ray dashboard"), (incomplete.version, "no complete model folder"),
+                            (broken.version, "failed to deploy")):  # fmt: skip
+        tags = client.get_model_version(REGISTERED, version).tags
+        assert tags["promotion"] == "failed" and reason in tags["promotion.reason"], tags
+        assert tags["promotion.from"] == old and tags["promotion.to"] == version and tags["promotion.by"]
 
 
 def test_promote_under_load_rolls_to_the_new_version_without_a_failed_request(

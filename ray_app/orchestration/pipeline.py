@@ -35,6 +35,7 @@ from ray_app.orchestration.ray_jobs import emit_result
 from ray_app.settings import Settings, get_settings
 
 FEEDBACK_UNTIL_TAG = "feedback_until"
+PIPELINE_ACTOR = "pipeline promote step (Ray job)"
 
 
 class PipelineError(RuntimeError):
@@ -160,8 +161,9 @@ def evaluate(cfg, settings: Settings, version: str) -> dict[str, Any]:
 def promote(cfg, settings: Settings, version: str, min_improvement: float) -> dict[str, Any]:
     """Move ``champion`` to ``version`` only if its evaluated loss beats the champion's by the margin."""
     from ray_app.demo import gate
-    from ray_app.registry import client, get_version
+    from ray_app.registry import get_version
     from ray_app.serving.rollout import promote as move_alias
+    from ray_app.serving.rollout import record_promotion
 
     name = _registered_name(cfg)
     candidate = get_version(f"models:/{name}/{version}", settings)
@@ -179,17 +181,22 @@ def promote(cfg, settings: Settings, version: str, min_improvement: float) -> di
                             "re-run evaluate")  # fmt: skip
     promoted, reason = gate(float(tags["gate.candidate_loss"]), float(tags["gate.champion_loss"]), min_improvement)
     reason = f"{reason} (vs {current}, margin {min_improvement:g})"
-    mlflow = client(settings)
-    mlflow.set_model_version_tag(name, version, "promotion", "promoted" if promoted else "rejected")
-    mlflow.set_model_version_tag(name, version, "promotion_reason", reason)
     previous = champion.version if champion else None
-    if promoted:
-        move_alias(name, settings, version=version, rollout=False)
-    return {"name": name, "version": version, "promoted": promoted, "reason": reason, "previous": previous}
+    if not promoted:
+        record_promotion(name, version, previous, "rejected", reason, settings, actor=PIPELINE_ACTOR)
+        return {"name": name, "version": version, "promoted": False, "reason": reason, "previous": previous}
+    # Atomic: Serve's champion apps run the new version before the alias moves (or nothing changes).
+    promotion = move_alias(name, settings, version=version, rollout=True, actor=PIPELINE_ACTOR)
+    return {"name": name, "version": version, "promoted": True, "reason": reason, "previous": previous,
+            "rolled_apps": promotion.rolled_apps}  # fmt: skip
 
 
 def rollout(cfg, settings: Settings, version: str) -> dict[str, Any]:
-    """Redeploy the Serve apps that serve ``models:/NAME@champion`` with ``version`` (Serve drains old replicas)."""
+    """Make sure the Serve apps that serve ``models:/NAME@champion`` run ``version``.
+
+    ``promote`` already rolled them before moving the alias; this re-rolls any that do not (a
+    manual redeploy in between, say) and fails if Serve cannot be reached.
+    """
     from ray_app.serving.rollout import roll_serve_apps
 
     name = _registered_name(cfg)
@@ -199,7 +206,8 @@ def rollout(cfg, settings: Settings, version: str) -> dict[str, Any]:
                             f"{champion.version if champion else 'none'}); refusing to roll it out")  # fmt: skip
     apps = roll_serve_apps(name, version, settings)
     return {"name": name, "version": version, "rolled_apps": apps,
-            "note": "" if apps else f"no Serve app serves models:/{name}@champion; nothing to roll"}  # fmt: skip
+            "note": "" if apps else f"no app needed rolling: those serving models:/{name}@champion run "
+                                    f"version {version}"}  # fmt: skip
 
 
 def main(argv: list[str] | None = None) -> int:

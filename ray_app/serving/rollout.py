@@ -3,16 +3,18 @@
 Everything goes through the dashboard's Serve REST API (what `serve deploy` uses), so it
 works the same against the local stack, a `ray up` cluster or a KubeRay head.
 
-Promotion = move the MLflow alias ``champion``, then redeploy every app that serves
-``models:/NAME@champion`` with ``model_version`` pinned to the new version. The args change,
-so Serve starts replicas of the new version and drains the old ones (each finishes its
-in-flight requests: ``graceful_shutdown_timeout_s``); requests that arrive meanwhile wait in
-Serve's queues instead of failing.
+Promotion is atomic: redeploy every app that serves ``models:/NAME@champion`` with
+``model_version`` pinned to the new version and wait until it runs, then move the MLflow alias
+``champion``. The args change, so Serve starts replicas of the new version and drains the old
+ones (each finishes its in-flight requests: ``graceful_shutdown_timeout_s``); requests that
+arrive meanwhile wait in Serve's queues instead of failing. If the new replicas never become
+healthy, the apps are redeployed with their previous configs and the alias does not move.
 """
 
 from __future__ import annotations
 
 import copy
+import logging
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -25,6 +27,9 @@ from ray_app.settings import Settings
 
 APP_IMPORT_PATH = "ray_app.serving.app:build_app"
 CHAMPION = "champion"
+
+
+log = logging.getLogger(__name__)
 
 
 class ServeError(RuntimeError):
@@ -124,11 +129,21 @@ def promote(
     from_alias: str | None = None,
     rollout: bool = True,
     wait_s: float = 600.0,
+    actor: str | None = None,
 ) -> Promotion:
-    """Point ``champion`` of ``name`` at ``version`` (or at what ``from_alias`` points to), then roll Serve.
+    """Make ``version`` (or what ``from_alias`` points to) the ``champion`` of ``name``, atomically.
 
-    Raises RegistryError when the name/version/alias does not exist, ServeError when Serve fails.
+    In order: the version's folder must be complete (its manifest is there); with ``rollout``,
+    the Serve apps serving ``models:/NAME@champion`` are rolled to it and must reach RUNNING
+    (an unreachable dashboard, a failed deploy, crash-looping replicas or the timeout roll them
+    back to what they ran); only then does the alias move. A failure anywhere leaves the alias
+    on the previous version and Serve serving it, and raises. Every decision is recorded as
+    ``promotion*`` tags on the version (:func:`record_promotion`).
+
+    Raises RegistryError when the name/version/alias does not exist, ModelResolutionError when
+    the folder is incomplete, ServeError when Serve cannot be rolled.
     """
+    from ray_app.models import check_model_source
     from ray_app.registry import RegistryError, get_version, set_alias
 
     if (version is None) == (from_alias is None):
@@ -138,26 +153,98 @@ def promote(
         previous = get_version(f"models:/{name}@{CHAMPION}", settings).version
     except RegistryError:
         previous = None
-    set_alias(name, CHAMPION, target.version, settings)
     promotion = Promotion(name, target.version, previous)
-    if rollout:
-        promotion.rolled_apps = roll_serve_apps(name, target.version, settings, wait_s)
+    decision = {"name": name, "version": target.version, "previous": previous, "actor": actor, "settings": settings}
+    try:
+        check_model_source(target.source, settings)
+        if rollout:
+            promotion.rolled_apps = roll_serve_apps(name, target.version, settings, wait_s, previous=previous)
+        try:
+            set_alias(name, CHAMPION, target.version, settings)
+        except Exception:
+            if promotion.rolled_apps and previous is not None:
+                roll_serve_apps(name, previous, settings, wait_s)
+            raise
+    except Exception as exc:
+        record_promotion(**decision, result="failed", reason=str(exc))
+        raise
+    rolled = f"; Serve apps rolled: {', '.join(promotion.rolled_apps)}" if promotion.rolled_apps else ""
+    record_promotion(
+        **decision, result="promoted", reason=f"champion {previous or '(none)'} -> {target.version}{rolled}"
+    )
     return promotion
 
 
-def roll_serve_apps(name: str, version: str, settings: Settings, wait_s: float = 600.0) -> list[str]:
+def record_promotion(
+    name: str,
+    version: str,
+    previous: str | None,
+    result: str,
+    reason: str,
+    settings: Settings,
+    actor: str | None = None,
+) -> None:
+    """Tag ``version`` with a promotion decision: result (promoted, rejected, failed), from, to, who, when, why.
+
+    The one place these tags are written; a tracking server that is down too does not hide
+    the original error (the failure is logged).
+    """
+    import getpass
+    import socket
+
+    from ray_app.registry import client
+
+    tags = {
+        "promotion": result,
+        "promotion.reason": reason[:4000],
+        "promotion.from": previous or "none",
+        "promotion.to": version,
+        "promotion.by": f"{actor or 'ray_app.serving.rollout.promote'} ({getpass.getuser()}@{socket.gethostname()})",
+        "promotion.at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+    }
+    try:
+        mlflow = client(settings)
+        for key, value in tags.items():
+            mlflow.set_model_version_tag(name, version, key, value)
+    except Exception:
+        if result == "promoted":
+            raise
+        log.warning("could not record the %s promotion of %s v%s in MLflow", result, name, version, exc_info=True)
+
+
+def roll_serve_apps(
+    name: str, version: str, settings: Settings, wait_s: float = 600.0, previous: str | None = None
+) -> list[str]:
     """Redeploy the apps that serve ``models:/NAME@champion`` pinned to ``version``; returns their names.
 
-    Returns [] without touching Serve when no such app is deployed (or Serve is not running).
+    Returns [] without touching Serve when no such app is deployed. Raises ServeError when the
+    dashboard cannot be reached, and when the new deploy fails: the apps are then redeployed
+    with the configs they ran before (and waited for), so Serve keeps serving ``previous``.
     """
-    try:
-        details = serve_details(settings)
-    except ServeError:
+    details = serve_details(settings)
+    body, rolled = _rolled_config(details, name, version, settings)
+    if not rolled:
         return []
+    try:
+        deploy(body, settings, wait_s)
+    except ServeError as exc:
+        restore, _ = _rolled_config(details, name, None, settings)
+        try:
+            deploy(restore, settings, wait_s)
+        except ServeError as again:
+            raise ServeError(f"{exc}; rolling back to the previous configs failed too: {again}") from exc
+        was = f"version {previous}" if previous else "their previous configs"
+        raise ServeError(f"{exc}; Serve apps {', '.join(rolled)} rolled back to {was}") from exc
+    return rolled
+
+
+def _rolled_config(
+    details: dict[str, Any], name: str, version: str | None, settings: Settings
+) -> tuple[dict[str, Any], list[str]]:
+    """The Serve config to PUT (every app) with the champion apps pinned to ``version`` (None: as they are)."""
     wanted = f"models:/{name}@{CHAMPION}"
-    apps = details.get("applications", {})
     configs, rolled = [], []
-    for app_name, app in apps.items():
+    for app_name, app in details.get("applications", {}).items():
         config = copy.deepcopy(app.get("deployed_app_config"))
         if config is None:
             raise ServeError(
@@ -165,21 +252,20 @@ def roll_serve_apps(name: str, version: str, settings: Settings, wait_s: float =
                 "redeploy it with `serve run`/`llmops serve` to let promote roll it"
             )
         args = config.get("args") or {}
-        if config.get("import_path") == APP_IMPORT_PATH and (args.get("model") or settings.serve_model) == wanted:
-            if args.get("model_version") != version:
-                config["args"] = {**args, "model": wanted, "model_version": version}
-                rolled.append(app_name)
+        serves_champion = (
+            config.get("import_path") == APP_IMPORT_PATH and (args.get("model") or settings.serve_model) == wanted
+        )
+        if version is not None and serves_champion and args.get("model_version") != version:
+            config["args"] = {**args, "model": wanted, "model_version": version}
+            rolled.append(app_name)
         configs.append(config)
-    if not rolled:
-        return []
     http = details.get("http_options") or {}
     body = {
         "proxy_location": details.get("proxy_location") or "HeadOnly",
         "http_options": {key: http[key] for key in ("host", "port") if key in http},
         "applications": configs,
     }
-    deploy(body, settings, wait_s)
-    return rolled
+    return body, rolled
 
 
 def shutdown(settings: Settings) -> None:

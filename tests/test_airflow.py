@@ -348,3 +348,49 @@ def test_export_takes_only_reviewed_or_trusted_corrections_and_skips_when_too_li
     states = {r.comment: policy.state(r) for r in candidates(url, policy)}
     assert states == {"correction: something else": "pending", "correction: B5.": "rejected",
                       "correction: B4.": "trusted", None: "pending"}, states  # fmt: skip
+
+
+def test_export_without_a_chat_database_or_feedback_and_with_its_services_down(tmp_path):
+    """The export step before the chat ever ran (no database file: zero feedback, and with
+    min_new_examples 0 a dataset of the recipe's data), then with the chat database and MLflow
+    unreachable: a one-line error naming each (password hidden), no traceback, no dataset."""
+    import sys
+
+    from conftest import free_port
+
+    from ray_app.chat.feedback import ChatDatabaseError
+    from ray_app.orchestration.pipeline import export_feedback
+    from ray_app.settings import load_settings
+    from training.config import load_config
+
+    settings = load_settings(home=tmp_path / "home", store_uri=str(tmp_path / "store"))
+    database = Path(str(settings.chat_database_url).split("///", 1)[1])
+    cfg = load_config(REPO / "training" / "configs" / "tiny_cpu.yaml").model_copy(update={"registered_model": None})
+
+    skipped = export_feedback(cfg, settings, "run-a", "2026-03-05", min_new_examples=1)
+    assert skipped["skip"] is True and skipped["ratings"] == 0 and "no chat database" in skipped["note"], skipped
+    exported = export_feedback(cfg, settings, "run-b", "2026-03-05", min_new_examples=0)
+    assert exported["skip"] is False and exported["new_examples"] == 0 and exported["feedback_until"] == "", exported
+    assert exported["train_overrides"][1] == "version_tags={}"
+    lines = (tmp_path / "store" / "datasets/retrain/2026-03-05/run-b/train.jsonl").read_text().splitlines()
+    assert len(lines) == exported["base_examples"] > 0
+    assert not database.exists() and not database.parent.exists(), "reading feedback must not create the database"
+
+    dead = f"postgresql+asyncpg://chat:s3cret-pw@127.0.0.1:{free_port()}/chat"
+    with pytest.raises(ChatDatabaseError, match=r"chat:\*\*\*@127\.0\.0\.1:\d+/chat") as failed:
+        export_feedback(cfg, settings.model_copy(update={"chat_database_url": dead}), "run-c", "2026-03-05", 0)
+    assert "s3cret-pw" not in str(failed.value)
+
+    mlflow_url = f"http://127.0.0.1:{free_port()}"
+    env = {
+        **os.environ, "LLMOPS_HOME": str(tmp_path / "home"), "LLMOPS_STORE_URI": str(tmp_path / "store"),
+        "MLFLOW_TRACKING_URI": mlflow_url, "MLFLOW_HTTP_REQUEST_MAX_RETRIES": "1",
+        "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "0",
+    }  # fmt: skip
+    step = [sys.executable, "-m", "ray_app.orchestration.pipeline", "export-feedback", "--config",
+            str(REPO / "training" / "configs" / "tiny_cpu.yaml"), "--run-key", "run-d", "--date", "2026-03-05",
+            "--min-new-examples", "0"]  # fmt: skip
+    done = subprocess.run(step, env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 1, (done.stdout, done.stderr)
+    assert mlflow_url in done.stderr and "Traceback" not in done.stderr, done.stderr
+    assert not (tmp_path / "store" / "datasets/retrain/2026-03-05/run-d").exists()

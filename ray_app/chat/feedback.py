@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import sqlalchemy as sa
 
@@ -60,8 +61,42 @@ def _metadata(raw) -> dict:
         return {}
 
 
+class ChatDatabaseError(RuntimeError):
+    """The chat database cannot be read; the message names it (password hidden)."""
+
+
+def database_label(database_url: str) -> str:
+    """The database URL with its password hidden: safe in logs and errors."""
+    try:
+        return sa.engine.make_url(database_url).render_as_string(hide_password=True)
+    except sa.exc.ArgumentError:
+        return "(an unparseable database URL)"
+
+
+def chat_database_missing(database_url: str) -> bool:
+    """Whether the chat's database is a SQLite file that does not exist yet (the chat never ran)."""
+    if not database_url.startswith("sqlite"):
+        return False
+    database = sa.engine.make_url(sync_url(database_url)).database
+    return bool(database) and database != ":memory:" and not Path(database).is_file()
+
+
 def read_feedback(database_url: str, since: str | None = None, value: int | None = None) -> list[FeedbackRecord]:
-    """Every feedback row (or those with ``value``) on answers created after ``since`` (ISO time)."""
+    """Every feedback row (or those with ``value``) on answers created after ``since`` (ISO time).
+
+    A SQLite chat database that does not exist yet holds no feedback: [] (nothing is created).
+    Raises ChatDatabaseError naming the database when it cannot be reached or read.
+    """
+    if chat_database_missing(database_url):
+        return []
+    try:
+        return _read_feedback(database_url, since, value)
+    except sa.exc.SQLAlchemyError as exc:
+        reason = str(getattr(exc, "orig", None) or exc).strip().splitlines()[0]
+        raise ChatDatabaseError(f"cannot read the chat database {database_label(database_url)}: {reason}") from None
+
+
+def _read_feedback(database_url: str, since: str | None, value: int | None) -> list[FeedbackRecord]:
     upgrade_schema(database_url)  # a database the chat has not opened since an upgrade lacks the reviews table
     engine = sa.create_engine(sync_url(database_url))
     try:

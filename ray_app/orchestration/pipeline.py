@@ -56,38 +56,44 @@ def feedback_watermark(name: str | None, settings: Settings) -> str | None:
         return None
     from mlflow.exceptions import MlflowException
 
-    from ray_app.registry import client
+    from ray_app.registry import RegistryError, client
 
+    mlflow = client(settings)
     try:
-        versions = client(settings).search_model_versions(f"name='{name}'")
-    except MlflowException:
-        return None
+        versions = mlflow.search_model_versions(f"name='{name}'")
+    except MlflowException as exc:  # never "no watermark": that would count all feedback as new
+        raise RegistryError(f"cannot read the feedback watermark of {name} from MLflow at "
+                            f"{mlflow.tracking_uri}: {exc.message}") from None  # fmt: skip
     marks = [v.tags.get(FEEDBACK_UNTIL_TAG) for v in versions if v.tags.get(FEEDBACK_UNTIL_TAG)]
     return max(marks) if marks else None
 
 
 def export_feedback(cfg, settings: Settings, run_key: str, date: str, min_new_examples: int) -> dict[str, Any]:
     """Write base data + every usable feedback example to ``datasets/retrain/DATE/RUN_KEY/`` in the store."""
-    from ray_app.chat.feedback import read_feedback
+    from ray_app.chat.feedback import chat_database_missing, database_label, read_feedback
     from ray_app.chat.review import ReviewPolicy
     from ray_app.storage import open_store
     from training.data import read_records
 
+    watermark = feedback_watermark(cfg.registered_model, settings)  # first: MLflow down fails before any work
     records = read_feedback(settings.chat_database_url)
     policy = ReviewPolicy.from_settings(settings)
     examples = feedback_examples(records, policy)
-    watermark = feedback_watermark(cfg.registered_model, settings)
     new = [example for ready, example in examples if watermark is None or ready > watermark]
     summary: dict[str, Any] = {
         "ratings": len(records), "feedback_examples": len(examples), "new_examples": len(new),
         "since": watermark, "min_new_examples": min_new_examples, "review": policy.counts(records),
     }  # fmt: skip
+    if chat_database_missing(settings.chat_database_url):
+        summary["note"] = f"no chat database at {database_label(settings.chat_database_url)} yet: no feedback"
+        print(summary["note"], flush=True)
     if len(new) < min_new_examples:
         since = f" since {watermark}" if watermark else ""
         reason = f"{len(new)} new feedback example(s){since}, fewer than the {min_new_examples} needed"
         return {**summary, "skip": True, "reason": reason}
     base = read_records(list(cfg.train_data), settings)
-    feedback_until = max(answered_at for answered_at, _ in examples)
+    # No feedback at all (min_new_examples 0: retrain on the recipe's data) keeps the watermark where it was.
+    feedback_until = max((answered_at for answered_at, _ in examples), default=watermark or "")
     store = open_store(settings=settings)
     store.ensure()
     prefix = f"datasets/retrain/{date}/{run_key}"
@@ -101,12 +107,13 @@ def export_feedback(cfg, settings: Settings, run_key: str, date: str, min_new_ex
             indent=2))  # fmt: skip
         store.upload_dir(folder, prefix, progress=False)
     dataset_uri = store.uri(f"{prefix}/train.jsonl")
+    version_tags = {FEEDBACK_UNTIL_TAG: feedback_until} if feedback_until else {}
     return {
         **summary, "skip": False, "dataset_uri": dataset_uri, "base_examples": len(base),
         "feedback_until": feedback_until,
         # What the train step passes to the recipe: the merged data, and the watermark to record.
         "train_overrides": [f"train_data={dataset_uri}",
-                            "version_tags=" + json.dumps({FEEDBACK_UNTIL_TAG: feedback_until})],
+                            "version_tags=" + json.dumps(version_tags)],
     }  # fmt: skip
 
 
@@ -224,22 +231,39 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--min-improvement", type=float, default=0.0, help="promote: fraction the loss must drop")
     args = parser.parse_args(argv)
 
+    if args.step != "export-feedback" and not args.version:
+        parser.error(f"{args.step} needs --version")
+    try:
+        emit_result(run_step(args))
+    except _expected_failures() as exc:  # one line naming the service, not a traceback
+        print(f"error: {args.step}: {exc}", file=sys.stderr, flush=True)
+        return 1
+    return 0
+
+
+def run_step(args: argparse.Namespace) -> dict[str, Any]:
     from training.config import load_config
 
     cfg = load_config(args.config, args.overrides)
     settings = get_settings()
-    if args.step != "export-feedback" and not args.version:
-        parser.error(f"{args.step} needs --version")
     if args.step == "export-feedback":
-        result = export_feedback(cfg, settings, args.run_key, args.date, args.min_new_examples)
-    elif args.step == "evaluate":
-        result = evaluate(cfg, settings, args.version)
-    elif args.step == "promote":
-        result = promote(cfg, settings, args.version, args.min_improvement)
-    else:
-        result = rollout(cfg, settings, args.version)
-    emit_result(result)
-    return 0
+        return export_feedback(cfg, settings, args.run_key, args.date, args.min_new_examples)
+    if args.step == "evaluate":
+        return evaluate(cfg, settings, args.version)
+    if args.step == "promote":
+        return promote(cfg, settings, args.version, args.min_improvement)
+    return rollout(cfg, settings, args.version)
+
+
+def _expected_failures() -> tuple[type[BaseException], ...]:
+    """Failures whose message says everything (a service down, a refused step): no traceback for these."""
+    from ray_app.chat.feedback import ChatDatabaseError
+    from ray_app.models import ModelResolutionError
+    from ray_app.registry import RegistryError
+    from ray_app.serving.rollout import ServeError
+    from ray_app.storage import StoreError
+
+    return PipelineError, ChatDatabaseError, RegistryError, StoreError, ServeError, ModelResolutionError
 
 
 if __name__ == "__main__":

@@ -64,6 +64,15 @@ def check_limits(body: OpenAIRequest, limits: Limits) -> None:
         )
 
 
+def route_path(scope) -> str:
+    """The request's path inside the app: Serve mounts an app under its ``route_prefix`` (the ASGI
+    ``root_path``) and passes the full path, so ``/chat/v1/models`` is ``/v1/models`` to the app."""
+    path, root = scope["path"], scope.get("root_path") or ""
+    if root and (path == root or path.startswith(root.rstrip("/") + "/")):
+        return path[len(root.rstrip("/")) :] or "/"
+    return path
+
+
 class ApiGate:
     """ASGI middleware: authentication, body intake and validation, version headers, error shape."""
 
@@ -99,7 +108,7 @@ class ApiGate:
 
     async def _admit(self, scope, receive):
         """Check the request; returns the receive callable the app should use. Raises APIError."""
-        path = scope["path"]
+        path = route_path(scope)
         if path.startswith("/v1"):
             headers = dict(scope["headers"])
             reason = bearer_key_error(headers.get(b"authorization", b"").decode("latin-1"), self.key_hashes)

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import fcntl
 import importlib.util
+import logging
 import re
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -23,6 +24,8 @@ from pathlib import Path
 
 from ray_app.settings import Settings, get_settings
 from ray_app.storage import staging_dir
+
+log = logging.getLogger(__name__)
 
 DEFAULT_MODEL_ALIASES = ("default", "smollm2")
 DEFAULT_MODEL_NAME = "SmolLM2-135M-Instruct"
@@ -124,7 +127,7 @@ def _resolve_s3(ref: str, settings: Settings) -> Path:
         try:
             remote = store.read_manifest(key)
         except StoreError as exc:
-            raise ModelResolutionError(f"cannot read model {ref}: {exc}") from exc
+            return _cached_copy(ref, target, exc)
         if remote is None:
             raise ModelResolutionError(
                 f"no complete model folder at {ref} (no _manifest.json); upload it with the store"
@@ -133,6 +136,24 @@ def _resolve_s3(ref: str, settings: Settings) -> Path:
         if target.is_dir() and local_manifest.is_file() and _same_manifest(local_manifest, remote):
             return target
         store.download_dir(key, target, progress=True)
+    return target
+
+
+def _cached_copy(ref: str, target: Path, unreachable: Exception) -> Path:
+    """The local copy of ``ref`` while its store is unreachable, if it still passes its manifest.
+
+    A replica (new or restarted) can start while S3 is down: the weights it would download are
+    already here, checksummed. Raises ModelResolutionError naming the store's error otherwise.
+    """
+    from ray_app.storage import IntegrityError, verify_folder
+
+    if not target.is_dir():
+        raise ModelResolutionError(f"cannot read model {ref} and there is no local copy: {unreachable}")
+    try:
+        verify_folder(target)
+    except IntegrityError as exc:
+        raise ModelResolutionError(f"cannot read model {ref} ({unreachable}); the local copy fails: {exc}") from exc
+    log.warning("the store is unreachable (%s); using the local copy of %s at %s (verified)", unreachable, ref, target)
     return target
 
 

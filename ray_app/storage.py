@@ -97,6 +97,23 @@ def validate_manifest(data: object, where: str) -> dict[str, dict[str, int | str
     return data
 
 
+def verify_folder(folder: Path) -> dict[str, dict[str, int | str]]:
+    """Check every file of a downloaded ``folder`` against its ``_manifest.json``; returns the manifest.
+
+    Raises IntegrityError naming the first missing or changed file (or a missing manifest).
+    """
+    path = Path(folder) / MANIFEST
+    try:
+        manifest = validate_manifest(json.loads(path.read_text()), str(path))
+    except (OSError, ValueError) as exc:
+        raise IntegrityError(f"{path}: no readable manifest ({exc})") from exc
+    for rel, entry in manifest.items():
+        local = Path(folder) / rel
+        if not local.is_file() or local.stat().st_size != entry["size"] or file_sha256(local) != entry["sha256"]:
+            raise IntegrityError(f"{local}: missing or different from its manifest")
+    return manifest
+
+
 def _join(*parts: str) -> str:
     return "/".join(part.strip("/") for part in parts if part and part.strip("/"))
 

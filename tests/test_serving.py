@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import collections
 import concurrent.futures
+import copy
 import json
 import os
 import queue
@@ -18,7 +19,7 @@ from pathlib import Path
 import httpx
 import pytest
 import yaml
-from conftest import free_port, venv_bin
+from conftest import free_port, venv_bin, wait_for_port
 from starlette.requests import Request
 from tiny_model import build_tiny_chat_model
 
@@ -260,7 +261,7 @@ def test_a_row_that_fails_while_sampling_fails_alone_and_its_batch_answers_as_al
     assert batcher.stats.failed_rows == 1 and batcher.stats.prefills == 1  # they were in one batch
 
 
-def _gate_client(limits=None):
+def _gate_client(limits=None, root_path: str = ""):
     """The ApiGate (the front door of both engines) around an app that echoes the validated body."""
     from fastapi import FastAPI
     from fastapi.testclient import TestClient
@@ -288,7 +289,9 @@ def _gate_client(limits=None):
     async def boom():
         raise RuntimeError("a bug")
 
-    return TestClient(app, raise_server_exceptions=False, headers={"Authorization": "Bearer sk-test"})
+    return TestClient(
+        app, raise_server_exceptions=False, headers={"Authorization": "Bearer sk-test"}, root_path=root_path
+    )
 
 
 def _openai_error(response, status: int, param: str | None = "<any>") -> str:
@@ -342,6 +345,16 @@ UNSUPPORTED = [  # a field that would change the answer, with a value that would
     ("/v1/completions", "best_of", 3),
     ("/v1/completions", "logprobs", 2),
 ]
+
+
+def test_the_api_gate_guards_an_app_mounted_under_a_route_prefix():
+    """Serve passes the full path and the prefix as root_path: /cached/v1/... is the app's /v1/..."""
+    client = _gate_client(root_path="/cached")
+    body = {"model": "m", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 3}
+    assert client.post("/cached/v1/chat/completions", json=body).json()["max_tokens"] == 3
+    _openai_error(client.post("/cached/v1/chat/completions", json=body, headers={"Authorization": ""}), 401)
+    _openai_error(client.post("/cached/v1/chat/completions", json={**body, "n": 2}), 400, "n")
+    _openai_error(client.get("/cached/v1/chat/completions"), 405)
 
 
 def test_the_api_gate_refuses_every_bad_request_with_an_openai_error_naming_the_field():
@@ -919,6 +932,60 @@ def test_killed_replica_is_restarted_and_retrying_clients_lose_nothing(serve_app
         _wait_for(lambda: len(load.results) >= done + 3, 60, "traffic on the new replica")
     assert not load.errors, load.errors[:3]
     assert {status for _, status, _ in load.results} == {200}
+
+
+def test_with_s3_down_a_restarted_replica_starts_from_its_verified_model_cache(serve_app, tmp_path):
+    """A second app serves a model from its own S3 server; that server stops and the app's model
+    replica is SIGKILLed: the replacement starts from the local copy (checked against its
+    manifest) and answers. The first app is untouched."""
+    from ray_app.serving.rollout import _rolled_config, deploy, serve_details
+    from ray_app.stack import stop_process_group
+    from ray_app.storage import open_store
+
+    port = free_port()
+    log = open(tmp_path / "moto.log", "wb")
+    s3 = subprocess.Popen([venv_bin("moto_server"), "-H", "127.0.0.1", "-p", str(port)], stdout=log,
+                          stderr=subprocess.STDOUT, start_new_session=True)  # fmt: skip
+    endpoint = f"http://127.0.0.1:{port}"
+    settings = serve_app.settings
+    try:
+        wait_for_port(port, proc=s3)
+        store = open_store("s3://cache-test", settings.model_copy(update={"s3_endpoint_url": endpoint}))
+        store.ensure()
+        store.upload_dir(build_tiny_chat_model(tmp_path / "tiny", seed=3), "tiny", progress=False)
+        body, _ = _rolled_config(serve_details(settings), REGISTERED, None, settings)
+        cached = copy.deepcopy(body["applications"][0])
+        cached.update(name="cached", route_prefix="/cached")
+        cached["args"] = {**cached["args"], "model": "s3://cache-test/tiny", "served_model_name": "cached"}
+        cached["runtime_env"] = {"env_vars": {"LLMOPS_S3_ENDPOINT_URL": endpoint}}
+        deploy({**body, "applications": [*body["applications"], cached]}, settings, wait_s=240)
+        url = f"{serve_app.base_url}/cached/v1/chat/completions"
+        ask = {"model": "cached", "messages": QUESTION, "max_tokens": 4}
+        first = httpx.post(url, headers=serve_app.headers, json=ask, timeout=60)
+        assert first.status_code == 200, first.text
+
+        stop_process_group(s3.pid, timeout_s=10)
+        s3.wait(timeout=10)
+        [victim] = _replicas(settings, "cached")
+        os.kill(victim["pid"], signal.SIGKILL)
+        _wait_for(lambda: [r["pid"] for r in _replicas(settings, "cached")] not in ([], [victim["pid"]]), 120,
+                  "a replacement replica RUNNING with S3 down")  # fmt: skip
+        answer = httpx.post(url, headers=serve_app.headers, json=ask, timeout=60)
+        assert answer.status_code == 200, answer.text
+        assert _ask(serve_app, 4).status_code == 200
+    finally:
+        if s3.poll() is None:
+            stop_process_group(s3.pid, timeout_s=10)
+        log.close()
+        body, _ = _rolled_config(serve_details(settings), REGISTERED, None, settings)
+        deploy({**body, "applications": [a for a in body["applications"] if a["name"] != "cached"]}, settings, 120)
+
+
+def _replicas(settings: Settings, app: str) -> list[dict]:
+    from ray_app.serving.rollout import serve_details
+
+    deployment = serve_details(settings)["applications"][app]["deployments"]["ChatServer"]
+    return [r for r in deployment["replicas"] if r["state"] == "RUNNING"]
 
 
 def test_a_failed_promotion_leaves_champion_and_serve_on_the_old_version(

@@ -88,6 +88,16 @@ class Postgres:
     def url(self, database: str = "postgres", driver: str = "psycopg2") -> str:
         return f"postgresql+{driver}://postgres@127.0.0.1:{self.port}/{database}"
 
+    def start(self) -> None:
+        root = self.data_dir.parent
+        options = f"-p {self.port} -k {root / 'sock'} -c listen_addresses=127.0.0.1 -c fsync=off"
+        pg_ctl = [_pg_bin("pg_ctl"), "-D", str(self.data_dir), "-o", options, "-l", str(root / "pg.log"), "-w", "start"]
+        subprocess.run(_as_postgres_user(pg_ctl), check=True, capture_output=True)
+
+    def stop(self) -> None:
+        pg_ctl = [_pg_bin("pg_ctl"), "-D", str(self.data_dir), "-m", "fast", "-w", "stop"]
+        subprocess.run(_as_postgres_user(pg_ctl), capture_output=True)
+
     def create_database(self, name: str) -> str:
         import psycopg
 
@@ -114,8 +124,8 @@ def _as_postgres_user(argv: list[str]) -> list[str]:
     return ["runuser", "-u", "postgres", "--", *argv]
 
 
-@pytest.fixture(scope="session")
-def postgres() -> Iterator[Postgres]:
+def start_postgres() -> Postgres:
+    """A PostgreSQL server of its own (initdb in a temp dir, trust auth on 127.0.0.1, a free port)."""
     root = Path(tempfile.mkdtemp(prefix="llmops-pg-"))
     data, sock = root / "data", root / "sock"
     sock.mkdir()
@@ -129,22 +139,23 @@ def postgres() -> Iterator[Postgres]:
         check=True,
         capture_output=True,
     )
-    port = free_port()
-    options = f"-p {port} -k {sock} -c listen_addresses=127.0.0.1 -c fsync=off"
-    subprocess.run(
-        _as_postgres_user(
-            [_pg_bin("pg_ctl"), "-D", str(data), "-o", options, "-l", str(root / "pg.log"), "-w", "start"]
-        ),
-        check=True,
-        capture_output=True,
-    )
+    server = Postgres(port=free_port(), data_dir=data)
+    server.start()
+    return server
+
+
+def remove_postgres(server: Postgres) -> None:
+    server.stop()
+    shutil.rmtree(server.data_dir.parent, ignore_errors=True)
+
+
+@pytest.fixture(scope="session")
+def postgres() -> Iterator[Postgres]:
+    server = start_postgres()
     try:
-        yield Postgres(port=port, data_dir=data)
+        yield server
     finally:
-        subprocess.run(
-            _as_postgres_user([_pg_bin("pg_ctl"), "-D", str(data), "-m", "fast", "-w", "stop"]), capture_output=True
-        )
-        shutil.rmtree(root, ignore_errors=True)
+        remove_postgres(server)
 
 
 # --- S3 (moto's server process) ------------------------------------------------------------

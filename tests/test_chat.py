@@ -12,7 +12,7 @@ from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
-from conftest import free_port, venv_bin, wait_for_port
+from conftest import free_port, remove_postgres, start_postgres, venv_bin, wait_for_port
 from tiny_model import build_tiny_chat_model
 
 from ray_app.chat.auth import LoginThrottle, hash_password, verify_password
@@ -264,6 +264,49 @@ def test_with_serve_unreachable_the_page_shows_an_error_and_no_traceback(browser
         body = page.locator("body").inner_text()
         assert "is not answering" in body and "Traceback" not in body and dead.removesuffix("/v1") in body
         page.context.close()
+
+
+def test_with_the_history_database_down_the_question_is_kept_and_retry_saves_the_turn(browser, chat_serve, tmp_path):
+    """A PostgreSQL of its own stops mid-conversation: the page says the message was not sent,
+    naming the database; once it is back, Retry answers and the turn is in the database."""
+    import sqlalchemy as sa
+
+    from ray_app.chat.schema import steps, sync_url
+
+    server = start_postgres()
+    try:
+        database_url = server.url(server.create_database("chat"), driver="asyncpg")
+        with running_chat(chat_serve, database_url, tmp_path / "home") as url:
+            page = login(browser, url)
+            send(page, "First question?")
+            last_answer(page, "answered by")
+            server.stop()
+            send(page, "Second question, database down?")
+            page.get_by_role("button", name="Retry").last.wait_for(timeout=60_000)
+            body = page.locator("body").inner_text()
+            assert "Your message was not sent" in body and f"127.0.0.1:{server.port}/chat" in body, body[-800:]
+            answers = lambda: [t for t in page.locator(ANSWERS).all_inner_texts() if "answered by" in t]  # noqa: E731
+            assert "Traceback" not in body and len(answers()) == 1
+            server.start()
+            page.get_by_role("button", name="Retry").last.click()
+            _wait(lambda: len(answers()) == 2, 60, "the answer after Retry")
+
+            def saved() -> list[tuple[str, str]]:
+                engine = sa.create_engine(sync_url(database_url))
+                try:
+                    with engine.connect() as connection:
+                        query = sa.select(steps.c.type, steps.c.output, steps.c.threadId).order_by(steps.c.createdAt)
+                        return [tuple(row) for row in connection.execute(query)]
+                finally:
+                    engine.dispose()
+
+            _wait(lambda: len([r for r in saved() if r[0] == "assistant_message"]) == 2, 30, "the turn saved")
+            rows = saved()
+            assert ("user_message", "Second question, database down?") in [r[:2] for r in rows], rows
+            assert len({r[2] for r in rows}) == 1, "one thread"
+            page.context.close()
+    finally:
+        remove_postgres(server)
 
 
 def test_a_busy_server_makes_the_chat_say_so_and_retry_until_it_answers(browser, chat_serve, tmp_path):

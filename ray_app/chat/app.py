@@ -11,6 +11,9 @@
   `ray_app.chat.feedback` for retraining.
 - When Serve is down or slow, the user gets a one-line error and a Retry button; when it is
   busy (503/429) the chat says so and retries with backoff (``BusyRetry``).
+- When the history database is down, the question is not sent: the user is told (naming the
+  database) and keeps it for Retry; an answer that could not be saved gets "Retry saving"
+  (``ray_app.chat.history``). Nothing is lost silently.
 """
 
 from __future__ import annotations
@@ -23,7 +26,7 @@ import time
 import chainlit as cl
 import httpx
 from chainlit.config import config as chainlit_config
-from chainlit.data.sql_alchemy import SQLAlchemyDataLayer
+from chainlit.data import get_data_layer
 from chainlit.input_widget import Select, Slider, TextInput
 from chainlit.server import app as chainlit_app
 from openai import APIConnectionError, APIError, APIStatusError, APITimeoutError, AsyncOpenAI
@@ -31,6 +34,8 @@ from openai import APIConnectionError, APIError, APIStatusError, APITimeoutError
 from ray_app import credentials
 from ray_app.chat import guard
 from ray_app.chat.auth import load_logins
+from ray_app.chat.feedback import ChatDatabaseError
+from ray_app.chat.history import HistoryLayer
 from ray_app.chat.schema import upgrade_schema
 from ray_app.settings import get_settings
 
@@ -54,8 +59,8 @@ BUSY_FIRST_WAIT_S, BUSY_MAX_WAIT_S = 1.0, 15.0
 
 
 @cl.data_layer
-def data_layer() -> SQLAlchemyDataLayer:
-    return SQLAlchemyDataLayer(conninfo=str(SETTINGS.chat_database_url))
+def data_layer() -> HistoryLayer:
+    return HistoryLayer(conninfo=str(SETTINGS.chat_database_url))
 
 
 @cl.password_auth_callback
@@ -145,15 +150,21 @@ def trimmed(messages: list[dict[str, str]], budget_tokens: int, drop: int = 0) -
     return system + kept
 
 
-async def answer(text: str) -> None:
-    """Stream the answer to ``text`` (appended to the history) into a new message."""
+async def answer(text: str, question: dict | None = None) -> None:
+    """Stream the answer to ``text`` (appended to the history) into a new message.
+
+    ``question`` is the user's message as Chainlit stores it: saved before the model is asked
+    (if the database is down the user is told and keeps it for Retry), and again with the answer.
+    """
+    if question is not None and not await saved([question], text, question):
+        return
     chat_settings = cl.user_session.get("chat_settings") or {}
     models = cl.user_session.get("models") or {}
     if not models:  # Serve may be back since the chat started
         models = {m["id"]: m for m in await served_models()}
         cl.user_session.set("models", models)
     if not models:
-        await retryable_error(text, unreachable_text())
+        await retryable_error(text, unreachable_text(), question)
         return
     model = chat_settings.get("model") if chat_settings.get("model") in models else next(iter(models))
     max_tokens = int(chat_settings.get("max_tokens", 256))
@@ -165,7 +176,8 @@ async def answer(text: str) -> None:
 
     msg = cl.Message(content="", author="assistant")
     request = {"model": model, "temperature": float(chat_settings.get("temperature", 0.7)), "max_tokens": max_tokens}
-    answered, version = await ask(msg, text, request, lambda drop: trimmed(messages, context - max_tokens, drop))
+    answered, version = await ask(msg, text, request, lambda drop: trimmed(messages, context - max_tokens, drop),
+                                  question)  # fmt: skip
     if not answered:
         return
     answer_text = msg.content
@@ -174,9 +186,12 @@ async def answer(text: str) -> None:
     msg.metadata = {"model_version": version, "model": model, "answer": answer_text}
     msg.content = f"{answer_text}\n\n*answered by {version or model}*"
     await msg.send()
+    await saved([step for step in (question, msg.to_dict()) if step], text, None)
 
 
-async def ask(msg: cl.Message, text: str, request: dict, conversation) -> tuple[bool, str | None]:
+async def ask(
+    msg: cl.Message, text: str, request: dict, conversation, question: dict | None
+) -> tuple[bool, str | None]:
     """Stream the answer into ``msg``: fewer turns while the server says the prompt is too long,
     waiting while it is busy. Returns (answered, model version); on failure the user was told."""
     busy = BusyRetry(SETTINGS.chat_busy_retry_s)
@@ -192,13 +207,13 @@ async def ask(msg: cl.Message, text: str, request: dict, conversation) -> tuple[
                     continue
                 if exc.status_code in BUSY_STATUSES and not msg.content and await busy.wait(exc):
                     continue  # Serve shed load: it said when to come back
-                await retryable_error(text, f"The model server refused the request: {_error_message(exc)}")
+                await retryable_error(text, f"The model server refused the request: {_error_message(exc)}", question)
             except (APIConnectionError, APITimeoutError) as exc:
                 await cut_off(msg, "the model server stopped responding")
-                await retryable_error(text, unreachable_text(exc.__class__.__name__))
+                await retryable_error(text, unreachable_text(exc.__class__.__name__), question)
             except APIError as exc:  # an error event in the stream (e.g. the request's deadline passed)
                 await cut_off(msg, str(exc.message))
-                await retryable_error(text, f"The model server could not finish the answer: {exc.message}")
+                await retryable_error(text, f"The model server could not finish the answer: {exc.message}", question)
             return False, None
     finally:
         await busy.done()
@@ -264,18 +279,49 @@ def _error_message(exc: APIStatusError) -> str:
     return str((body.get("error") or body).get("message") or exc.message)
 
 
-async def retryable_error(text: str, message: str) -> None:
+async def retryable_error(text: str, message: str, question: dict | None = None) -> None:
     """An error line in the chat with a Retry button that asks the same question again."""
-    error = cl.Message(content=message, actions=[cl.Action(name="retry", payload={"text": text}, label="Retry")])
+    payload = {"text": text, "question": question}
+    error = cl.Message(content=message, actions=[cl.Action(name="retry", payload=payload, label="Retry")])
     error.is_error = True
     await error.send()
 
 
+async def saved(steps: list[dict], text: str, question: dict | None) -> bool:
+    """Store ``steps`` in the chat history now; if the database is down, say so and offer to retry.
+
+    With ``question`` (nothing answered yet) Retry asks again; without, Retry saves the steps.
+    """
+    layer = get_data_layer()
+    if not isinstance(layer, HistoryLayer):
+        return True
+    user = cl.user_session.get("user")
+    try:
+        await layer.save_steps(steps, getattr(user, "id", None))
+    except ChatDatabaseError as exc:
+        if question is not None:
+            await retryable_error(text, f"Your message was not sent: {exc}. It is kept here: press Retry.", question)
+        else:
+            retry = cl.Action(name="save", payload={"steps": steps}, label="Retry saving")
+            error = cl.Message(content=f"This answer was not saved: {exc}. Press Retry saving.", actions=[retry])
+            error.is_error = True
+            await error.send()
+        return False
+    return True
+
+
 @cl.on_message
 async def on_message(message: cl.Message) -> None:
-    await answer(message.content)
+    await answer(message.content, message.to_dict())
 
 
 @cl.action_callback("retry")
 async def on_retry(action: cl.Action) -> None:
-    await answer(action.payload["text"])
+    await answer(action.payload["text"], action.payload.get("question"))
+
+
+@cl.action_callback("save")
+async def on_save(action: cl.Action) -> None:
+    steps = action.payload["steps"]
+    if await saved(steps, "", None):
+        await cl.Message(content="Saved.", author="system").send()

@@ -73,6 +73,20 @@ def ensure_read_only_user(settings: Settings) -> str:
     return user
 
 
+def check_tracking(settings: Settings | None = None) -> str:
+    """Fail fast, naming the URL, when the tracking server cannot be reached or refuses this identity."""
+    from mlflow.exceptions import MlflowException
+
+    mlflow_client = client(settings)
+    try:
+        mlflow_client.search_experiments(max_results=1)
+    except MlflowException as exc:
+        raise RegistryError(
+            f"the MLflow tracking server at {mlflow_client.tracking_uri} is unusable: {exc.message}"
+        ) from None
+    return mlflow_client.tracking_uri
+
+
 def client(settings: Settings | None = None):
     """An MlflowClient on the configured tracking server."""
     from mlflow import MlflowClient

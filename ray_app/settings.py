@@ -399,6 +399,8 @@ class Settings(BaseSettings):
             "LLMOPS_STORE_URI": str(self.store_uri),
             "MLFLOW_TRACKING_URI": str(self.mlflow_tracking_uri),
             "MLFLOW_HTTP_REQUEST_MAX_RETRIES": str(self.mlflow_http_retries),
+            # Jobs on the cluster (the pipeline's promote and rollout) reach Serve through it.
+            "LLMOPS_RAY_DASHBOARD_ADDRESS": self.ray_dashboard_url,
             "WANDB_MODE": self.wandb_mode,
             "WANDB_PROJECT": self.wandb_project,
             "AWS_REGION": self.aws_region,

@@ -222,6 +222,24 @@ def test_retrain_dag_exports_feedback_trains_on_ray_and_promotes_only_a_better_m
     config_file = tmp_path / "retrain.yaml"
     config_file.write_text(yaml.safe_dump(config))
     chat_db = str(ray_cluster.chat_database_url)  # where the jobs (LLMOPS_HOME of the head) read feedback
+    mlflow = MlflowClient(ray_cluster.mlflow_tracking_uri)
+
+    def trigger(date: str, **conf) -> tuple[str, dict[str, str], subprocess.CompletedProcess]:
+        body = {"config": str(config_file), "min_new_examples": 2, "min_improvement": 0.0, **conf}
+        done = airflow.run("dags", "test", "retrain_chat_model", date, "-c", json.dumps(body), check=False)
+        run_id, _state = airflow.last_run("retrain_chat_model")
+        return run_id, airflow.states("retrain_chat_model", run_id), done
+
+    # 0. The chat never ran (no database yet): zero feedback, the run is skipped, no task fails or
+    #    prints a traceback.
+    assert not Path(chat_db.split("///", 1)[1]).exists()
+    run_id, states, done = trigger("2026-02-27")
+    assert states["export_feedback"] == states["enough_new_data"] == "success", (states, done.stderr[-4000:])
+    assert {states[t] for t in ("train", "evaluate", "promote", "rollout")} == {"skipped"}, states
+    export = airflow.xcom("retrain_chat_model", run_id, "export_feedback")
+    assert export["ratings"] == 0 and "no chat database" in export["note"], export
+    assert "Traceback" not in done.stdout + done.stderr
+
     write_feedback(chat_db, [
         ("What does Ray Serve do?", "Ray Serve serves models over HTTP.", 1, None),
         ("Where are checkpoints stored?", "In the S3 store.", 1, "nice"),
@@ -233,13 +251,6 @@ def test_retrain_dag_exports_feedback_trains_on_ray_and_promotes_only_a_better_m
 
     [approved] = [r for r in candidates(chat_db, ReviewPolicy()) if "promote step" in (r.comment or "")]
     decide(chat_db, approved, APPROVED, "reviewer")
-    mlflow = MlflowClient(ray_cluster.mlflow_tracking_uri)
-
-    def trigger(date: str, **conf) -> tuple[str, dict[str, str], subprocess.CompletedProcess]:
-        body = {"config": str(config_file), "min_new_examples": 2, "min_improvement": 0.0, **conf}
-        done = airflow.run("dags", "test", "retrain_chat_model", date, "-c", json.dumps(body), check=False)
-        run_id, _state = airflow.last_run("retrain_chat_model")
-        return run_id, airflow.states("retrain_chat_model", run_id), done
 
     # 1. Enough new feedback, a candidate better than the base model: trained, promoted, rolled out.
     run_id, states, done = trigger("2026-03-01")

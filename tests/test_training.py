@@ -179,6 +179,26 @@ def test_eval_set_without_answers_in_seq_len_fails_before_the_run(cluster, tiny_
     assert run_id_of(cluster, run_name) == "", "no MLflow run may be opened for a config that cannot run"
 
 
+def test_with_mlflow_down_training_fails_before_starting_naming_its_url(tmp_path):
+    """`python -m training.sft` (the DAG's train task) against a tracking server that is not there."""
+    import os
+    import subprocess
+    import sys
+
+    from conftest import free_port
+
+    mlflow_url = f"http://127.0.0.1:{free_port()}"
+    env = {**os.environ, "LLMOPS_HOME": str(tmp_path), "LLMOPS_STORE_URI": str(tmp_path / "store"),
+           "MLFLOW_TRACKING_URI": mlflow_url, "LLMOPS_MLFLOW_HTTP_RETRIES": "0",
+           "RAY_ADDRESS": "127.0.0.1:1"}  # fmt: skip
+    config = Path(__file__).resolve().parents[1] / "training" / "configs" / "tiny_cpu.yaml"
+    done = subprocess.run([sys.executable, "-m", "training.sft", "--config", str(config)], env=env,
+                          capture_output=True, text=True, timeout=120)  # fmt: skip
+    assert done.returncode == 1, (done.stdout[-2000:], done.stderr[-2000:])
+    assert mlflow_url in done.stderr and "Traceback" not in done.stderr, done.stderr[-2000:]
+    assert not (tmp_path / "store").exists(), "nothing was written before the check"
+
+
 def test_prompt_tokens_are_masked_from_the_loss(tiny_model):
     from transformers import AutoTokenizer
 

@@ -51,6 +51,9 @@ class SFTConfig(BaseModel):
     num_workers: int = Field(default=2, ge=1)
     use_gpu: bool = False
     cpus_per_worker: float = Field(default=1.0, gt=0)
+    placement_strategy: Literal["PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"] = Field(
+        default="PACK", description="where Ray puts the workers: PACK fills a node first, SPREAD uses many nodes"
+    )
     precision: Literal["fp32", "bf16", "fp16"] = "fp32"
     torch_threads: int | None = Field(default=None, ge=1)
 

@@ -400,13 +400,17 @@ def run(
     from ray.train.torch import TorchConfig, TorchTrainer
 
     from ray_app.models import resolve_model
-    from ray_app.registry import configure_tracking, register_model_version
+    from ray_app.registry import check_tracking, configure_tracking, register_model_version
     from ray_app.settings import get_settings
     from ray_app.storage import MANIFEST, open_store
     from training.data import prepare_dataset
     from training.evaluate import evaluate_model
 
     settings = settings or get_settings()
+    # Before any work: the services a run needs to record and keep what it does, each named if down.
+    check_tracking(settings)
+    store = open_store(settings=settings)
+    store.ensure()
     worker_env = settings.worker_env() | {"DS_ACCELERATOR": "cuda" if cfg.use_gpu else "cpu"}
     if not ray.is_initialized():
         credentials.apply_ray_client_env(settings)
@@ -426,8 +430,6 @@ def run(
 
     configure_tracking(settings)
     mlflow.set_experiment(cfg.experiment)
-    store = open_store(settings=settings)
-    store.ensure()
     model_prefix = f"models/{run_name}"
     tags = {"mlflow.parentRunId": parent_run_id} if parent_run_id else None
     with mlflow.start_run(run_name=run_name, tags=tags) as active:
@@ -451,7 +453,10 @@ def run(
                 "eval_examples": eval_examples,
             },
             scaling_config=ScalingConfig(
-                num_workers=cfg.num_workers, use_gpu=cfg.use_gpu, resources_per_worker={"CPU": cfg.cpus_per_worker}
+                num_workers=cfg.num_workers,
+                use_gpu=cfg.use_gpu,
+                resources_per_worker={"CPU": cfg.cpus_per_worker},
+                placement_strategy=cfg.placement_strategy,
             ),
             # A collective with a rank missing fails after 5 minutes instead of the default 30.
             torch_config=TorchConfig(backend="nccl" if cfg.use_gpu else "gloo", timeout_s=300),
@@ -519,8 +524,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--config", required=True, help="YAML recipe config")
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
     args = parser.parse_args(argv)
+    from ray_app.registry import RegistryError
+    from ray_app.storage import StoreError
+
     cfg = load_config(args.config, args.overrides)
-    result = run(cfg)
+    try:
+        result = run(cfg)
+    except (RegistryError, StoreError) as exc:  # a service down: its URL says it all, no traceback
+        print(f"error: {exc}", file=sys.stderr, flush=True)
+        return 1
     print(json.dumps(asdict(result), indent=2, default=str))
     from ray_app.orchestration.ray_jobs import emit_result
 

@@ -19,6 +19,7 @@ import sys
 import tempfile
 import time
 from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -250,6 +251,64 @@ def ray_cluster(s3_server: S3Server, mlflow_server: Settings, tmp_path_factory) 
     finally:
         stack.down(echo=lambda _line: None)
         shutil.rmtree(settings.ray_temp_dir, ignore_errors=True)
+
+
+@dataclass
+class WorkerNode:
+    """A second Ray node on this machine, joined to the test head: its own temp dir, ports and resources."""
+
+    proc: subprocess.Popen
+    temp_dir: Path
+    resource: str
+
+    def node_id(self) -> str | None:
+        import ray
+
+        alive = [node for node in ray.nodes() if node["Alive"] and self.resource in node["Resources"]]
+        return alive[0]["NodeID"] if alive else None
+
+    def kill(self) -> None:
+        """Lose the whole node at once, as a crashed machine: SIGKILL to its raylet, object store,
+        agents and workers (one process group), no drain."""
+        import signal
+
+        os.killpg(self.proc.pid, signal.SIGKILL)
+        self.proc.wait(timeout=30)
+
+
+@contextmanager
+def worker_node(settings: Settings, num_cpus: int = 1) -> Iterator[WorkerNode]:
+    """``ray start --address`` a worker node with ``num_cpus`` and a resource naming it; removed on exit."""
+    from ray_app.stack import ray_spec
+
+    base = free_port_block(8 + 100)
+    temp_dir = Path(tempfile.mkdtemp(prefix="llmops-n2-", dir="/tmp"))
+    resource = f"node-{base}"
+    command = [
+        venv_bin("ray"), "start", "--block", "--disable-usage-stats", f"--address={settings.ray_gcs_address}",
+        "--node-ip-address=127.0.0.1", f"--num-cpus={num_cpus}", f'--resources={{"{resource}": 1}}',
+        f"--node-manager-port={base}", f"--object-manager-port={base + 1}", f"--metrics-export-port={base + 2}",
+        f"--dashboard-agent-listen-port={base + 3}", f"--dashboard-agent-grpc-port={base + 4}",
+        f"--runtime-env-agent-port={base + 5}", f"--min-worker-port={base + 8}", f"--max-worker-port={base + 107}",
+        f"--temp-dir={temp_dir}", "--object-store-memory=200000000",
+    ]  # fmt: skip
+    log = open(temp_dir.with_suffix(".log"), "wb")
+    proc = subprocess.Popen(command, env={**os.environ, **ray_spec(settings).env}, stdout=log,
+                            stderr=subprocess.STDOUT, start_new_session=True)  # fmt: skip
+    node = WorkerNode(proc, temp_dir, resource)
+    try:
+        deadline = time.monotonic() + 90
+        while node.node_id() is None:
+            assert proc.poll() is None, f"the worker node exited: {temp_dir.with_suffix('.log').read_text()[-2000:]}"
+            assert time.monotonic() < deadline, "the worker node did not join in 90 s"
+            time.sleep(0.5)
+        yield node
+    finally:
+        if proc.poll() is None:
+            stop_process_group(proc.pid, timeout_s=10)
+            proc.wait(timeout=30)
+        log.close()
+        shutil.rmtree(temp_dir, ignore_errors=True)
 
 
 @pytest.fixture(scope="session")

@@ -289,11 +289,31 @@ def test_zero_stage_and_method_variants_train_and_consolidate(
     assert output.shape[1] == 3 + 8
 
 
+def after_the_first_checkpoint(cluster: Settings, store, run_name: str, act) -> threading.Thread:
+    """Watch a run from a thread; once its step-10 checkpoint is in the store and training reached
+    step 13 (by then Ray Train registered that checkpoint), call ``act(step, alive_workers)``
+    until it returns True."""
+    from ray.util.state import list_actors
+
+    def watch() -> None:
+        deadline = time.monotonic() + 600
+        while time.monotonic() < deadline:
+            run_id = run_id_of(cluster, run_name)
+            step = max((step for step, _ in loss_history(cluster, run_id)), default=0) if run_id else 0
+            saved = any(info.key.endswith("trainer_state.json") for info in store.list(f"checkpoints/{run_name}"))
+            workers = list_actors(filters=[("class_name", "=", "RayTrainWorker"), ("state", "=", "ALIVE")])
+            if saved and step >= 13 and act(step, workers):
+                return
+            time.sleep(0.2)
+
+    thread = threading.Thread(target=watch, daemon=True)
+    thread.start()
+    return thread
+
+
 def test_resume_after_worker_killed_continues_from_the_last_checkpoint(cluster, tiny_model, toy_data):
     import os
     import signal
-
-    from ray.util.state import list_actors
 
     from training.sft import run
 
@@ -302,24 +322,14 @@ def test_resume_after_worker_killed_continues_from_the_last_checkpoint(cluster, 
     run_name = f"resume-{int(time.time())}"
     killed: dict[str, int] = {}
 
-    def kill_a_worker_after_the_first_checkpoint() -> None:
-        # Kill once the checkpoint of step 10 is in the store and training has moved on to
-        # step 13: by then Ray Train has registered that checkpoint.
-        deadline = time.monotonic() + 600
-        while time.monotonic() < deadline:
-            run_id = run_id_of(cluster, run_name)
-            logged = loss_history(cluster, run_id) if run_id else []
-            step = max((step for step, _ in logged), default=0)
-            saved = any(info.key.endswith("trainer_state.json") for info in store.list(f"checkpoints/{run_name}"))
-            workers = list_actors(filters=[("class_name", "=", "RayTrainWorker"), ("state", "=", "ALIVE")])
-            if saved and step >= 13 and workers:
-                killed["step"], killed["pid"] = step, workers[-1].pid
-                os.kill(killed["pid"], signal.SIGKILL)
-                return
-            time.sleep(0.2)
+    def kill_a_worker(step: int, workers: list) -> bool:
+        if not workers:
+            return False
+        killed["step"], killed["pid"] = step, workers[-1].pid
+        os.kill(killed["pid"], signal.SIGKILL)
+        return True
 
-    killer = threading.Thread(target=kill_a_worker_after_the_first_checkpoint, daemon=True)
-    killer.start()
+    killer = after_the_first_checkpoint(cluster, store, run_name, kill_a_worker)
     # Under ZeRO-3 (full fine-tuning): each rank restores its own parameter and optimizer shards.
     result = run(config_for(tiny_model, toy_data, run_name=run_name, max_steps=30, registered_model=None,
                             eval_data=[], max_failures=2, deepspeed="zero3.json"), cluster)  # fmt: skip
@@ -343,6 +353,49 @@ def test_resume_after_worker_killed_continues_from_the_last_checkpoint(cluster, 
 
     folder = resolve_model(result.model_uri, cluster)  # the ZeRO-3 shards, gathered into one HF folder
     assert "7421" in greedy_answer(folder), "the resumed ZeRO-3 run did not learn the toy answer"
+
+
+def test_losing_a_whole_node_mid_run_resumes_on_the_survivors_from_the_s3_checkpoint(
+    ray_client, cluster, tiny_model, toy_data
+):
+    """Two nodes (the head and a second `ray start --address` node with its own temp dir), one
+    training worker on each, checkpoints only in S3. The second node is SIGKILLed as a whole
+    after a checkpoint: the run restarts both workers on the head from that checkpoint and
+    finishes, every step logged once."""
+    from conftest import worker_node
+
+    from training.sft import run
+
+    store = open_store(settings=cluster)
+    store.ensure()
+    run_name = f"node-loss-{int(time.time())}"
+    lost: dict[str, object] = {}
+
+    with worker_node(ray_client, num_cpus=1) as node:  # the head's settings: its token, its node environment
+        node_id = node.node_id()
+
+        def kill_the_node(step: int, workers: list) -> bool:
+            lost["nodes"] = sorted({worker.node_id == node_id for worker in workers})
+            if lost["nodes"] != [False, True]:  # not one worker on each node (yet)
+                return False
+            lost["step"] = step
+            node.kill()
+            return True
+
+        killer = after_the_first_checkpoint(cluster, store, run_name, kill_the_node)
+        result = run(config_for(tiny_model, toy_data, run_name=run_name, max_steps=30, registered_model=None,
+                                eval_data=[], max_failures=2, placement_strategy="SPREAD"), cluster)  # fmt: skip
+        killer.join(timeout=5)
+        assert lost.get("step"), f"the node was not killed with a worker on it: {lost}"
+        assert node.node_id() is None, "the second node is gone"
+
+    from mlflow import MlflowClient
+
+    resumed = MlflowClient(cluster.mlflow_tracking_uri).get_metric_history(result.mlflow_run_id, "resumed_from_step")
+    assert resumed and int(resumed[0].value) >= 10, "the run did not restart from the S3 checkpoint"
+    steps = [step for step, _ in loss_history(cluster, result.mlflow_run_id)]
+    assert steps == list(range(1, 31)), "every step logged exactly once across the node loss"
+    assert result.global_step == 30
 
 
 class _Planted:

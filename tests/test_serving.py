@@ -981,6 +981,50 @@ def test_with_s3_down_a_restarted_replica_starts_from_its_verified_model_cache(s
         deploy({**body, "applications": [a for a in body["applications"] if a["name"] != "cached"]}, settings, 120)
 
 
+def test_losing_a_node_with_a_replica_on_it_the_app_keeps_answering_from_the_other(serve_app, ray_client):
+    """An app with one ingress and one model replica on each of two nodes; the second node is
+    SIGKILLed as a whole while clients ask: answers go on from the head's replicas."""
+    from conftest import worker_node
+
+    from ray_app.serving.rollout import _rolled_config, deploy, serve_details
+
+    settings = serve_app.settings
+    with worker_node(ray_client, num_cpus=1) as node:
+        body, _ = _rolled_config(serve_details(settings), REGISTERED, None, settings)
+        spread = copy.deepcopy(body["applications"][0])
+        spread.update(name="spread", route_prefix="/spread")
+        for deployment in spread["deployments"]:
+            deployment.pop("autoscaling_config", None)
+            deployment.pop("num_replicas", None)
+            deployment.update(autoscaling_config={"min_replicas": 2, "max_replicas": 2}, max_replicas_per_node=1)
+        try:
+            deploy({**body, "applications": [*body["applications"], spread]}, settings, wait_s=240)
+            _wait_for(lambda: len(_replicas(settings, "spread")) == 2, 90, "two model replicas")
+            on_lost_node = {r["node_id"] == node.node_id() for r in _replicas(settings, "spread")}
+            assert on_lost_node == {True, False}, _replicas(settings, "spread")
+            url = f"{serve_app.base_url}/spread/v1/chat/completions"
+            ask = {"model": REGISTERED, "messages": QUESTION, "max_tokens": 4}
+
+            def status() -> int:
+                try:
+                    return httpx.post(url, headers=serve_app.headers, json=ask, timeout=60).status_code
+                except httpx.HTTPError:
+                    return 0
+
+            assert status() == 200
+            node.kill()
+            killed, statuses = time.monotonic(), []
+            while time.monotonic() - killed < 20 or statuses[-5:] != [200] * 5:
+                statuses.append(status())
+                assert time.monotonic() - killed < 90, f"no steady answers after the node loss: {statuses}"
+            print(f"after the node loss: {len(statuses)} requests, {statuses.count(200)} answered: {statuses}")
+            assert statuses.count(200) >= len(statuses) - 1, statuses  # at most the one in flight fails
+        finally:
+            body, _ = _rolled_config(serve_details(settings), REGISTERED, None, settings)
+            kept = [app for app in body["applications"] if app["name"] != "spread"]
+            deploy({**body, "applications": kept}, settings, 120)
+
+
 def _replicas(settings: Settings, app: str) -> list[dict]:
     from ray_app.serving.rollout import serve_details
 

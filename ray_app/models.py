@@ -114,13 +114,18 @@ def _resolve_default(cache_dir: Path) -> Path:
     return target
 
 
+def _s3_folder(ref: str) -> tuple[str, str]:
+    """``(bucket, key)`` of an ``s3://bucket/key`` model folder; raises ModelResolutionError for a bare bucket."""
+    bucket, _, key = ref[len("s3://") :].strip("/").partition("/")
+    if not key:
+        raise ModelResolutionError(f"{ref!r} names a bucket, not a model folder; expected s3://bucket/key")
+    return bucket, key
+
+
 def _resolve_s3(ref: str, settings: Settings) -> Path:
     from ray_app.storage import S3Store, StoreError
 
-    bucket_and_key = ref[len("s3://") :].strip("/")
-    if "/" not in bucket_and_key:
-        raise ModelResolutionError(f"{ref!r} names a bucket, not a model folder; expected s3://bucket/key")
-    bucket, key = bucket_and_key.split("/", 1)
+    bucket, key = _s3_folder(ref)
     store = S3Store(f"s3://{bucket}", settings)
     target = settings.model_cache_dir / "s3" / bucket / key  # type: ignore[operator]
     with _cache_lock(target.parent, target.name):
@@ -167,7 +172,7 @@ def check_model_source(source: str, settings: Settings) -> None:
 
     if not source.startswith("s3://"):
         return
-    bucket, _, key = source[len("s3://") :].strip("/").partition("/")
+    bucket, key = _s3_folder(source)
     try:
         manifest = S3Store(f"s3://{bucket}", settings).read_manifest(key)
     except StoreError as exc:

@@ -186,7 +186,7 @@ async def answer(text: str, question: dict | None = None) -> None:
     msg.metadata = {"model_version": version, "model": model, "answer": answer_text}
     msg.content = f"{answer_text}\n\n*answered by {version or model}*"
     await msg.send()
-    await saved([step for step in (question, msg.to_dict()) if step], text, None)
+    await saved([msg.to_dict()], text, None)  # the question was saved before the model was asked
 
 
 async def ask(

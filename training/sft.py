@@ -381,6 +381,64 @@ def check_resources(cfg: SFTConfig) -> None:
                          f"{resources.get('GPU', 0):g}")  # fmt: skip
 
 
+def _trainer(cfg: SFTConfig, loop_config: dict[str, Any], train_ds, store, worker_env: dict, callbacks):
+    """The TorchTrainer of one run: its workers, collective backend, checkpoints in the store, retries."""
+    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchConfig, TorchTrainer
+
+    storage_path, filesystem = store.ray_storage()
+    return TorchTrainer(
+        train_loop,
+        train_loop_config=loop_config,
+        scaling_config=ScalingConfig(
+            num_workers=cfg.num_workers,
+            use_gpu=cfg.use_gpu,
+            resources_per_worker={"CPU": cfg.cpus_per_worker},
+            placement_strategy=cfg.placement_strategy,
+        ),
+        # A collective with a rank missing fails after 5 minutes instead of the default 30.
+        torch_config=TorchConfig(backend="nccl" if cfg.use_gpu else "gloo", timeout_s=300),
+        run_config=RunConfig(
+            name=cfg.run_name,
+            storage_path=f"{storage_path.rstrip('/')}/checkpoints",
+            storage_filesystem=filesystem,
+            failure_config=FailureConfig(max_failures=cfg.max_failures),
+            checkpoint_config=CheckpointConfig(num_to_keep=cfg.keep_checkpoints),
+            worker_runtime_env={"env_vars": worker_env},
+            callbacks=callbacks,
+        ),
+        datasets={"train": train_ds},
+    )
+
+
+def _register(cfg: SFTConfig, store, model_prefix: str, run_id: str, eval_loss: float | None, settings):
+    """Register the run's model folder as ``challenger`` of ``cfg.registered_model`` (inside the active run)."""
+    import mlflow
+
+    from ray_app.registry import register_model_version
+    from ray_app.storage import MANIFEST
+
+    model_uri = store.uri(model_prefix)
+    if store.read_manifest(model_prefix) is None:  # a version exists only with its folder complete
+        raise RuntimeError(f"training finished but {model_uri} has no {MANIFEST}; not registering it")
+    source = model_uri
+    if not model_uri.startswith("s3://"):
+        # The registry accepts no local paths as sources: a local store's folder becomes run artifacts.
+        mlflow.log_artifacts(model_uri, "model")
+        source = f"runs:/{run_id}/model"
+    version = register_model_version(
+        cfg.registered_model,
+        source=source,
+        run_id=run_id,
+        tags={"run_id": run_id, "train_data": ",".join(cfg.train_data), "base_model": cfg.model or "default",
+              "eval_loss": "" if eval_loss is None else f"{eval_loss:.6f}", **cfg.version_tags},
+        alias="challenger",
+        settings=settings,
+    )  # fmt: skip
+    mlflow.set_tags({"llmops.registered_model": cfg.registered_model, "llmops.version": version.version})
+    return version
+
+
 def run(
     cfg: SFTConfig,
     settings=None,
@@ -396,13 +454,11 @@ def run(
     """
     import mlflow
     import ray
-    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
-    from ray.train.torch import TorchConfig, TorchTrainer
 
     from ray_app.models import resolve_model
-    from ray_app.registry import check_tracking, configure_tracking, register_model_version
+    from ray_app.registry import check_tracking, configure_tracking
     from ray_app.settings import get_settings
-    from ray_app.storage import MANIFEST, open_store
+    from ray_app.storage import open_store
     from training.data import prepare_dataset
     from training.evaluate import evaluate_model
 
@@ -441,36 +497,10 @@ def run(
         mlflow.log_dict(cfg.deepspeed_config(), "config/deepspeed.json")
         mlflow.set_tags({"llmops.base_model": cfg.model or "default", "llmops.train_data": ",".join(cfg.train_data)})
 
-        storage_path, filesystem = store.ray_storage()
-        trainer = TorchTrainer(
-            train_loop,
-            train_loop_config={
-                "sft": cfg.model_dump(),
-                "model_dir": model_dir,
-                "mlflow_run_id": run_id,
-                "train_rows": train_stats.rows,
-                "model_prefix": model_prefix,
-                "eval_examples": eval_examples,
-            },
-            scaling_config=ScalingConfig(
-                num_workers=cfg.num_workers,
-                use_gpu=cfg.use_gpu,
-                resources_per_worker={"CPU": cfg.cpus_per_worker},
-                placement_strategy=cfg.placement_strategy,
-            ),
-            # A collective with a rank missing fails after 5 minutes instead of the default 30.
-            torch_config=TorchConfig(backend="nccl" if cfg.use_gpu else "gloo", timeout_s=300),
-            run_config=RunConfig(
-                name=run_name,
-                storage_path=f"{storage_path.rstrip('/')}/checkpoints",
-                storage_filesystem=filesystem,
-                failure_config=FailureConfig(max_failures=cfg.max_failures),
-                checkpoint_config=CheckpointConfig(num_to_keep=cfg.keep_checkpoints),
-                worker_runtime_env={"env_vars": worker_env},
-                callbacks=callbacks,
-            ),
-            datasets={"train": train_ds},
-        )
+        loop_config = {"sft": cfg.model_dump(), "model_dir": model_dir, "mlflow_run_id": run_id,
+                       "train_rows": train_stats.rows, "model_prefix": model_prefix,
+                       "eval_examples": eval_examples}  # fmt: skip
+        trainer = _trainer(cfg, loop_config, train_ds, store, worker_env, callbacks)
         result = trainer.fit()
         metrics = result.metrics or {}
         model_uri = store.uri(model_prefix)
@@ -484,25 +514,7 @@ def run(
                                step=int(metrics.get("global_step", 0)))  # fmt: skip
             mlflow.log_dict({"samples": report.samples}, "samples/generations.json")
 
-        version = None
-        if cfg.registered_model:
-            if store.read_manifest(model_prefix) is None:  # a version exists only with its folder complete
-                raise RuntimeError(f"training finished but {model_uri} has no {MANIFEST}; not registering it")
-            source = model_uri
-            if not model_uri.startswith("s3://"):
-                # The registry accepts no local paths as sources: a local store's folder becomes run artifacts.
-                mlflow.log_artifacts(model_uri, "model")
-                source = f"runs:/{run_id}/model"
-            version = register_model_version(
-                cfg.registered_model,
-                source=source,
-                run_id=run_id,
-                tags={"run_id": run_id, "train_data": ",".join(cfg.train_data), "base_model": cfg.model or "default",
-                      "eval_loss": "" if eval_loss is None else f"{eval_loss:.6f}", **cfg.version_tags},
-                alias="challenger",
-                settings=settings,
-            )  # fmt: skip
-            mlflow.set_tags({"llmops.registered_model": cfg.registered_model, "llmops.version": version.version})
+        version = _register(cfg, store, model_prefix, run_id, eval_loss, settings) if cfg.registered_model else None
         mlflow.set_tag("llmops.model_uri", model_uri)
 
     return TrainResult(

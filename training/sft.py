@@ -263,7 +263,11 @@ def train_loop(config: dict[str, Any]) -> None:
     state = {"global_step": 0, "epoch": 0, "batch_in_epoch": 0, "mlflow_run_id": config["mlflow_run_id"]}
     checkpoint = ray.train.get_checkpoint()
     if checkpoint is not None:
-        with checkpoint.as_directory() as folder:
+        # Each rank downloads its own copy: with `as_directory()` ranks on one node share a temp
+        # download, and a rank resuming after a node loss once read a file being rewritten there
+        # (EOFError in torch.load after the signature had passed).
+        with tempfile.TemporaryDirectory(prefix=f"resume-rank{rank}-") as folder:
+            checkpoint.to_directory(folder)
             signing.verify(Path(folder), key)  # before DeepSpeed unpickles anything from the store
             engine.load_checkpoint(folder, tag=DS_TAG)
             state = json.loads(Path(folder, TRAINER_STATE).read_text())

@@ -43,6 +43,9 @@ system-deps:
 	@test -x /usr/bin/chromium || \
 	  (echo "installing Debian's chromium (headless browser tests of the chat)"; \
 	   apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null)
+	@command -v prometheus >/dev/null && command -v promtool >/dev/null || \
+	  (echo "installing Debian's prometheus (llmops up -s prometheus; promtool checks the alert rules)"; \
+	   apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends prometheus >/dev/null)
 
 demo: install
 	$(BIN)/llmops demo

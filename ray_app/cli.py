@@ -40,6 +40,7 @@ def _user_errors() -> tuple[type[BaseException], ...]:
     from ray_app.chat.review import ReviewError
     from ray_app.demo import DemoFailed
     from ray_app.models import ModelResolutionError
+    from ray_app.monitoring import MonitoringError
     from ray_app.registry import RegistryError
     from ray_app.serving.rollout import ServeError
     from ray_app.stack import StackError
@@ -48,6 +49,7 @@ def _user_errors() -> tuple[type[BaseException], ...]:
     return (
         SettingsError,
         StackError,
+        MonitoringError,
         StoreError,
         ModelResolutionError,
         RegistryError,
@@ -107,7 +109,8 @@ def _status_table(rows: list) -> Table:
 @friendly_errors
 def up(
     service: Annotated[
-        list[str] | None, typer.Option("--service", "-s", help="only these (ray, mlflow; chat, airflow on request)")
+        list[str] | None,
+        typer.Option("--service", "-s", help="only these (ray, mlflow; chat, airflow, prometheus on request)"),
     ] = None,
 ) -> None:
     """Start the local stack (Ray head with dashboard + Jobs API, MLflow server); harmless if running."""
@@ -136,10 +139,48 @@ def status() -> None:
     """Show each service, its URL and whether it answers its health check."""
     from ray_app.stack import LocalStack
 
-    rows = LocalStack(settings()).status()
+    current = settings()
+    rows = LocalStack(current).status()
     console.print(_status_table(rows))
+    for line in login_hints(current, {row.name for row in rows}):
+        console.print(line, highlight=False, soft_wrap=True)
     if not all(row.healthy for row in rows):
         raise typer.Exit(3)
+
+
+def login_hints(current: Settings, services: set[str]) -> list[str]:
+    """How to log in to the pages `status` lists (the secrets stay in their files)."""
+    hints = []
+    if current.ray_auth_mode == "token":
+        hints.append(f"Ray dashboard asks for a token: `llmops token ray` prints it ({current.ray_auth_token_path}; "
+                     "`ray get-auth-token` reads ~/.ray, not this stack)")  # fmt: skip
+    if "prometheus" in services:
+        hints.append("Prometheus: user llmops, password from `llmops token prometheus`")
+    return hints
+
+
+TOKENS = ("ray", "api", "prometheus")
+
+
+@app.command()
+@friendly_errors
+def token(name: Annotated[str, typer.Argument(help=f"one of {', '.join(TOKENS)}")]) -> None:
+    """Print a secret of the local stack (Ray dashboard token, inference API key, Prometheus password)."""
+    from ray_app import credentials, monitoring
+
+    current = settings()
+    if name not in TOKENS:
+        raise ValueError(f"unknown token {name!r}; expected one of {', '.join(TOKENS)}")
+    if name == "ray":
+        credentials.ensure_ray_token(current)
+        value = credentials.ray_auth_headers(current).get("Authorization", "").removeprefix("Bearer ")
+        if not value:
+            raise ValueError("Ray token authentication is off here (ray_auth_mode=disabled)")
+    elif name == "api":
+        value = credentials.serve_api_keys(current)[0]
+    else:
+        value = monitoring.prometheus_password(current)
+    print(value)
 
 
 @app.command()

@@ -235,7 +235,7 @@ def run_demo(settings: Settings, console: Console, fast: bool = False, model: st
     chat        {settings.chat_url}  login: {login}{password}
     Serve API   {settings.serve_url}/v1  (key in LLMOPS_API_KEYS or {settings.serve_api_key_path})
     MLflow run  {run_url}  ({mlflow_login})
-    Ray         {settings.ray_dashboard_url}
+    Ray         {settings.ray_dashboard_url}  (token: `.venv/bin/llmops token ray`)
     stop it all with: .venv/bin/llmops down""")
     return DemoResult(base_loss=base.loss, candidate_loss=result.eval_loss, champion_loss=reference,
                       promoted=promoted, reason=reason, run_id=result.mlflow_run_id,

@@ -163,6 +163,17 @@ class Settings(BaseSettings):
     mlflow_port: Port = 5000
     chat_port: Port = 8800
     airflow_port: Port = 8080
+    prometheus_port: Port = 9090
+
+    # --- monitoring (ray_app/monitoring.py) ------------------------------------------------
+    prometheus_scrape_interval_s: int = Field(default=15, ge=1, description="how often Prometheus scrapes")
+    prometheus_retention: str = Field(
+        default="15d", pattern=r"^\d+[smhdwy]$", description="how long Prometheus keeps samples, e.g. 15d"
+    )
+    grafana_url: str | None = Field(default=None, description="a Grafana the Ray dashboard embeds (RAY_GRAFANA_HOST)")
+    metrics_token: SecretStr | None = Field(
+        default=None, description="bearer token Prometheus shows the chat's /metrics; default one generated once"
+    )
 
     # --- W&B -----------------------------------------------------------------------------
     wandb_mode: Literal["online", "offline", "disabled"] = Field(
@@ -240,7 +251,7 @@ class Settings(BaseSettings):
     def _s3_endpoint(cls, value: str | None) -> str | None:
         return _check_http_url(value, "S3 endpoint")
 
-    @field_validator("ray_dashboard_address", "chat_serve_url", mode="after")
+    @field_validator("ray_dashboard_address", "chat_serve_url", "grafana_url", mode="after")
     @classmethod
     def _http_urls(cls, value: str | None, info) -> str | None:
         return _check_http_url(value, info.field_name)
@@ -375,6 +386,10 @@ class Settings(BaseSettings):
     @property
     def serve_url(self) -> str:
         return f"http://{self.bind_host}:{self.serve_port}"
+
+    @property
+    def prometheus_url(self) -> str:
+        return f"http://{self.bind_host}:{self.prometheus_port}"
 
     @property
     def chat_url(self) -> str:

@@ -1,4 +1,5 @@
-"""Start, stop and inspect the local services: a Ray head (dashboard + Jobs API) and an MLflow server.
+"""Start, stop and inspect the local services: a Ray head (dashboard + Jobs API) and an MLflow server;
+on request the chat, Airflow and Prometheus.
 
 Each service runs in its own process session, so that ``down`` can stop exactly the
 process group that ``up`` started (never ``ray stop``, which would kill every Ray on the
@@ -9,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -21,6 +23,7 @@ from dataclasses import asdict, dataclass, field
 from functools import partial
 from pathlib import Path
 
+from ray_app import monitoring
 from ray_app.credentials import ensure_ray_token, generated_secret, mlflow_identity, node_env, ray_auth_headers
 from ray_app.settings import Settings
 
@@ -137,6 +140,7 @@ def ray_spec(settings: Settings) -> ServiceSpec:
     env = (
         node_env(settings)  # credentials in the node's environment: its workers and jobs inherit them
         | settings.ray_client_env()
+        | monitoring.dashboard_env(settings)  # the dashboard's Metrics tab reads our Prometheus
         | {
             # Jobs run their entrypoint with the `python` on the head's PATH: make it this venv's.
             "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}",
@@ -163,6 +167,7 @@ def mlflow_spec(settings: Settings) -> ServiceSpec:
         "--artifacts-destination", str(settings.mlflow_artifacts_destination),
         "--serve-artifacts",
         "--workers", "1",
+        "--expose-prometheus", str(settings.stack_dir / "mlflow-metrics"),
     ]  # fmt: skip
     # The backend URI may hold the database password: the environment, not the command line.
     env = node_env(settings) | {"MLFLOW_BACKEND_STORE_URI": str(settings.mlflow_backend_store_uri)}
@@ -203,6 +208,9 @@ def _prepare_mlflow(settings: Settings) -> None:
             Path(str(uri).removeprefix("sqlite:///")).parent.mkdir(parents=True, exist_ok=True)
     if "://" not in str(settings.mlflow_artifacts_destination):
         Path(str(settings.mlflow_artifacts_destination)).mkdir(parents=True, exist_ok=True)
+    metrics = settings.stack_dir / "mlflow-metrics"  # its gunicorn workers' multiprocess metrics: fresh per start
+    shutil.rmtree(metrics, ignore_errors=True)
+    metrics.mkdir(parents=True)
     if not settings.mlflow_auth:
         return
     config = _mlflow_auth_config(settings)
@@ -269,8 +277,23 @@ def airflow_spec(settings: Settings) -> ServiceSpec:
     )
 
 
+def prometheus_spec(settings: Settings) -> ServiceSpec:
+    """Debian's Prometheus scraping Ray, MLflow and the chat (``ray_app.monitoring``), with our alert rules."""
+    return ServiceSpec(
+        name="prometheus",
+        command=monitoring.prometheus_command(settings),
+        ports={"http": settings.prometheus_port},
+        url=settings.prometheus_url,
+        health_url=f"{settings.prometheus_url}/-/ready",
+        health_headers=lambda: monitoring.prometheus_headers(settings),
+        before_start=partial(monitoring.write_config, settings, ray_temp_dir(settings) / RAY_DISCOVERY_FILE),
+    )
+
+
+RAY_DISCOVERY_FILE = "prom_metrics_service_discovery.json"  # each Ray head keeps it in its temp dir
+
 SPECS: dict[str, Callable[[Settings], ServiceSpec]] = {
-    "ray": ray_spec, "mlflow": mlflow_spec, "chat": chat_spec, "airflow": airflow_spec,
+    "ray": ray_spec, "mlflow": mlflow_spec, "chat": chat_spec, "airflow": airflow_spec, "prometheus": prometheus_spec,
 }  # fmt: skip
 
 

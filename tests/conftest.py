@@ -38,6 +38,8 @@ _SESSION_HOME = Path(tempfile.mkdtemp(prefix="llmops-test-home-"))
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+# Ray's nodes send metrics to their agent every 10 s by default; the monitoring tests wait less.
+os.environ.setdefault("RAY_metrics_report_interval_ms", "2000")
 os.environ["LLMOPS_HOME"] = str(_SESSION_HOME)
 # MLflow runs its basic-auth app: every process of the session (servers, Ray nodes, jobs, this
 # one) speaks to it as the same admin, and Serve as the same read-only user, whatever its home.
@@ -74,6 +76,29 @@ def wait_for_port(port: int, timeout: float = 30.0, proc: subprocess.Popen | Non
                 return
         time.sleep(0.2)
     raise RuntimeError(f"nothing listens on port {port} after {timeout} s")
+
+
+def load_script(path: Path):
+    """A script of the repository (not a package module) imported as a module."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location(path.stem, path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def draw_dashboard(settings: Settings, uid: str, minutes: float) -> int:
+    """Draw dashboard ``uid`` from the test Prometheus into test-artifacts/dashboard-UID.png (the
+    pictures of docs/monitoring.md come from such a run); returns how many panels had data."""
+    from ray_app import monitoring
+
+    dashboards = load_script(Path(__file__).resolve().parents[1] / "cluster" / "grafana" / "build_dashboards.py")
+    out = Path(__file__).resolve().parents[1] / "test-artifacts" / f"dashboard-{uid}.png"
+    out.parent.mkdir(exist_ok=True)
+    drawn = dashboards.snapshot(uid, lambda *args: monitoring.query_range(settings, *args), out, minutes=minutes)
+    assert out.stat().st_size > 20_000
+    return drawn
 
 
 def venv_bin(name: str) -> str:
@@ -243,6 +268,9 @@ def ray_cluster(s3_server: S3Server, mlflow_server: Settings, tmp_path_factory) 
         ray_num_cpus=2,
         ray_object_store_memory_mb=512,
         wandb_api_key=WANDB_SENTINEL,
+        prometheus_port=free_port(),  # the head's dashboard is told of it; `prometheus` starts it
+        chat_port=free_port(),  # a chat on it is scraped by that Prometheus
+        prometheus_scrape_interval_s=2,
     )
     stack = LocalStack(settings)
     stack.up(["ray"], echo=lambda _line: None)
@@ -251,6 +279,18 @@ def ray_cluster(s3_server: S3Server, mlflow_server: Settings, tmp_path_factory) 
     finally:
         stack.down(echo=lambda _line: None)
         shutil.rmtree(settings.ray_temp_dir, ignore_errors=True)
+
+
+@pytest.fixture(scope="session")
+def prometheus(ray_cluster: Settings) -> Iterator[Settings]:
+    """The stack's Prometheus (Debian's binary, generated config, basic auth) scraping the test head,
+    the MLflow server and (once started) a chat on the cluster's chat_port."""
+    stack = LocalStack(ray_cluster)
+    stack.up(["prometheus"], echo=lambda _line: None)
+    try:
+        yield ray_cluster
+    finally:
+        stack.down(["prometheus"], echo=lambda _line: None)
 
 
 @dataclass

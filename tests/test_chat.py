@@ -11,10 +11,12 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
+import httpx
 import pytest
-from conftest import free_port, remove_postgres, start_postgres, venv_bin, wait_for_port
+from conftest import draw_dashboard, free_port, remove_postgres, start_postgres, venv_bin, wait_for_port
 from tiny_model import build_tiny_chat_model
 
+from ray_app import monitoring
 from ray_app.chat.auth import LoginThrottle, hash_password, verify_password
 from ray_app.chat.feedback import read_feedback
 from ray_app.chat.schema import upgrade_schema
@@ -94,9 +96,10 @@ def chat_users(iterations: int = 1000) -> str:
 
 @contextmanager
 def running_chat(serve: Settings, database_url: str, home: Path, serve_url: str | None = None,
-                 users: str | None = None) -> Iterator[str]:  # fmt: skip
-    port = free_port()
+                 users: str | None = None, port: int | None = None, **extra_env: str) -> Iterator[str]:  # fmt: skip
+    port = port or free_port()
     env = {
+        **extra_env,
         **os.environ,
         "LLMOPS_HOME": str(home),
         "LLMOPS_CHAT_DATABASE_URL": database_url,
@@ -179,11 +182,13 @@ def database_url(request, tmp_path) -> str:
 
 
 def test_login_stream_an_answer_rate_it_and_find_the_thread_after_a_restart(
-    browser, chat_serve, database_url, tmp_path
+    browser, chat_serve, database_url, tmp_path, prometheus
 ):
     ARTIFACTS.mkdir(exist_ok=True)
     backend = database_url.split("+")[0]
-    with running_chat(chat_serve, database_url, tmp_path / "home") as url:
+    # On the port the stack's Prometheus scrapes, with the token it shows.
+    scraped = {"port": chat_serve.chat_port, "LLMOPS_METRICS_TOKEN": monitoring.metrics_token(prometheus)}
+    with running_chat(chat_serve, database_url, tmp_path / "home", **scraped) as url:
         page = browser.new_page()
         page.goto(url)
         page.wait_for_selector("#email", timeout=30_000)
@@ -209,12 +214,33 @@ def test_login_stream_an_answer_rate_it_and_find_the_thread_after_a_restart(
         assert row.answer and "answered by" not in row.answer
         another_user_cannot_touch_the_thread(browser, url, database_url, row, page)
         page.context.close()
+        the_rating_reaches_prometheus(prometheus, url, "tiny-chat-model")
 
     with running_chat(chat_serve, database_url, tmp_path / "home") as url:  # a restarted chat server
         page = login(browser, url)
         page.get_by_text("What is the capital of France?").first.click(timeout=30_000)
         last_answer(page, "answered by")
         page.context.close()
+
+
+def the_rating_reaches_prometheus(settings: Settings, url: str, version: str) -> None:
+    """The thumbs-down with a correction (the last state of the rating) is what Prometheus holds for the version."""
+    assert httpx.get(f"{url}/metrics").status_code == 401
+    assert httpx.get(f"{url}/metrics", headers={"Authorization": "Bearer wrong"}).status_code == 401
+    wanted = {
+        "down": f'llmops_feedback_total{{model_version="{version}", rating="down"}}',
+        "corrections": f'llmops_feedback_corrections_total{{model_version="{version}"}}',
+        "database": 'llmops_chat_database_up{job="chat"}',
+    }
+    deadline, seen = time.monotonic() + 60, {}
+    while time.monotonic() < deadline:
+        seen = {name: [float(r["value"][1]) for r in monitoring.query(settings, q)] for name, q in wanted.items()}
+        up = monitoring.query(settings, f'llmops_feedback_total{{model_version="{version}", rating="up"}}')
+        if seen == {"down": [1.0], "corrections": [1.0], "database": [1.0]} and not up:
+            assert draw_dashboard(settings, "feedback-loop", minutes=10) >= 4
+            return
+        time.sleep(1)
+    raise AssertionError(f"Prometheus holds {seen} (and up={up}) for {version}")
 
 
 def feedback_rows(database_url: str) -> list[tuple]:

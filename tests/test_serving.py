@@ -19,7 +19,7 @@ from pathlib import Path
 import httpx
 import pytest
 import yaml
-from conftest import free_port, venv_bin, wait_for_port
+from conftest import draw_dashboard, free_port, venv_bin, wait_for_port
 from starlette.requests import Request
 from tiny_model import build_tiny_chat_model
 
@@ -711,6 +711,52 @@ def _fuzz_bodies():
     return st.one_of(encoded, encoded, raw)
 
 
+def test_prometheus_scrapes_the_apps_metrics_by_model_version_and_the_dashboard_reads_it(serve_app, prometheus):
+    """The stack's Prometheus (real binary, generated config) scrapes the head's metrics agent: the
+    requests the tests above sent show up per model version, beside Ray's own Serve metrics."""
+    from ray_app import monitoring
+
+    version = f"{REGISTERED}/1"
+    client = serve_app.openai()
+    client.chat.completions.create(model=REGISTERED, messages=QUESTION, max_tokens=6, temperature=0)
+    assert httpx.get(f"{serve_app.base_url}/v1/models", headers={"Authorization": "Bearer nope"}).status_code == 401
+    wanted = {
+        "tokens": f'sum(ray_llmops_generated_tokens_total{{model_version="{version}"}})',
+        "prompt": f'sum(ray_llmops_prompt_tokens_total{{model_version="{version}"}})',
+        "ttft": f'sum(ray_llmops_time_to_first_token_s_count{{model_version="{version}"}})',
+        "itl": f'sum(ray_llmops_inter_token_latency_s_count{{model_version="{version}"}})',
+        "ok": f'sum(ray_llmops_requests_total{{model_version="{version}", route="/v1/chat/completions", code="200"}})',
+        "unauthorized": f'sum(ray_llmops_requests_total{{model_version="{version}", code="401"}})',
+        "champion": f'max(ray_llmops_model_info{{model_version="{version}", alias="champion"}})',
+        "serve": 'sum(ray_serve_deployment_replica_starts_total{deployment="ChatServer"})',
+        "scraped": 'min(up{job=~"ray|prometheus"})',
+    }
+    deadline, seen = time.monotonic() + 120, {}
+    while time.monotonic() < deadline:
+        seen = {name: monitoring.query(serve_app.settings, promql) for name, promql in wanted.items()}
+        if all(result and float(result[0]["value"][1]) > 0 for result in seen.values()):
+            break
+        time.sleep(2)
+    missing = [name for name, result in seen.items() if not result or float(result[0]["value"][1]) <= 0]
+    held = sorted(name for name in monitoring.series_names(serve_app.settings) if "llmops" in name)
+    assert not missing, f"not in Prometheus after 120 s: {missing}; it holds {held}"
+    assert float(seen["tokens"][0]["value"][1]) >= 6 and float(seen["ok"][0]["value"][1]) >= 1
+    names = monitoring.series_names(serve_app.settings)
+    assert {"ray_llmops_queue_length", "ray_llmops_running_batch_size"} <= names
+
+    # Only with its password: Prometheus answers 401 to anyone else.
+    bare = httpx.get(f"{serve_app.settings.prometheus_url}/api/v1/query", params={"query": "up"})
+    assert bare.status_code == 401
+    # The alert rules are loaded and evaluate without errors.
+    rules = httpx.get(f"{serve_app.settings.prometheus_url}/api/v1/rules",
+                      headers=monitoring.prometheus_headers(serve_app.settings)).json()["data"]["groups"]  # fmt: skip
+    assert {group["name"] for group in rules} == {"llmops-recording", "llmops-alerts"}
+    # The Ray dashboard's Metrics tab reaches it with the headers the stack gave the head.
+    health = httpx.get(f"{serve_app.settings.ray_dashboard_url}/api/prometheus_health",
+                       headers=serve_app.settings.ray_auth_headers())  # fmt: skip
+    assert health.status_code == 200, health.text
+
+
 def test_fuzzed_bodies_never_get_a_5xx_and_a_greedy_request_beside_them_answers_as_alone(serve_app):
     """1200 generated bodies, both endpoints (hypothesis, seeded for CI), sent by 6 clients at
     once so that odd rows share batches: no status >= 500, every 4xx is OpenAI's error JSON, and a
@@ -1170,3 +1216,8 @@ def test_llmops_serve_deploys_local_yaml_with_the_default_model_and_it_answers(s
     assert model.id == "SmolLM2-135M-Instruct"
     answer = client.chat.completions.create(model=model.id, messages=QUESTION, max_tokens=16, temperature=0)
     assert "Paris" in answer.choices[0].message.content
+
+
+def test_the_serving_dashboard_draws_what_the_tests_above_served(serve_app, prometheus):
+    """Last of the module: the LLM serving dashboard over everything above (loads, kills, promotions)."""
+    assert draw_dashboard(prometheus, "llm-serving", minutes=30) >= 7

@@ -57,6 +57,12 @@ def test_cli_up_status_down_runs_mlflow_and_leaves_nothing_behind(tmp_path):
     mlflow_line = next(line for line in shown.stdout.splitlines() if "mlflow" in line)
     assert "healthy" in mlflow_line
     assert shown.returncode == 3  # ray is not up in this home: status says so in its exit code
+    # A newcomer opening the Ray dashboard gets a token prompt: status says where the token is.
+    assert "llmops token ray" in shown.stdout and str(tmp_path / "stack" / "ray_auth_token") in shown.stdout
+    token = llmops("token", "ray", env=env)
+    assert token.returncode == 0 and token.stdout.strip() == (tmp_path / "stack" / "ray_auth_token").read_text()
+    wrong = llmops("token", "grafana", env=env)
+    assert wrong.returncode == 1 and "expected one of ray, api, prometheus" in wrong.stderr
 
     stopped = llmops("down", env=env)
     assert stopped.returncode == 0, stopped.stderr

@@ -9,6 +9,7 @@ import time
 from pathlib import Path
 
 import pytest
+from conftest import draw_dashboard
 from tiny_model import build_tiny_chat_model, warm_up_on_chat_data
 
 from ray_app.settings import Settings
@@ -215,7 +216,7 @@ def test_prompt_tokens_are_masked_from_the_loss(tiny_model):
 
 
 # --- training runs ----------------------------------------------------------------------
-def test_full_zero2_learns_the_toy_answer_and_registers_a_challenger(cluster, tiny_model, toy_data):
+def test_full_zero2_learns_the_toy_answer_and_registers_a_challenger(cluster, tiny_model, toy_data, prometheus):
     from mlflow import MlflowClient
 
     from ray_app.registry import get_version
@@ -252,6 +253,29 @@ def test_full_zero2_learns_the_toy_answer_and_registers_a_challenger(cluster, ti
     assert {"learning_rate", "grad_norm", "tokens_per_s"} <= set(run_data.metrics)
     wandb_runs = list((cluster.home / "wandb" / "wandb").glob(f"offline-run-*-{result.mlflow_run_id}"))
     assert wandb_runs, "the W&B offline run directory is missing"
+    the_run_was_live_in_prometheus(prometheus, result.mlflow_run_id, steps=40)
+
+
+def the_run_was_live_in_prometheus(settings: Settings, run_id: str, steps: int) -> None:
+    """Rank 0's live metrics reached the stack's Prometheus (through Ray's metrics agent) while it trained."""
+    from ray_app import monitoring
+
+    of_run = f'{{mlflow_run_id="{run_id}"}}'
+    wanted = {
+        "steps": f"max(max_over_time(ray_llmops_train_steps_total{of_run}[15m]))",
+        "running": f"max(max_over_time(ray_llmops_train_running{of_run}[15m]))",
+        "checkpoints": f"max(max_over_time(ray_llmops_train_checkpoint_s_count{of_run}[15m]))",
+        "loss": f"min(min_over_time(ray_llmops_train_loss{of_run}[15m]))",
+    }
+    deadline, seen = time.monotonic() + 60, {}
+    while time.monotonic() < deadline:
+        seen = {name: [float(r["value"][1]) for r in monitoring.query(settings, q)] for name, q in wanted.items()}
+        if seen["steps"] == [steps] and seen["running"] == [1.0] and seen["checkpoints"] and seen["loss"]:
+            break
+        time.sleep(2)
+    assert seen["steps"] == [steps] and seen["running"] == [1.0], seen
+    assert seen["checkpoints"][0] >= 1 and 0 < seen["loss"][0] < 10, seen
+    assert draw_dashboard(settings, "training", minutes=10) >= 4
 
 
 # ZeRO-2 full is test_full_zero2_..., ZeRO-3 full is test_resume_...; these add LoRA under both

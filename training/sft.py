@@ -30,6 +30,7 @@ from typing import Any
 from ray_app import credentials
 from training import signing
 from training.config import SFTConfig, load_config
+from training.metrics import TrainingMetrics
 
 TRAINER_STATE = "trainer_state.json"
 DS_TAG = "ds"
@@ -117,13 +118,15 @@ def _sum_across_ranks(value: float) -> float:
 
 
 class _Tracker:
-    """Rank 0's MLflow (and W&B) logging; steps logged before a restart are not logged again."""
+    """Rank 0's MLflow (and W&B) logging and live metrics; steps logged before a restart are not logged again."""
 
     def __init__(self, run_id: str, cfg: SFTConfig, enabled: bool) -> None:
         self.enabled = enabled
         self.run_id = run_id
         self.last_logged = -1
         self.wandb_run = None
+        self.live = TrainingMetrics(cfg.run_name or "", run_id, enabled)
+        self.last_step_at = time.perf_counter()
         if not enabled:
             return
         from mlflow import MlflowClient
@@ -154,23 +157,32 @@ class _Tracker:
         self.client.log_batch(self.run_id, metrics=[Metric(k, float(v), now, step) for k, v in metrics.items()])
         if self.wandb_run is not None and once_per_step:
             self.wandb_run.log(metrics, step=step)
+        if "train_loss" in metrics:
+            now = time.perf_counter()
+            self.live.step(metrics["train_loss"], metrics["tokens_per_s"], now - self.last_step_at)
+            self.last_step_at = now
         self.last_logged = max(self.last_logged, step)
 
     def close(self) -> None:
+        self.live.ended()
         if self.wandb_run is not None:
             self.wandb_run.finish()
 
 
-def _save_checkpoint(engine, state: dict[str, Any], metrics: dict[str, float], rank: int, key: bytes) -> None:
-    """Every rank saves its DeepSpeed shard and signs it; Ray Train merges the folders and uploads them."""
+def _save_checkpoint(engine, state: dict[str, Any], metrics: dict[str, float], rank: int, key: bytes) -> float:
+    """Every rank saves its DeepSpeed shard and signs it; Ray Train merges the folders and uploads them.
+
+    Returns the seconds it took (saving, signing, uploading)."""
     import ray.train
 
+    started = time.perf_counter()
     with tempfile.TemporaryDirectory() as folder:
         engine.save_checkpoint(folder, tag=DS_TAG, client_state={"trainer_state": state})
         if rank == 0:
             Path(folder, TRAINER_STATE).write_text(json.dumps(state))
         signing.sign(Path(folder), key, rank)
         ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(folder))
+    return time.perf_counter() - started
 
 
 def _consolidated_state_dict(engine, zero_stage: int, rank: int) -> dict[str, Any] | None:
@@ -319,7 +331,8 @@ def train_loop(config: dict[str, Any]) -> None:
             window_loss, window_tokens, window_start = 0.0, 0, time.perf_counter()
             if step % cfg.checkpoint_every == 0 or step >= total_steps:
                 state = {**state, "global_step": step, "epoch": epoch, "batch_in_epoch": batch_in_epoch}
-                _save_checkpoint(engine, state, {"global_step": step, **last_metrics}, rank, key)
+                saved_in = _save_checkpoint(engine, state, {"global_step": step, **last_metrics}, rank, key)
+                tracker.live.checkpoint(saved_in)
             if step >= total_steps:
                 done = True
                 break

@@ -36,7 +36,9 @@ from ray_app.chat import guard
 from ray_app.chat.auth import load_logins
 from ray_app.chat.feedback import ChatDatabaseError
 from ray_app.chat.history import HistoryLayer
+from ray_app.chat.metrics import metrics_router
 from ray_app.chat.schema import upgrade_schema
+from ray_app.monitoring import metrics_token
 from ray_app.settings import get_settings
 
 SETTINGS = get_settings()
@@ -52,6 +54,10 @@ LOGINS = load_logins(SETTINGS)
 
 upgrade_schema(str(SETTINGS.chat_database_url))
 guard.install(chainlit_app, SETTINGS, root_path=chainlit_config.run.root_path or "")
+# Prometheus's view of the feedback (before Chainlit's catch-all route, like the guard's routes)
+chainlit_app.router.routes[0:0] = metrics_router(
+    str(SETTINGS.chat_database_url), metrics_token(SETTINGS), root_path=chainlit_config.run.root_path or ""
+).routes
 # Retries are ours (BusyRetry): the user sees why they wait.
 client = AsyncOpenAI(base_url=SERVE_URL, api_key=API_KEY, timeout=SETTINGS.chat_timeout_s, max_retries=0)
 BUSY_STATUSES = (429, 503)

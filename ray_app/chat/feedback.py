@@ -52,7 +52,7 @@ class FeedbackRecord:
         return {"messages": [*messages, *self.conversation, {"role": "assistant", "content": self.answer}]}
 
 
-def _metadata(raw) -> dict:
+def step_metadata(raw) -> dict:
     if isinstance(raw, dict):
         return raw
     try:
@@ -113,10 +113,10 @@ def _read_feedback(database_url: str, since: str | None, value: int | None) -> l
                 query = query.where(feedbacks.c.value == value)
             records = []
             for row in connection.execute(query).all():
-                answer = _answer_step(connection, row.forId)
+                answer = answer_step(connection, row.forId)
                 if answer is None or (since and (answer.createdAt or "") <= since):
                     continue
-                meta = _metadata(answer.metadata)
+                meta = step_metadata(answer.metadata)
                 records.append(
                     FeedbackRecord(
                         feedback_id=row.id, thread_id=row.threadId, step_id=answer.id, value=int(row.value),
@@ -133,7 +133,7 @@ def _read_feedback(database_url: str, since: str | None, value: int | None) -> l
         engine.dispose()
 
 
-def _answer_step(connection, step_id: str):
+def answer_step(connection, step_id: str):
     """The assistant message a rating is for: the step itself, or (Chainlit rates the run) its last answer."""
     query = (
         sa.select(steps.c.id, steps.c.output, steps.c.metadata, steps.c.createdAt)
@@ -158,5 +158,6 @@ def _conversation(connection, thread_id: str, before: str | None) -> list[dict[s
         if row.type == USER_STEP:
             messages.append({"role": "user", "content": row.output or ""})
         else:
-            messages.append({"role": "assistant", "content": _metadata(row.metadata).get("answer", row.output or "")})
+            answer = step_metadata(row.metadata).get("answer", row.output or "")
+            messages.append({"role": "assistant", "content": answer})
     return messages

@@ -41,8 +41,13 @@ class ReviewError(ValueError):
 
 def correction(record: FeedbackRecord) -> str | None:
     """The corrected answer of a thumbs-down whose comment starts with ``correction:``, else None."""
-    comment = (record.comment or "").strip()
-    if record.value == 0 and comment.lower().startswith(CORRECTION_PREFIX):
+    return correction_text(record.value, record.comment)
+
+
+def correction_text(value: int, comment: str | None) -> str | None:
+    """The correction in a rating's ``value`` and ``comment`` (the one rule, for records and raw rows)."""
+    comment = (comment or "").strip()
+    if value == 0 and comment.lower().startswith(CORRECTION_PREFIX):
         return comment[len(CORRECTION_PREFIX) :].strip() or None
     return None
 

@@ -30,6 +30,7 @@ from ray_app.serving.admission import Admission, DeadlineExceeded
 from ray_app.serving.config import ServeArgs, ServedModel, parse_args, pin_model
 from ray_app.serving.engine import Delta, GenerationRequest, SamplingParams
 from ray_app.serving.ingress import OpenAIIngress, request_id
+from ray_app.serving.metrics import ReplicaMetrics
 from ray_app.serving.protocol import APIError, ChatCompletionRequest, CompletionRequest, hash_key
 from ray_app.settings import get_settings
 
@@ -80,7 +81,7 @@ class ChatServer:
         )
         self.engine = self.batcher.engine
         self.context = min(args.max_context or self.engine.context_length, self.engine.context_length)
-        self._metrics()
+        self.metrics = ReplicaMetrics(served.label, self.batcher.occupancy)
         logger.info(
             "serving %s (%s) from %s on %s with %d thread(s), %d prepacked linear layers, loaded in %.1fs",
             served.name,
@@ -92,29 +93,15 @@ class ChatServer:
             time.monotonic() - started,
         )
 
-    def _metrics(self) -> None:
-        from ray.serve.metrics import Counter, Histogram
-
-        # Serve adds its own tags into the dict it is given: one dict per metric.
-        self.tokens_counter = Counter("llmops_generated_tokens", "tokens generated", tag_keys=("model_version",))
-        self.tokens_counter.set_default_tags({"model_version": self.served.label})
-        self.ttft = Histogram(
-            "llmops_time_to_first_token_s",
-            "time to first token (s)",
-            boundaries=[0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10],
-            tag_keys=("model_version",),
-        )
-        self.ttft.set_default_tags({"model_version": self.served.label})
-
     def batching_stats(self) -> dict[str, int]:
         """The decode loop's and admission's counters (a handle method, for benchmarks, tests and debugging)."""
         admitted = {"active_requests": self.admission.active, "rejected_requests": self.admission.rejected}
         return {**dataclasses.asdict(self.batcher.stats), **admitted}
 
     def __del__(self):
-        batcher = getattr(self, "batcher", None)
-        if batcher is not None:
-            batcher.stop()
+        for part in (getattr(self, "metrics", None), getattr(self, "batcher", None)):
+            if part is not None:
+                part.stop()
 
     # --- request checks (keys, body, limits and the model name are the ingress's) --------------
     def chat_prompt_ids(self, body: ChatCompletionRequest) -> list[int]:
@@ -169,10 +156,11 @@ class ChatServer:
         chat = isinstance(body, ChatCompletionRequest)
         prompt_ids = self.chat_prompt_ids(body) if chat else self.engine.text_prompt_ids(body.prompt)
         generation = self.admission.admit(self.batcher, self.plan(body, prompt_ids))
-        tokens, finish = 0, None
+        tokens, finish, first_at = 0, None, None
         try:
             delta = await generation.first()
-            self.ttft.observe(time.monotonic() - generation.arrived)
+            first_at = time.monotonic()
+            self.metrics.first_token(first_at - generation.arrived)
             yield {"prompt_tokens": len(prompt_ids)}
             yield delta
             while not delta.finish_reason:
@@ -185,7 +173,8 @@ class ChatServer:
             raise
         finally:
             generation.close()  # also when the caller cancelled (the client left)
-            self.tokens_counter.inc(tokens)
+            decode_s = time.monotonic() - first_at if first_at is not None else 0.0
+            self.metrics.answered(len(prompt_ids), tokens, decode_s)
             self._log(request_id(), len(prompt_ids), tokens, finish)
 
     async def model_card(self) -> dict:

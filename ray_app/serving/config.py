@@ -118,6 +118,7 @@ class ServedModel:
     registry_name: str | None = None
     version: str | None = None
     run_id: str | None = None
+    alias: str | None = None  # the registry alias it was pinned from (champion, challenger), if any
 
     @property
     def version_headers(self) -> dict[str, str]:
@@ -152,6 +153,7 @@ def pin_model(args: ServeArgs, settings: Settings) -> ServedModel:
         registry_name=registry_name,
         version=version.version,
         run_id=version.run_id,
+        alias=match["alias"],
     )
 
 

@@ -431,6 +431,7 @@ class ContinuousBatcher:
         self.max_batch_size, self.gather_s = max_batch_size, gather_s
         self._waiting: queue.Queue[_Row] = queue.Queue()
         self.stats = BatchStats()  # written by the loop's thread only
+        self.running = 0  # rows in the batch being decoded (written by the loop's thread)
         self._stopped = threading.Event()
         build = engine if callable(engine) else (lambda: engine)
         started: queue.Queue[BaseException | None] = queue.Queue()
@@ -465,6 +466,10 @@ class ContinuousBatcher:
         self._stopped.set()
         self._thread.join(timeout=10)
 
+    def occupancy(self) -> tuple[int, int]:
+        """(requests waiting for a row, rows decoding): what a replica reports as its queue and batch."""
+        return self._waiting.qsize(), self.running
+
     # --- the loop (its own thread) ---------------------------------------------------------
     def _loop(self) -> None:
         batch: _Batch | None = None
@@ -490,12 +495,13 @@ class ContinuousBatcher:
                             batch.merge(joining)
                 if batch is not None:
                     batch = self._decode(batch)
+                self.running = len(batch.rows) if batch is not None else 0
             except Exception as exc:  # a failed forward pass fails the requests in it, not the loop
                 log.exception("generation failed")
                 rows = batch.rows if batch is not None else []
                 for row in rows:
                     row.emit(exc)
-                batch = None
+                batch, self.running = None, 0
 
     def _take(self, limit: int) -> list[_Row]:
         """Up to ``limit`` waiting rows; rows whose client left or whose deadline passed are dropped."""

@@ -11,6 +11,8 @@ For each HTTP request, in order:
    later messages (a client's disconnect) from the real connection.
 4. Every response carries the model-version headers; an exception the app let escape
    becomes an OpenAI-shaped 500 (when no response had started) instead of a bare text body.
+5. Every response's status is counted (``on_response(route, status)``, the request metric);
+   paths other than the API's are counted as ``other``, so a scan cannot grow the label set.
 
 So the transformers and vLLM engines refuse exactly the same bodies with the same errors.
 """
@@ -18,6 +20,7 @@ So the transformers and vLLM engines refuse exactly the same bodies with the sam
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from ray_app.serving.protocol import (
@@ -37,6 +40,7 @@ ROUTES: dict[str, type[OpenAIRequest]] = {
     "/v1/chat/completions": ChatCompletionRequest,
     "/v1/completions": CompletionRequest,
 }
+COUNTED_ROUTES = {*ROUTES, "/v1/models", "/v1/stats", "/healthz"}  # their own label; any other path is "other"
 
 
 @dataclass(frozen=True)
@@ -76,8 +80,15 @@ def route_path(scope) -> str:
 class ApiGate:
     """ASGI middleware: authentication, body intake and validation, version headers, error shape."""
 
-    def __init__(self, app, key_hashes: list[str], version_headers: dict[str, str], limits: Limits):
-        self.app, self.key_hashes, self.limits = app, key_hashes, limits
+    def __init__(
+        self,
+        app,
+        key_hashes: list[str],
+        version_headers: dict[str, str],
+        limits: Limits,
+        on_response: Callable[[str, int], None] | None = None,
+    ):
+        self.app, self.key_hashes, self.limits, self.on_response = app, key_hashes, limits, on_response
         self.extra = [(name.encode(), value.encode()) for name, value in version_headers.items()]
 
     async def __call__(self, scope, receive, send):
@@ -90,6 +101,7 @@ class ApiGate:
             if message["type"] == "http.response.start":
                 started = True
                 message = {**message, "headers": [*message.get("headers", []), *self.extra]}
+                self._count(scope, message["status"])
             await send(message)
 
         try:
@@ -105,6 +117,15 @@ class ApiGate:
                 raise
             response = error_response(500, "the server failed to handle the request", kind="server_error")
             await response(scope, receive, send_with_headers)
+
+    def _count(self, scope, status: int) -> None:
+        if self.on_response is None:
+            return
+        path = route_path(scope).rstrip("/") or "/"
+        try:
+            self.on_response(path if path in COUNTED_ROUTES else "other", status)
+        except Exception:  # a metric must never fail a request
+            log.warning("counting a response failed", exc_info=True)
 
     async def _admit(self, scope, receive):
         """Check the request; returns the receive callable the app should use. Raises APIError."""

@@ -31,6 +31,7 @@ from ray_app.serving.admission import DeadlineExceeded, failure
 from ray_app.serving.config import ServeArgs, ServedModel
 from ray_app.serving.engine import Delta
 from ray_app.serving.gate import BODY_KEY, ApiGate
+from ray_app.serving.metrics import RequestMetrics
 from ray_app.serving.protocol import APIError, OpenAIRequest, error_response
 
 logger = logging.getLogger("ray.serve")
@@ -190,8 +191,9 @@ def build_api(ingress: OpenAIIngress):
     from starlette.exceptions import HTTPException
 
     app = FastAPI(title="ray-llmops inference API", version="1")
+    counted = RequestMetrics(ingress.served.label, ingress.served.alias).start()
     gate = {"key_hashes": ingress.key_hashes, "version_headers": ingress.served.version_headers,
-            "limits": ingress.args.limits()}  # fmt: skip
+            "limits": ingress.args.limits(), "on_response": counted}  # fmt: skip
     app.add_middleware(ApiGate, **gate)
 
     @app.exception_handler(APIError)

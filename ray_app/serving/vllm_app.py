@@ -13,6 +13,7 @@ from ray.serve import Application
 
 from ray_app.serving.config import ServeArgs, ServeConfigError, ServedModel
 from ray_app.serving.gate import ApiGate
+from ray_app.serving.metrics import RequestMetrics
 from ray_app.settings import Settings
 
 
@@ -44,7 +45,13 @@ def build_vllm_app(args: ServeArgs, served: ServedModel, key_hashes: list[str], 
     )
     app = init_ingress_app()
     # The same front door as the transformers engine: keys, body checks and limits, error shape.
-    app.add_middleware(ApiGate, key_hashes=key_hashes, version_headers=served.version_headers, limits=args.limits())
+    app.add_middleware(
+        ApiGate,
+        key_hashes=key_hashes,
+        version_headers=served.version_headers,
+        limits=args.limits(),
+        on_response=RequestMetrics(served.label, served.alias),
+    )
     ingress_cls = make_fastapi_ingress(OpenAiIngress, app=app)
     options = OpenAiIngress.get_deployment_options([llm_config])
     return serve.deployment(ingress_cls, **options).bind(

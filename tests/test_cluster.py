@@ -6,6 +6,7 @@ from __future__ import annotations
 import gzip
 import json
 import re
+import shutil
 import subprocess
 import tomllib
 from pathlib import Path
@@ -28,7 +29,7 @@ VERSION = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]["versi
 FOREIGN_IMAGE_ENV = re.compile(
     r"^(POSTGRES_|MINIO_|AIRFLOW_|AIRFLOW__|_PIP_|MLFLOW_DB_|CHAT_DB_|LLMOPS_BUCKET|MLFLOW_BUCKET"
     r"|(TRAINING|MLFLOW|SERVE)_S3_|MLFLOW_BACKEND_STORE_URI$|LLMOPS_REQUIRED_SECRETS$|CHECKPOINT_SIGNING_KEY$"
-    r"|MLFLOW_AUTH_|MLFLOW_FLASK_SERVER_SECRET_KEY$)"
+    r"|MLFLOW_AUTH_|MLFLOW_FLASK_SERVER_SECRET_KEY$|RAY_PROMETHEUS_|RAY_GRAFANA_|GF_)"
 )
 
 
@@ -53,6 +54,7 @@ def test_compose_has_every_service_with_healthchecks_and_profiles():
     expected = {
         "postgres", "minio", "minio-init", "mlflow", "ray-head", "ray-gpu-worker", "serve", "chat",
         "airflow-init", "airflow-apiserver", "airflow-scheduler", "airflow-dag-processor", "airflow-triggerer",
+        "prometheus", "grafana",
     }  # fmt: skip
     assert expected <= set(services)
     one_shots = {name for name, service in services.items() if service.get("restart") == "no"}
@@ -278,3 +280,46 @@ def test_compose_mlflow_runs_its_basic_auth_app_on_postgresql_and_each_client_ha
     assert services["mlflow-init"]["command"] == ["llmops", "mlflow-users"]
     assert "mlflow-init" in _depends("ray-head") and "mlflow-init" in _depends("chat")
     assert not [key for key in services["chat"]["environment"] if key.startswith("MLFLOW_TRACKING_")]
+
+
+def test_compose_monitoring_scrapes_ray_and_the_chat_and_provisions_the_dashboards(tmp_path):
+    services = COMPOSE["services"]
+    prometheus, grafana = services["prometheus"], services["grafana"]
+    assert "ports" not in prometheus, "Prometheus has no login here: it must not be published on the host"
+    assert grafana["environment"]["GF_AUTH_ANONYMOUS_ENABLED"] == "false"
+    assert grafana["environment"]["GF_SECURITY_ADMIN_PASSWORD"].startswith("${GRAFANA_ADMIN_PASSWORD:?")
+    assert "ray-tmp:/tmp/ray" in services["ray-head"]["volumes"] and "ray-tmp:/tmp/ray:ro" in prometheus["volumes"]
+    assert COMPOSE["secrets"]["metrics_token"] == {"environment": "METRICS_TOKEN"}
+    assert services["chat"]["environment"]["LLMOPS_METRICS_TOKEN"].startswith("${METRICS_TOKEN:?")
+    assert COMPOSE["x-ray-node-env"]["RAY_PROMETHEUS_HOST"] == "http://prometheus:9090"
+
+    # The config as the container sees it, with the secret's file where the test can make one.
+    config = (CLUSTER / "prometheus" / "prometheus.yml").read_text()
+    (tmp_path / "token").write_text("t")
+    (tmp_path / "prometheus.yml").write_text(config.replace("/run/secrets/metrics_token", str(tmp_path / "token")))
+    shutil.copy(CLUSTER / "prometheus" / "alerts.yml", tmp_path / "alerts.yml")
+    checked = subprocess.run(["promtool", "check", "config", str(tmp_path / "prometheus.yml")],
+                             capture_output=True, text=True)  # fmt: skip
+    assert checked.returncode == 0, checked.stdout + checked.stderr
+    jobs = {job["job_name"]: job for job in yaml.safe_load(config)["scrape_configs"]}
+    assert jobs["ray"]["file_sd_configs"][0]["files"] == ["/tmp/ray/prom_metrics_service_discovery.json"]
+    assert jobs["chat"]["static_configs"][0]["targets"] == ["chat:8800"]
+
+    [source] = yaml.safe_load((CLUSTER / "grafana/provisioning/datasources/prometheus.yml").read_text())["datasources"]
+    for dashboard in (CLUSTER / "grafana" / "dashboards").glob("*.json"):
+        for panel in json.loads(dashboard.read_text())["panels"]:
+            assert panel["datasource"]["uid"] == source["uid"], (dashboard.name, panel["title"])
+    providers = yaml.safe_load((CLUSTER / "grafana/provisioning/dashboards/llmops.yml").read_text())["providers"]
+    paths = {provider["options"]["path"] for provider in providers}
+    mounted = {volume.split(":")[1] for volume in grafana["volumes"]}
+    assert all(any(path.startswith(mount) for mount in mounted) for path in paths), (paths, mounted)
+
+
+def test_kuberay_monitoring_configmaps_are_generated_from_the_dashboards_and_rules():
+    done = subprocess.run(["python", str(CLUSTER / "grafana" / "build_dashboards.py"), "--check"],
+                          capture_output=True, text=True)  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    dashboards, rules = yaml.safe_load_all((CLUSTER / "kuberay" / "monitoring.yaml").read_text())
+    assert dashboards["metadata"]["labels"] == {"grafana_dashboard": "1"}
+    assert set(dashboards["data"]) == {path.name for path in (CLUSTER / "grafana" / "dashboards").glob("*.json")}
+    assert rules["data"]["alerts.yml"] == (CLUSTER / "prometheus" / "alerts.yml").read_text()

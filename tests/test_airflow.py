@@ -206,7 +206,9 @@ def write_feedback(database_url: str, ratings: list[tuple[str, str, int, str | N
 
 
 @pytest.mark.slow
-def test_retrain_dag_exports_feedback_trains_on_ray_and_promotes_only_a_better_model(airflow, ray_cluster, tmp_path):
+def test_retrain_dag_exports_feedback_trains_on_ray_and_promotes_only_a_better_model(
+    airflow, ray_cluster, tmp_path, prometheus
+):
     from mlflow import MlflowClient
 
     from ray_app.storage import pyarrow_location
@@ -291,6 +293,24 @@ def test_retrain_dag_exports_feedback_trains_on_ray_and_promotes_only_a_better_m
     assert f"kept the champion: {decision['reason']}" in done.stdout + done.stderr
     export = airflow.xcom("retrain_chat_model", run_id, "export_feedback")
     assert export["new_examples"] == 2 and export["since"] == version.tags["feedback_until"], export
+    the_steps_are_counted_in_prometheus(prometheus)
+
+
+def the_steps_are_counted_in_prometheus(settings) -> None:
+    """Each step's Ray job counted how it ended: three runs (one skipped), one promotion, one rejection."""
+    from ray_app import monitoring
+
+    promql = f'sum by (step, outcome) (max_over_time(ray_llmops_retrain_steps_total{{model="{MODEL}"}}[30m]))'
+    expected = {("export-feedback", "skipped"): 1, ("export-feedback", "exported"): 2, ("evaluate", "evaluated"): 2,
+                ("promote", "promoted"): 1, ("promote", "rejected"): 1, ("rollout", "rolled"): 1}  # fmt: skip
+    deadline, seen = time.monotonic() + 60, {}
+    while time.monotonic() < deadline:
+        seen = {(r["metric"]["step"], r["metric"]["outcome"]): float(r["value"][1])
+                for r in monitoring.query(settings, promql)}  # fmt: skip
+        if seen == expected:
+            return
+        time.sleep(2)
+    raise AssertionError(f"Prometheus counted {seen}, expected {expected}")
 
 
 def test_export_takes_only_reviewed_or_trusted_corrections_and_skips_when_too_little_is_new(tmp_path):

@@ -17,6 +17,7 @@ from conftest import load_script
 
 from ray_app import monitoring
 from ray_app.chat.metrics import EXPORTED as CHAT_METRICS
+from ray_app.orchestration.loop_metrics import EXPORTED as LOOP_METRICS
 from ray_app.serving.metrics import EXPORTED as SERVING_METRICS
 from ray_app.settings import load_settings
 from training.metrics import EXPORTED as TRAINING_METRICS
@@ -27,7 +28,7 @@ RULES = REPO / "cluster" / "prometheus" / "alerts.yml"
 RAY_SERVE_METRICS = {"ray_serve_deployment_replica_starts_total"}
 PROMQL_FUNCTIONS_AND_WORDS = {
     "sum", "max", "min", "by", "on", "and", "or", "rate", "increase", "time", "histogram_quantile", "group_left",
-    "le", "without", "unless", "ignoring", "avg", "count",
+    "le", "without", "unless", "ignoring", "avg", "count", "offset",
 }  # fmt: skip
 
 
@@ -48,7 +49,7 @@ def test_alert_rules_pass_promtool_check_and_their_unit_tests():
 
 
 def exported_names() -> set[str]:
-    names = {*SERVING_METRICS, *TRAINING_METRICS, *CHAT_METRICS, *RAY_SERVE_METRICS}
+    names = {*SERVING_METRICS, *TRAINING_METRICS, *CHAT_METRICS, *LOOP_METRICS, *RAY_SERVE_METRICS}
     histograms = {name for name in names if name.endswith("_s") or name.endswith("_seconds")}
     return names | {f"{name}{suffix}" for name in histograms for suffix in ("_bucket", "_count", "_sum")}
 
@@ -58,6 +59,7 @@ def metric_names(expr: str) -> set[str]:
     without_strings = re.sub(r'"[^"]*"', "", expr)
     without_labels = re.sub(r"\{[^}]*\}|\[[^\]]*\]", "", without_strings)  # matchers and ranges
     without_groupings = re.sub(r"\b(by|on|without|ignoring|group_left|group_right)\s*\([^)]*\)", "", without_labels)
+    without_groupings = re.sub(r"\b\d+(ms|[smhdwy])\b", "", without_groupings)  # offset 1d
     words = set(re.findall(r"[a-zA-Z_:][a-zA-Z0-9_:]*", without_groupings))
     return words - PROMQL_FUNCTIONS_AND_WORDS
 

@@ -56,8 +56,9 @@ SERVING = [
     ("Queue length and running batch", "short",
      [f"sum by (model_version) (ray_llmops_queue_length{{{VERSION}}})",
       f"sum by (model_version) (ray_llmops_running_batch_size{{{VERSION}}})"]),
-    ("Replica starts (15 min)", "short",
-     ["sum by (application, deployment) (increase(ray_serve_deployment_replica_starts_total[15m]))"]),
+    ("Replica starts (15 min)", "short",  # a start is a new series (see the alert rule)
+     ["count by (application, deployment) (ray_serve_deployment_replica_starts_total"
+      " unless ray_serve_deployment_replica_starts_total offset 15m)"]),
     ("Served versions", "short", ["max by (model_version, alias) (ray_llmops_model_info)"]),
 ]  # fmt: skip
 
@@ -85,6 +86,8 @@ FEEDBACK = [
      [f"sum by (model_version) (max by (model_version, rating) "
       f"(increase(llmops_feedback_total{{{VERSION}}}[1h])))"]),
     ("Chat database readable", "short", ["min(llmops_chat_database_up)"]),
+    ("Retraining steps by outcome (since the Ray head started)", "short",
+     ["sum by (step, outcome) (ray_llmops_retrain_steps_total)"]),
 ]  # fmt: skip
 
 DASHBOARDS = {

@@ -31,6 +31,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from ray_app.orchestration.loop_metrics import count_step
 from ray_app.orchestration.ray_jobs import emit_result
 from ray_app.settings import Settings, get_settings
 
@@ -233,12 +234,26 @@ def main(argv: list[str] | None = None) -> int:
 
     if args.step != "export-feedback" and not args.version:
         parser.error(f"{args.step} needs --version")
+    result = None
     try:
-        emit_result(run_step(args))
+        result = run_step(args)
+        emit_result(result)
     except _expected_failures() as exc:  # one line naming the service, not a traceback
         print(f"error: {args.step}: {exc}", file=sys.stderr, flush=True)
         return 1
+    finally:
+        count_step(_model_label(args), args.step, result)
     return 0
+
+
+def _model_label(args: argparse.Namespace) -> str:
+    """The registered model a step works on, for the metric (the config's file name if it cannot be read)."""
+    from training.config import load_config
+
+    try:
+        return _registered_name(load_config(args.config, args.overrides))
+    except Exception:
+        return Path(args.config).stem
 
 
 def run_step(args: argparse.Namespace) -> dict[str, Any]:

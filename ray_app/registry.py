@@ -182,8 +182,15 @@ def _quoted(value: str) -> str:
 
 
 def set_alias(name: str, alias: str, version: str, settings: Settings | None = None) -> None:
-    """Point ``alias`` of ``name`` at ``version``."""
-    client(settings).set_registered_model_alias(name, alias, version)
+    """Point ``alias`` of ``name`` at ``version``; RegistryError (naming MLflow) when it cannot."""
+    from mlflow.exceptions import MlflowException
+
+    mlflow_client = client(settings)
+    try:
+        mlflow_client.set_registered_model_alias(name, alias, version)
+    except MlflowException as exc:
+        raise RegistryError(f"cannot move alias {alias} of {name} to version {version} at "
+                            f"{mlflow_client.tracking_uri}: {exc.message}") from exc  # fmt: skip
 
 
 def get_version(uri: str, settings: Settings | None = None) -> ModelVersionRef:

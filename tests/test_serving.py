@@ -984,7 +984,7 @@ def test_with_s3_down_a_restarted_replica_starts_from_its_verified_model_cache(s
     """A second app serves a model from its own S3 server; that server stops and the app's model
     replica is SIGKILLed: the replacement starts from the local copy (checked against its
     manifest) and answers. The first app is untouched."""
-    from ray_app.serving.rollout import _rolled_config, deploy, serve_details
+    from ray_app.serving.rollout import deploy, running_config
     from ray_app.stack import stop_process_group
     from ray_app.storage import open_store
 
@@ -999,7 +999,7 @@ def test_with_s3_down_a_restarted_replica_starts_from_its_verified_model_cache(s
         store = open_store("s3://cache-test", settings.model_copy(update={"s3_endpoint_url": endpoint}))
         store.ensure()
         store.upload_dir(build_tiny_chat_model(tmp_path / "tiny", seed=3), "tiny", progress=False)
-        body, _ = _rolled_config(serve_details(settings), REGISTERED, None, settings)
+        body = running_config(settings)
         cached = copy.deepcopy(body["applications"][0])
         cached.update(name="cached", route_prefix="/cached")
         cached["args"] = {**cached["args"], "model": "s3://cache-test/tiny", "served_model_name": "cached"}
@@ -1023,7 +1023,7 @@ def test_with_s3_down_a_restarted_replica_starts_from_its_verified_model_cache(s
         if s3.poll() is None:
             stop_process_group(s3.pid, timeout_s=10)
         log.close()
-        body, _ = _rolled_config(serve_details(settings), REGISTERED, None, settings)
+        body = running_config(settings)
         deploy({**body, "applications": [a for a in body["applications"] if a["name"] != "cached"]}, settings, 120)
 
 
@@ -1032,11 +1032,11 @@ def test_losing_a_node_with_a_replica_on_it_the_app_keeps_answering_from_the_oth
     SIGKILLed as a whole while clients ask: answers go on from the head's replicas."""
     from conftest import worker_node
 
-    from ray_app.serving.rollout import _rolled_config, deploy, serve_details
+    from ray_app.serving.rollout import deploy, running_config
 
     settings = serve_app.settings
     with worker_node(ray_client, num_cpus=1) as node:
-        body, _ = _rolled_config(serve_details(settings), REGISTERED, None, settings)
+        body = running_config(settings)
         spread = copy.deepcopy(body["applications"][0])
         spread.update(name="spread", route_prefix="/spread")
         for deployment in spread["deployments"]:
@@ -1066,7 +1066,7 @@ def test_losing_a_node_with_a_replica_on_it_the_app_keeps_answering_from_the_oth
             print(f"after the node loss: {len(statuses)} requests, {statuses.count(200)} answered: {statuses}")
             assert statuses.count(200) >= len(statuses) - 1, statuses  # at most the one in flight fails
         finally:
-            body, _ = _rolled_config(serve_details(settings), REGISTERED, None, settings)
+            body = running_config(settings)
             kept = [app for app in body["applications"] if app["name"] != "spread"]
             deploy({**body, "applications": kept}, settings, 120)
 
@@ -1081,14 +1081,15 @@ def _replicas(settings: Settings, app: str) -> list[dict]:
 def test_a_failed_promotion_leaves_champion_and_serve_on_the_old_version(
     serve_app, mlflow_server, registered_tiny_models, tmp_path
 ):
-    """Three ways a promotion fails (the dashboard unreachable, a folder without its manifest, a
-    model whose replicas crash-loop): each raises with the reason, `champion` stays on v1, Serve
-    keeps answering with v1, and the decision is tagged on the version."""
+    """Four ways a promotion fails (the dashboard unreachable, a folder without its manifest, a
+    model whose replicas crash-loop, an alias that cannot move): each raises with the reason,
+    `champion` stays on v1, Serve keeps answering with v1, and the decision is tagged on the version."""
     from mlflow import MlflowClient
 
+    from ray_app.credentials import as_serve_identity
     from ray_app.models import ModelResolutionError
-    from ray_app.registry import get_version, register_model_version
-    from ray_app.serving.rollout import ServeError, promote
+    from ray_app.registry import RegistryError, get_version, register_model_version
+    from ray_app.serving.rollout import ServeError, promote, running_config
     from ray_app.storage import open_store
 
     old, new = registered_tiny_models
@@ -1118,6 +1119,13 @@ def test_a_failed_promotion_leaves_champion_and_serve_on_the_old_version(
         promote(REGISTERED, serve_app.settings, version=broken.version, wait_s=240)
     print(f"crash-looping rollout detected and rolled back in {time.monotonic() - started:.0f} s")
     still_on_v1()
+    # The alias cannot move once Serve was rolled (an identity that may only read the registry):
+    # Serve is put back to exactly the configs it ran.
+    before = running_config(serve_app.settings)
+    with pytest.raises(RegistryError, match="cannot move alias champion"):
+        promote(REGISTERED, as_serve_identity(serve_app.settings), version=new, wait_s=240)
+    still_on_v1()
+    assert running_config(serve_app.settings) == before
 
     client = MlflowClient(mlflow_server.mlflow_tracking_uri)
     for version, reason in ((new, "cannot reach the Ray dashboard"), (incomplete.version, "no complete model folder"),

@@ -157,13 +157,14 @@ def promote(
     decision = {"name": name, "version": target.version, "previous": previous, "actor": actor, "settings": settings}
     try:
         check_model_source(target.source, settings)
+        before = running_config(settings) if rollout else None
         if rollout:
             promotion.rolled_apps = roll_serve_apps(name, target.version, settings, wait_s, previous=previous)
         try:
             set_alias(name, CHAMPION, target.version, settings)
         except Exception:
-            if promotion.rolled_apps and previous is not None:
-                roll_serve_apps(name, previous, settings, wait_s)
+            if promotion.rolled_apps:
+                deploy(before, settings, wait_s)  # exactly what ran before, whatever it pinned
             raise
     except Exception as exc:
         record_promotion(**decision, result="failed", reason=str(exc))
@@ -236,6 +237,14 @@ def roll_serve_apps(
         was = f"version {previous}" if previous else "their previous configs"
         raise ServeError(f"{exc}; Serve apps {', '.join(rolled)} rolled back to {was}") from exc
     return rolled
+
+
+def running_config(settings: Settings) -> dict[str, Any]:
+    """The Serve config of every app as it was deployed (to deploy again as it is, or extended).
+
+    Raises ServeError when the dashboard cannot be reached or an app was deployed from Python.
+    """
+    return _rolled_config(serve_details(settings), "", None, settings)[0]
 
 
 def _rolled_config(

@@ -234,6 +234,43 @@ def _periodic_eval(engine, examples: list[tuple[list[int], list[int]]]) -> dict[
     return {"eval_loss": loss, "eval_perplexity": perplexity(loss)}
 
 
+def _resume(engine, key: bytes, rank: int, mlflow_run_id: str) -> dict[str, Any]:
+    """The trainer state to start from: the last checkpoint's (loaded into ``engine``) or a fresh one."""
+    import ray.train
+
+    checkpoint = ray.train.get_checkpoint()
+    if checkpoint is None:
+        return {"global_step": 0, "epoch": 0, "batch_in_epoch": 0, "mlflow_run_id": mlflow_run_id}
+    # Each rank downloads its own copy: with `as_directory()` ranks on one node share a temp
+    # download, and a rank resuming after a node loss once read a file being rewritten there
+    # (EOFError in torch.load after the signature had passed).
+    with tempfile.TemporaryDirectory(prefix=f"resume-rank{rank}-") as folder:
+        checkpoint.to_directory(folder)
+        signing.verify(Path(folder), key)  # before DeepSpeed unpickles anything from the store
+        engine.load_checkpoint(folder, tag=DS_TAG)
+        return json.loads(Path(folder, TRAINER_STATE).read_text())
+
+
+def _publish(cfg: SFTConfig, config: dict[str, Any], state_dict: dict[str, Any] | None, rank: int) -> None:
+    """Rank 0 writes the trained weights as a HF folder into the store (every rank calls it)."""
+    # Leave ZeRO-3 mode before rank 0 builds a plain model to save: with the HF DeepSpeed
+    # config alive, from_pretrained would partition it with collectives that rank 1 never joins.
+    from transformers.integrations.deepspeed import unset_hf_deepspeed_config
+
+    from ray_app.settings import load_settings
+
+    unset_hf_deepspeed_config()
+    if rank != 0:
+        return
+    from ray_app.storage import open_store
+
+    store = open_store(settings=load_settings())
+    with tempfile.TemporaryDirectory() as folder:
+        _write_hf_folder(cfg, config["model_dir"], state_dict, Path(folder))
+        store.ensure()
+        store.upload_dir(folder, config["model_prefix"], progress=False)
+
+
 def train_loop(config: dict[str, Any]) -> None:
     """Ray Train worker entry point."""
     import ray.train
@@ -272,17 +309,7 @@ def train_loop(config: dict[str, Any]) -> None:
     from ray_app.settings import load_settings
 
     key = signing.signing_key(load_settings())
-    state = {"global_step": 0, "epoch": 0, "batch_in_epoch": 0, "mlflow_run_id": config["mlflow_run_id"]}
-    checkpoint = ray.train.get_checkpoint()
-    if checkpoint is not None:
-        # Each rank downloads its own copy: with `as_directory()` ranks on one node share a temp
-        # download, and a rank resuming after a node loss once read a file being rewritten there
-        # (EOFError in torch.load after the signature had passed).
-        with tempfile.TemporaryDirectory(prefix=f"resume-rank{rank}-") as folder:
-            checkpoint.to_directory(folder)
-            signing.verify(Path(folder), key)  # before DeepSpeed unpickles anything from the store
-            engine.load_checkpoint(folder, tag=DS_TAG)
-            state = json.loads(Path(folder, TRAINER_STATE).read_text())
+    state = _resume(engine, key, rank, config["mlflow_run_id"])
     resumed_from = state["global_step"]
     tracker = _Tracker(state["mlflow_run_id"], cfg, enabled=rank == 0)
     if rank == 0 and resumed_from:
@@ -339,20 +366,8 @@ def train_loop(config: dict[str, Any]) -> None:
         epoch += 1
 
     state_dict = _consolidated_state_dict(engine, zero_stage, rank)
-    # Leave ZeRO-3 mode before rank 0 builds a plain model to save: with the HF DeepSpeed
-    # config alive, from_pretrained would partition it with collectives that rank 1 never joins.
-    from transformers.integrations.deepspeed import unset_hf_deepspeed_config
-
-    del _keep_alive
-    unset_hf_deepspeed_config()
-    if rank == 0:
-        from ray_app.storage import open_store
-
-        store = open_store(settings=load_settings())
-        with tempfile.TemporaryDirectory() as folder:
-            _write_hf_folder(cfg, config["model_dir"], state_dict, Path(folder))
-            store.ensure()
-            store.upload_dir(folder, config["model_prefix"], progress=False)
+    del _keep_alive  # the HF DeepSpeed config: _publish leaves ZeRO-3 mode
+    _publish(cfg, config, state_dict, rank)
     tracker.close()
 
 

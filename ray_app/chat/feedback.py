@@ -73,6 +73,12 @@ def database_label(database_url: str) -> str:
         return "(an unparseable database URL)"
 
 
+def database_error_reason(exc: BaseException) -> str:
+    """The first line of what the database driver said (SQLAlchemy wraps it in ``orig``)."""
+    lines = str(getattr(exc, "orig", None) or exc).strip().splitlines()
+    return lines[0] if lines else type(exc).__name__
+
+
 def chat_database_missing(database_url: str) -> bool:
     """Whether the chat's database is a SQLite file that does not exist yet (the chat never ran)."""
     if not database_url.startswith("sqlite"):
@@ -92,7 +98,7 @@ def read_feedback(database_url: str, since: str | None = None, value: int | None
     try:
         return _read_feedback(database_url, since, value)
     except sa.exc.SQLAlchemyError as exc:
-        reason = str(getattr(exc, "orig", None) or exc).strip().splitlines()[0]
+        reason = database_error_reason(exc)
         raise ChatDatabaseError(f"cannot read the chat database {database_label(database_url)}: {reason}") from None
 
 

@@ -20,7 +20,7 @@ from typing import Any
 from chainlit.data.sql_alchemy import SQLAlchemyDataLayer
 from sqlalchemy import text
 
-from ray_app.chat.feedback import ChatDatabaseError, database_label
+from ray_app.chat.feedback import ChatDatabaseError, database_error_reason, database_label
 
 _STRICT = contextvars.ContextVar("llmops_strict_history_writes", default=False)
 WRITE_TIMEOUT_S = 10.0
@@ -56,8 +56,7 @@ class HistoryLayer(SQLAlchemyDataLayer):
             except Exception as exc:  # the driver's own errors (asyncpg, aiosqlite) or SQLAlchemy's
                 with contextlib.suppress(Exception):  # the connection is gone: nothing to roll back
                     await session.rollback()
-                reason = str(getattr(exc, "orig", None) or exc).strip().splitlines()
-                detail = reason[0] if reason else type(exc).__name__
+                detail = database_error_reason(exc)
                 raise ChatDatabaseError(f"the chat history database {self.label} is unreachable: {detail}") from None
 
     async def save_steps(self, steps: list[dict[str, Any]], user_id: str | None = None) -> None:

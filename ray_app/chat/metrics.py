@@ -21,7 +21,13 @@ from collections import Counter
 import sqlalchemy as sa
 from fastapi import APIRouter, Request, Response
 
-from ray_app.chat.feedback import answer_step, chat_database_missing, database_label, step_metadata
+from ray_app.chat.feedback import (
+    answer_step,
+    chat_database_missing,
+    database_error_reason,
+    database_label,
+    step_metadata,
+)
 from ray_app.chat.review import correction_text
 from ray_app.chat.schema import feedbacks, sync_url
 
@@ -72,7 +78,7 @@ class FeedbackCollector:
         try:
             counts = (Counter(), Counter()) if chat_database_missing(self.database_url) else self._counts()
         except sa.exc.SQLAlchemyError as exc:
-            reason = str(getattr(exc, "orig", None) or exc).strip().splitlines()[0]
+            reason = database_error_reason(exc)
             log.warning("metrics: cannot read the chat database %s: %s", database_label(self.database_url), reason)
             up.add_metric([], 0)
             yield up

@@ -34,6 +34,7 @@ from typing import Any
 from ray_app.orchestration.loop_metrics import count_step
 from ray_app.orchestration.ray_jobs import emit_result
 from ray_app.settings import Settings, get_settings
+from training.config import load_config
 
 FEEDBACK_UNTIL_TAG = "feedback_until"
 PIPELINE_ACTOR = "pipeline promote step (Ray job)"
@@ -234,32 +235,21 @@ def main(argv: list[str] | None = None) -> int:
 
     if args.step != "export-feedback" and not args.version:
         parser.error(f"{args.step} needs --version")
-    result = None
+    cfg = result = None
     try:
-        result = run_step(args)
+        cfg = load_config(args.config, args.overrides)
+        result = run_step(args, cfg)
         emit_result(result)
     except _expected_failures() as exc:  # one line naming the service, not a traceback
         print(f"error: {args.step}: {exc}", file=sys.stderr, flush=True)
         return 1
     finally:
-        count_step(_model_label(args), args.step, result)
+        model = cfg.registered_model if cfg is not None and cfg.registered_model else Path(args.config).stem
+        count_step(model, args.step, result)
     return 0
 
 
-def _model_label(args: argparse.Namespace) -> str:
-    """The registered model a step works on, for the metric (the config's file name if it cannot be read)."""
-    from training.config import load_config
-
-    try:
-        return _registered_name(load_config(args.config, args.overrides))
-    except Exception:
-        return Path(args.config).stem
-
-
-def run_step(args: argparse.Namespace) -> dict[str, Any]:
-    from training.config import load_config
-
-    cfg = load_config(args.config, args.overrides)
+def run_step(args: argparse.Namespace, cfg) -> dict[str, Any]:
     settings = get_settings()
     if args.step == "export-feedback":
         return export_feedback(cfg, settings, args.run_key, args.date, args.min_new_examples)

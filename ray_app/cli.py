@@ -288,6 +288,19 @@ def train(
 
 @app.command()
 @friendly_errors
+def register(run_id: Annotated[str, typer.Argument(help="the MLflow run id of a finished training run")]) -> None:
+    """Register a trained run whose registration failed (MLflow or S3 down at its end): one version, alias `challenger`.
+
+    Idempotent: a run that already has its version gets it completed (tags, alias), never a second one.
+    """
+    from training.sft import register_run
+
+    version = register_run(run_id, settings())
+    console.print(f"{version.name}: version {version.version} (challenger) from run {run_id}, source {version.source}")
+
+
+@app.command()
+@friendly_errors
 def tune(
     config_file: Annotated[Path, typer.Option("--config", "-c", help="YAML recipe config")],
     search: Annotated[list[str], typer.Option("--search", help="KEY=fn(args): loguniform/uniform/randint/choice/grid")],

@@ -92,53 +92,61 @@ def test_mlflow_refuses_anonymous_calls_and_serve_reads_but_cannot_move_an_alias
     assert admin.get_model_version_by_alias(name, "champion").version == "2"
 
 
-def test_a_registration_retried_after_dying_before_its_alias_gives_one_complete_version(mlflow_server: Settings):
-    """What a registration killed between creating the version and moving the alias leaves
-    (a version with no alias and no tags), then the retry: exactly one version, complete."""
+def test_a_registration_that_died_before_its_alias_is_completed_by_llmops_register(mlflow_server: Settings, tmp_path):
+    """A trained run (its recipe, eval loss and model folder recorded) whose registration was
+    killed between creating the version and moving the alias (a version with no alias and no
+    tags, the run FAILED): `llmops register RUN_ID`, run twice, leaves exactly one version with
+    its alias and tags, and the run FINISHED."""
     import mlflow
     from mlflow import MlflowClient
 
     from ray_app.registry import register_model_version
+    from ray_app.storage import open_store
 
     mlflow.set_tracking_uri(mlflow_server.mlflow_tracking_uri)
     client = MlflowClient(mlflow_server.mlflow_tracking_uri)
-    name = f"chat-model-{uuid.uuid4().hex[:6]}"
-    with mlflow.start_run() as run:
-        mlflow.log_param("kind", "candidate")
-    run_id, source = run.info.run_id, f"s3://models/{name}/v1"
-    client.create_registered_model(name)
-    client.create_model_version(name, source=source, run_id=run_id)  # killed here: no tags, no alias
-
-    tags = {"run_id": run_id, "train_data": "s3://data/feedback.jsonl"}
-    for _ in range(2):  # the retry, and a second retry after a success
-        ref = register_model_version(name, source, run_id, tags=tags, alias="challenger", settings=mlflow_server)
-    versions = client.search_model_versions(f"name = '{name}'")
-    assert [v.version for v in versions] == [ref.version] == ["1"]
-    assert client.get_model_version_by_alias(name, "challenger").version == "1"
-    assert {k: v for k, v in ref.tags.items() if k in tags} == tags
-
-    other = register_model_version(name, f"s3://models/{name}/v2", None, alias="challenger", settings=mlflow_server)
-    assert other.version == "2"  # no run id, a different source: a new version
-
-
-def test_store_rm_refuses_the_folder_a_registered_version_points_to(mlflow_server: Settings, tmp_path):
-    import subprocess
-    import sys
-    from pathlib import Path
-
-    from ray_app.registry import register_model_version
-    from ray_app.storage import open_store
-
-    bucket = f"rm-{uuid.uuid4().hex[:6]}"
-    settings = mlflow_server.model_copy(update={"store_uri": f"s3://{bucket}/store"})
+    name, run_name = f"chat-model-{uuid.uuid4().hex[:6]}", f"sft-{uuid.uuid4().hex[:6]}"
+    settings = mlflow_server.model_copy(update={"store_uri": f"s3://reg-{uuid.uuid4().hex[:6]}/store"})
     store = open_store(settings=settings)
     store.ensure()
     (tmp_path / "m").mkdir()
     (tmp_path / "m" / "config.json").write_text("{}")
-    for prefix in ("models/champion", "models/scratch"):
-        store.upload_dir(tmp_path / "m", prefix, progress=False)
-    name = f"chat-model-{uuid.uuid4().hex[:6]}"
-    register_model_version(name, store.uri("models/champion"), None, alias="champion", settings=settings)
+    store.upload_dir(tmp_path / "m", f"models/{run_name}", progress=False)
+    recipe = {"registered_model": name, "run_name": run_name, "train_data": ["s3://data/feedback.jsonl"],
+              "model": "base-model", "version_tags": {"feedback_until": "2026-11-30T00:00:00Z"}}  # fmt: skip
+    with mlflow.start_run(run_name=run_name) as run:
+        mlflow.log_dict(recipe, "config/sft.json")
+        mlflow.log_metric("eval_loss", 1.25)
+    run_id, source = run.info.run_id, store.uri(f"models/{run_name}")
+    client.create_registered_model(name)
+    client.create_model_version(name, source=source, run_id=run_id)  # killed here: no tags, no alias
+    client.set_terminated(run_id, "FAILED")
+
+    llmops = _llmops_cli(settings)
+    for _ in range(2):  # the retry, and a second retry after a success
+        done = llmops("register", run_id)
+        assert done.returncode == 0 and f"{name}: version 1 (challenger)" in done.stdout, done.stdout + done.stderr
+    versions = client.search_model_versions(f"name = '{name}'")
+    assert [v.version for v in versions] == ["1"]
+    registered = client.get_model_version_by_alias(name, "challenger")
+    assert registered.version == "1" and registered.source == source
+    assert registered.tags["run_id"] == run_id and registered.tags["train_data"] == "s3://data/feedback.jsonl"
+    assert registered.tags["eval_loss"] == "1.250000" and registered.tags["feedback_until"] == "2026-11-30T00:00:00Z"
+    assert client.get_run(run_id).info.status == "FINISHED"
+
+    unknown = llmops("register", "0" * 32)
+    assert unknown.returncode == 1 and settings.mlflow_tracking_uri in unknown.stderr, unknown.stderr
+    assert "Traceback" not in unknown.stderr
+
+    other = register_model_version(name, f"s3://models/{name}/v2", None, alias="challenger", settings=settings)
+    assert other.version == "2"  # no run id, a different source: a new version
+
+
+def _llmops_cli(settings: Settings):
+    """Run the `llmops` CLI in a subprocess against these settings' MLflow server and store."""
+    import subprocess
+    import sys
+    from pathlib import Path
 
     env = {
         "PATH": "/usr/bin:/bin",
@@ -156,6 +164,25 @@ def test_store_rm_refuses_the_folder_a_registered_version_points_to(mlflow_serve
         command = [str(Path(sys.executable).parent / "llmops"), *args]
         return subprocess.run(command, env=env, capture_output=True, text=True, timeout=180)
 
+    return llmops
+
+
+def test_store_rm_refuses_the_folder_a_registered_version_points_to(mlflow_server: Settings, tmp_path):
+    from ray_app.registry import register_model_version
+    from ray_app.storage import open_store
+
+    bucket = f"rm-{uuid.uuid4().hex[:6]}"
+    settings = mlflow_server.model_copy(update={"store_uri": f"s3://{bucket}/store"})
+    store = open_store(settings=settings)
+    store.ensure()
+    (tmp_path / "m").mkdir()
+    (tmp_path / "m" / "config.json").write_text("{}")
+    for prefix in ("models/champion", "models/scratch"):
+        store.upload_dir(tmp_path / "m", prefix, progress=False)
+    name = f"chat-model-{uuid.uuid4().hex[:6]}"
+    register_model_version(name, store.uri("models/champion"), None, alias="champion", settings=settings)
+
+    llmops = _llmops_cli(settings)
     for prefix in ("models/champion", "models", "models/champion/config.json"):
         refused = llmops("store", "rm", prefix)
         assert refused.returncode == 1, refused.stderr

@@ -471,6 +471,35 @@ def _register(cfg: SFTConfig, store, model_prefix: str, run_id: str, eval_loss: 
     return version
 
 
+def register_run(run_id: str, settings=None):
+    """Register a finished run's model folder as its recipe said (``llmops register RUN_ID``).
+
+    For a run whose training finished but whose registration failed (MLflow or S3 down at the
+    end): reads the recipe the run logged (``config/sft.json``), checks the folder's manifest,
+    and registers it exactly as ``run`` would have, idempotently (a run yields one version).
+    The run is marked FINISHED once its version is complete.
+    """
+    import mlflow
+
+    from ray_app.registry import RegistryError, client, configure_tracking
+    from ray_app.settings import get_settings
+    from ray_app.storage import open_store
+
+    settings = settings or get_settings()
+    configure_tracking(settings)
+    try:
+        recorded = mlflow.artifacts.load_dict(f"runs:/{run_id}/config/sft.json")
+        run_info = client(settings).get_run(run_id)
+    except Exception as exc:  # MlflowException for a wrong id, a connection error for a server down
+        raise RegistryError(f"cannot read run {run_id} at {settings.mlflow_tracking_uri}: {exc}") from exc
+    cfg = SFTConfig.model_construct(**recorded)  # as the run recorded it; its local data files may be gone
+    if not cfg.registered_model:
+        raise ValueError(f"run {run_id} was trained with registered_model: null; there is nothing to register")
+    store = open_store(settings=settings)
+    with mlflow.start_run(run_id=run_id):
+        return _register(cfg, store, f"models/{cfg.run_name}", run_id, run_info.data.metrics.get("eval_loss"), settings)
+
+
 def run(
     cfg: SFTConfig,
     settings=None,
@@ -546,8 +575,8 @@ def run(
                                step=int(metrics.get("global_step", 0)))  # fmt: skip
             mlflow.log_dict({"samples": report.samples}, "samples/generations.json")
 
+        mlflow.set_tag("llmops.model_uri", model_uri)  # before registering: `llmops register` finds it by it
         version = _register(cfg, store, model_prefix, run_id, eval_loss, settings) if cfg.registered_model else None
-        mlflow.set_tag("llmops.model_uri", model_uri)
 
     return TrainResult(
         run_name=run_name,

@@ -447,7 +447,7 @@ def _register(cfg: SFTConfig, store, model_prefix: str, run_id: str, eval_loss: 
     """Register the run's model folder as ``challenger`` of ``cfg.registered_model`` (inside the active run)."""
     import mlflow
 
-    from ray_app.registry import register_model_version
+    from ray_app.registry import RegistryError, register_model_version
     from ray_app.storage import MANIFEST
 
     model_uri = store.uri(model_prefix)
@@ -458,15 +458,12 @@ def _register(cfg: SFTConfig, store, model_prefix: str, run_id: str, eval_loss: 
         # The registry accepts no local paths as sources: a local store's folder becomes run artifacts.
         mlflow.log_artifacts(model_uri, "model")
         source = f"runs:/{run_id}/model"
-    version = register_model_version(
-        cfg.registered_model,
-        source=source,
-        run_id=run_id,
-        tags={"run_id": run_id, "train_data": ",".join(cfg.train_data), "base_model": cfg.model or "default",
-              "eval_loss": "" if eval_loss is None else f"{eval_loss:.6f}", **cfg.version_tags},
-        alias="challenger",
-        settings=settings,
-    )  # fmt: skip
+    tags = {"run_id": run_id, "train_data": ",".join(cfg.train_data), "base_model": cfg.model or "default",
+            "eval_loss": "" if eval_loss is None else f"{eval_loss:.6f}", **cfg.version_tags}  # fmt: skip
+    try:
+        version = register_model_version(cfg.registered_model, source, run_id, tags, "challenger", settings)
+    except RegistryError as exc:  # the training is done and its folder complete: say how to finish
+        raise RegistryError(f"{exc}; the model is trained: `llmops register {run_id}` registers it") from exc
     mlflow.set_tags({"llmops.registered_model": cfg.registered_model, "llmops.version": version.version})
     return version
 

@@ -278,7 +278,7 @@ def the_run_was_live_in_prometheus(settings: Settings, run_id: str, steps: int) 
     assert draw_dashboard(settings, "training", minutes=10) >= 4
 
 
-# ZeRO-2 full is test_full_zero2_..., ZeRO-3 full is test_resume_...; these add LoRA under both
+# ZeRO-2 full is test_full_zero2_..., ZeRO-3 full is test_losing_a_whole_node_...; these add LoRA under both
 # stages: ZeRO-3's parameter gathering of adapters for the consolidated folder, and the merge.
 @pytest.mark.parametrize(("deepspeed", "method"), [("zero2.json", "lora"), ("zero3.json", "lora")])
 def test_zero_stage_and_method_variants_train_and_consolidate(
@@ -286,7 +286,7 @@ def test_zero_stage_and_method_variants_train_and_consolidate(
 ):
     from training.sft import run
 
-    # One checkpoint, at the end: checkpointing is test_full_zero2_... and test_resume_...'s subject.
+    # One checkpoint, at the end: checkpointing is test_full_zero2_... and test_losing_a_whole_node_...'s subject.
     values = {"deepspeed": deepspeed, "method": method, "registered_model": None, "eval_data": [],
               "checkpoint_every": 60, "lora": {"rank": 8, "alpha": 16, "dropout": 0.0}}  # fmt: skip
     if method == "lora":
@@ -335,57 +335,14 @@ def after_the_first_checkpoint(cluster: Settings, store, run_name: str, act) -> 
     return thread
 
 
-def test_resume_after_worker_killed_continues_from_the_last_checkpoint(cluster, tiny_model, toy_data):
-    import os
-    import signal
-
-    from training.sft import run
-
-    store = open_store(settings=cluster)
-    store.ensure()
-    run_name = f"resume-{int(time.time())}"
-    killed: dict[str, int] = {}
-
-    def kill_a_worker(step: int, workers: list) -> bool:
-        if not workers:
-            return False
-        killed["step"], killed["pid"] = step, workers[-1].pid
-        os.kill(killed["pid"], signal.SIGKILL)
-        return True
-
-    killer = after_the_first_checkpoint(cluster, store, run_name, kill_a_worker)
-    # Under ZeRO-3 (full fine-tuning): each rank restores its own parameter and optimizer shards.
-    result = run(config_for(tiny_model, toy_data, run_name=run_name, max_steps=30, registered_model=None,
-                            eval_data=[], max_failures=2, deepspeed="zero3.json"), cluster)  # fmt: skip
-    killer.join(timeout=5)
-    assert killed.get("pid"), "no worker was killed"
-
-    from mlflow import MlflowClient
-
-    client = MlflowClient(cluster.mlflow_tracking_uri)
-    resumed = client.get_metric_history(result.mlflow_run_id, "resumed_from_step")
-    assert resumed, "the run did not restart from a checkpoint"
-    resumed_from = int(resumed[0].value)
-    assert resumed_from >= 10 and resumed_from % 10 == 0
-    assert killed["step"] - resumed_from <= 10 + 1, "more than one checkpoint interval was redone"
-    steps = [step for step, _ in loss_history(cluster, result.mlflow_run_id)]
-    assert steps == list(range(1, 31)), "every step logged exactly once across the restart"
-    assert result.global_step == 30
-    assert_loss_falls(loss_history(cluster, result.mlflow_run_id))
-
-    from ray_app.models import resolve_model
-
-    folder = resolve_model(result.model_uri, cluster)  # the ZeRO-3 shards, gathered into one HF folder
-    assert "7421" in greedy_answer(folder), "the resumed ZeRO-3 run did not learn the toy answer"
-
-
 def test_losing_a_whole_node_mid_run_resumes_on_the_survivors_from_the_s3_checkpoint(
     ray_client, cluster, tiny_model, toy_data
 ):
     """Two nodes (the head and a second `ray start --address` node with its own temp dir), one
-    training worker on each, checkpoints only in S3. The second node is SIGKILLed as a whole
-    after a checkpoint: the run restarts both workers on the head from that checkpoint and
-    finishes, every step logged once."""
+    training worker on each, checkpoints only in S3, ZeRO-3 (each rank restores its own parameter
+    and optimizer shards). The second node is SIGKILLed as a whole (its worker with it) after a
+    checkpoint: the run restarts both workers on the head from that checkpoint, redoes at most one
+    checkpoint interval, finishes with every step logged once, and the gathered model has learned."""
     from conftest import worker_node
 
     from training.sft import run
@@ -408,7 +365,8 @@ def test_losing_a_whole_node_mid_run_resumes_on_the_survivors_from_the_s3_checkp
 
         killer = after_the_first_checkpoint(cluster, store, run_name, kill_the_node)
         result = run(config_for(tiny_model, toy_data, run_name=run_name, max_steps=30, registered_model=None,
-                                eval_data=[], max_failures=2, placement_strategy="SPREAD"), cluster)  # fmt: skip
+                                eval_data=[], max_failures=2, placement_strategy="SPREAD",
+                                deepspeed="zero3.json"), cluster)  # fmt: skip
         killer.join(timeout=5)
         assert lost.get("step"), f"the node was not killed with a worker on it: {lost}"
         assert node.node_id() is None, "the second node is gone"
@@ -416,10 +374,19 @@ def test_losing_a_whole_node_mid_run_resumes_on_the_survivors_from_the_s3_checkp
     from mlflow import MlflowClient
 
     resumed = MlflowClient(cluster.mlflow_tracking_uri).get_metric_history(result.mlflow_run_id, "resumed_from_step")
-    assert resumed and int(resumed[0].value) >= 10, "the run did not restart from the S3 checkpoint"
+    assert resumed, "the run did not restart from the S3 checkpoint"
+    resumed_from = int(resumed[0].value)
+    assert resumed_from >= 10 and resumed_from % 10 == 0
+    assert lost["step"] - resumed_from <= 10 + 1, "more than one checkpoint interval was redone"
     steps = [step for step, _ in loss_history(cluster, result.mlflow_run_id)]
     assert steps == list(range(1, 31)), "every step logged exactly once across the node loss"
     assert result.global_step == 30
+    assert_loss_falls(loss_history(cluster, result.mlflow_run_id))
+
+    from ray_app.models import resolve_model
+
+    folder = resolve_model(result.model_uri, cluster)  # the ZeRO-3 shards, gathered into one HF folder
+    assert "7421" in greedy_answer(folder), "the resumed ZeRO-3 run did not learn the toy answer"
 
 
 class _Planted:

@@ -758,7 +758,7 @@ def test_prometheus_scrapes_the_apps_metrics_by_model_version_and_the_dashboard_
 
 
 def test_fuzzed_bodies_never_get_a_5xx_and_a_greedy_request_beside_them_answers_as_alone(serve_app):
-    """1200 generated bodies, both endpoints (hypothesis, seeded for CI), sent by 6 clients at
+    """600 generated bodies, both endpoints (hypothesis, seeded for CI), sent by 6 clients at
     once so that odd rows share batches: no status >= 500, every 4xx is OpenAI's error JSON, and a
     benign greedy request sent all along keeps the answer it gets alone."""
     from hypothesis import HealthCheck, given
@@ -767,7 +767,7 @@ def test_fuzzed_bodies_never_get_a_5xx_and_a_greedy_request_beside_them_answers_
 
     cases = []
 
-    @hypothesis_settings(max_examples=1200, deadline=None, database=None, suppress_health_check=list(HealthCheck))
+    @hypothesis_settings(max_examples=600, deadline=None, database=None, suppress_health_check=list(HealthCheck))
     @hypothesis_seed(17)  # the same bodies in every checkout (derandomize hashes the test's path)
     @given(_fuzz_bodies())
     def collect(case):
@@ -805,8 +805,8 @@ def test_fuzzed_bodies_never_get_a_5xx_and_a_greedy_request_beside_them_answers_
     finally:
         stop.set()
         helper.join(timeout=60)
-    assert len(cases) >= 1000 and {path for path, _ in cases} == {"/v1/chat/completions", "/v1/completions"}
-    assert statuses.count(200) > 100 and statuses.count(400) > 100, collections.Counter(statuses)
+    assert len(cases) >= 500 and {path for path, _ in cases} == {"/v1/chat/completions", "/v1/completions"}
+    assert statuses.count(200) > 50 and statuses.count(400) > 50, collections.Counter(statuses)
     assert len(beside) >= 5 and all(answer == alone for answer in beside), (alone, beside[:3])
 
 
@@ -980,12 +980,16 @@ def test_killed_replica_is_restarted_and_retrying_clients_lose_nothing(serve_app
     assert {status for _, status, _ in load.results} == {200}
 
 
-def test_with_s3_down_a_restarted_replica_starts_from_its_verified_model_cache(serve_app, tmp_path):
-    """A second app serves a model from its own S3 server; that server stops and the app's model
-    replica is SIGKILLed: the replacement starts from the local copy (checked against its
-    manifest) and answers. The first app is untouched."""
+def test_with_s3_or_mlflow_down_restarted_replicas_start_and_keep_their_pinned_version(
+    serve_app, mlflow_server, tmp_path
+):
+    """A second app serves a model from its own S3 server; that server stops, and so does MLflow.
+    The second app's model replica is SIGKILLed: the replacement starts from the local copy
+    (checked against its manifest) and answers. A replica of the first app (models:/...@champion,
+    pinned when the app was built) is SIGKILLed too: its replacement needs no registry and
+    answers with the same version."""
     from ray_app.serving.rollout import deploy, running_config
-    from ray_app.stack import stop_process_group
+    from ray_app.stack import LocalStack, stop_process_group
     from ray_app.storage import open_store
 
     port = free_port()
@@ -1010,18 +1014,28 @@ def test_with_s3_down_a_restarted_replica_starts_from_its_verified_model_cache(s
         first = httpx.post(url, headers=serve_app.headers, json=ask, timeout=60)
         assert first.status_code == 200, first.text
 
+        pinned = _ask(serve_app, 4).headers["x-model-version"]
+
         stop_process_group(s3.pid, timeout_s=10)
         s3.wait(timeout=10)
-        [victim] = _replicas(settings, "cached")
-        os.kill(victim["pid"], signal.SIGKILL)
-        _wait_for(lambda: [r["pid"] for r in _replicas(settings, "cached")] not in ([], [victim["pid"]]), 120,
-                  "a replacement replica RUNNING with S3 down")  # fmt: skip
+        LocalStack(mlflow_server).down(["mlflow"], echo=lambda _line: None)
+        with pytest.raises(httpx.TransportError):  # nothing listens
+            httpx.get(f"{mlflow_server.mlflow_server_url}/health", timeout=5)
+        victims = {app: [r["pid"] for r in _replicas(settings, app)] for app in ("cached", "chat")}
+        for pids in victims.values():
+            os.kill(pids[0], signal.SIGKILL)
+        for app, pids in victims.items():
+            new_replica = lambda: any(r["pid"] not in pids for r in _replicas(settings, app))  # noqa: E731
+            _wait_for(new_replica, 120, f"a replacement {app} replica RUNNING with S3 and MLflow down")
         answer = httpx.post(url, headers=serve_app.headers, json=ask, timeout=60)
         assert answer.status_code == 200, answer.text
-        assert _ask(serve_app, 4).status_code == 200
+        for _ in range(4):  # whichever replica answers: the version pinned before the outage
+            after = _ask(serve_app, 4)
+            assert after.status_code == 200 and after.headers["x-model-version"] == pinned, after.text
     finally:
         if s3.poll() is None:
             stop_process_group(s3.pid, timeout_s=10)
+        LocalStack(mlflow_server).up(["mlflow"], echo=lambda _line: None)  # no-op when it runs
         log.close()
         body = running_config(settings)
         deploy({**body, "applications": [a for a in body["applications"] if a["name"] != "cached"]}, settings, 120)

@@ -389,6 +389,55 @@ def test_losing_a_whole_node_mid_run_resumes_on_the_survivors_from_the_s3_checkp
     assert "7421" in greedy_answer(folder), "the resumed ZeRO-3 run did not learn the toy answer"
 
 
+def test_with_s3_dying_mid_run_training_fails_cleanly_naming_the_store(cluster, tiny_model, toy_data, tmp_path):
+    """The store's S3 server stops after the first checkpoint: the next checkpoint cannot be
+    written, the run fails within minutes with one error naming the store and its endpoint
+    (not a Ray traceback), and its MLflow run is FAILED."""
+    import subprocess
+
+    from conftest import free_port, venv_bin, wait_for_port
+    from mlflow import MlflowClient
+
+    from ray_app.stack import stop_process_group
+    from ray_app.storage import StoreError
+    from training.sft import run
+
+    port = free_port()
+    with open(tmp_path / "moto.log", "wb") as log:
+        s3 = subprocess.Popen([venv_bin("moto_server"), "-H", "127.0.0.1", "-p", str(port)], stdout=log,
+                              stderr=subprocess.STDOUT, start_new_session=True)  # fmt: skip
+    endpoint = f"http://127.0.0.1:{port}"
+    settings = cluster.model_copy(update={"s3_endpoint_url": endpoint, "store_uri": "s3://dying/store"})
+    run_name = f"s3-dies-{int(time.time())}"
+    try:
+        wait_for_port(port, proc=s3)
+        store = open_store(settings=settings)
+        store.ensure()
+        stopped: dict[str, int] = {}
+
+        def stop_s3(step: int, _workers: list) -> bool:
+            stopped["step"] = step
+            stop_process_group(s3.pid, timeout_s=10)
+            return True
+
+        watcher = after_the_first_checkpoint(settings, store, run_name, stop_s3)
+        started = time.monotonic()
+        with pytest.raises(StoreError) as failed:
+            run(config_for(tiny_model, toy_data, run_name=run_name, num_workers=1, max_steps=400, eval_data=[],
+                           registered_model=None, max_failures=0), settings)  # fmt: skip
+        watcher.join(timeout=5)
+    finally:
+        if s3.poll() is None:
+            stop_process_group(s3.pid, timeout_s=10)
+    assert stopped.get("step"), "the S3 server was not stopped during the run"
+    assert time.monotonic() - started < 300
+    message = str(failed.value)
+    assert endpoint in message and "s3://dying/store" in message and "checkpoint" in message, message
+    assert "Traceback" not in message
+    run_id = run_id_of(cluster, run_name)
+    assert MlflowClient(cluster.mlflow_tracking_uri).get_run(run_id).info.status == "FAILED"
+
+
 class _Planted:
     """A pickle that runs a command when loaded: what an attacker with write access to the store plants."""
 

@@ -443,6 +443,29 @@ def _trainer(cfg: SFTConfig, loop_config: dict[str, Any], train_ds, store, worke
     )
 
 
+def _fit(trainer, store, run_name: str):
+    """``trainer.fit()``; a run that failed while its store is unreachable raises StoreError naming the store.
+
+    Checkpoints are the run's only way back after a failure: when the store cannot be reached
+    (S3 down mid-run), say so in one line instead of Ray's worker traceback.
+    """
+    from ray.train import TrainingFailedError
+
+    from ray_app.storage import StoreError
+
+    try:
+        return trainer.fit()
+    except TrainingFailedError as exc:
+        try:
+            store.list(f"checkpoints/{run_name}")
+        except StoreError as unreachable:
+            raise StoreError(
+                f"training run {run_name} failed: it cannot checkpoint to {store.root_uri} ({unreachable}); "
+                f"once the store is back, run it again with run_name={run_name} to resume from its last checkpoint"
+            ) from exc
+        raise
+
+
 def _register(cfg: SFTConfig, store, model_prefix: str, run_id: str, eval_loss: float | None, settings):
     """Register the run's model folder as ``challenger`` of ``cfg.registered_model`` (inside the active run)."""
     import mlflow
@@ -558,8 +581,7 @@ def run(
         loop_config = {"sft": cfg.model_dump(), "model_dir": model_dir, "mlflow_run_id": run_id,
                        "train_rows": train_stats.rows, "model_prefix": model_prefix,
                        "eval_examples": eval_examples}  # fmt: skip
-        trainer = _trainer(cfg, loop_config, train_ds, store, worker_env, callbacks)
-        result = trainer.fit()
+        result = _fit(_trainer(cfg, loop_config, train_ds, store, worker_env, callbacks), store, run_name)
         metrics = result.metrics or {}
         model_uri = store.uri(model_prefix)
 

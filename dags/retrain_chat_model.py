@@ -64,7 +64,7 @@ with DAG(
         "config": Param(settings.retrain_config, type="string", description="training recipe (YAML)"),
         "overrides": Param([], type="array", description="recipe overrides, key=value (as --set)"),
         "min_new_examples": Param(settings.retrain_min_new_examples, type="integer", minimum=0),
-        "min_improvement": Param(settings.retrain_min_improvement, type="number", minimum=0, maximum=1),
+        "min_improvement": Param(settings.promotion_min_improvement, type="number", minimum=0, maximum=1),
     },
     user_defined_filters={"shq": shlex.quote, "slug": _slug, "day": _day},
     tags=["ray", "mlflow", "retraining"],

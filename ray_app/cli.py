@@ -41,6 +41,7 @@ def _user_errors() -> tuple[type[BaseException], ...]:
     from ray_app.demo import DemoFailed
     from ray_app.models import ModelResolutionError
     from ray_app.monitoring import MonitoringError
+    from ray_app.promotion import PromotionError
     from ray_app.registry import RegistryError
     from ray_app.serving.rollout import ServeError
     from ray_app.stack import StackError
@@ -53,6 +54,7 @@ def _user_errors() -> tuple[type[BaseException], ...]:
         StoreError,
         ModelResolutionError,
         RegistryError,
+        PromotionError,
         ServeError,
         DemoFailed,
         ReviewError,
@@ -367,21 +369,62 @@ def promote(
     version: Annotated[str | None, typer.Option(help="the version to promote")] = None,
     from_alias: Annotated[str | None, typer.Option("--from", help="promote what this alias points to")] = None,
     rollout_serve: Annotated[bool, typer.Option("--rollout/--no-rollout", help="roll Serve onto it")] = True,
+    gate: Annotated[
+        Path | None,
+        typer.Option(
+            "--gate",
+            help="recipe YAML: evaluate the version and the champion on its eval_data first and "
+            "promote only if the version wins (exit 2 when the champion is kept)",
+        ),
+    ] = None,
+    min_improvement: Annotated[
+        float | None, typer.Option(help="with --gate: the margin (default: promotion_min_improvement)")
+    ] = None,
 ) -> None:
     """Roll the Serve apps that serve models:/NAME@champion onto a version, then move the `champion` alias.
 
     Atomic: if the new replicas do not become healthy, Serve is rolled back and the alias stays.
+    With --gate, the offline gate (ray_app.promotion, the demo's and the DAG's) decides first.
     """
     from ray_app.serving.rollout import promote as promote_version
 
     if (version is None) == (from_alias is None):
         raise ValueError("give exactly one of --version V or --from ALIAS")
+    current = settings()
+    if gate is not None:
+        _promote_through_the_gate(name, version, from_alias, gate, min_improvement, rollout_serve, current)
+        return
     with console.status("moving champion and rolling Serve replicas..."):
-        result = promote_version(name, settings(), version=version, from_alias=from_alias, rollout=rollout_serve,
+        result = promote_version(name, current, version=version, from_alias=from_alias, rollout=rollout_serve,
                                  actor="llmops promote")  # fmt: skip
     console.print(f"{name}: champion {result.previous or '(none)'} -> {result.version}")
-    if result.rolled_apps:
-        console.print(f"Serve apps rolled to version {result.version}: {', '.join(result.rolled_apps)}")
+    _print_rolled(name, result.version, result.rolled_apps, rollout_serve)
+
+
+def _promote_through_the_gate(name: str, version: str | None, from_alias: str | None, recipe: Path,
+                              margin: float | None, rollout_serve: bool, current: Settings) -> None:  # fmt: skip
+    from ray_app import promotion
+    from ray_app.registry import get_version
+    from training.config import load_config
+
+    cfg = load_config(recipe).model_copy(update={"registered_model": name})
+    version = version or get_version(f"models:/{name}@{from_alias}", current).version
+    with console.status(f"evaluating {name} v{version} and its reference on {', '.join(cfg.eval_data)}..."):
+        evaluation = promotion.evaluate(cfg, current, version)
+    console.print(f"{name} v{version}: eval loss {evaluation.candidate_loss:.4f}; {evaluation.reference}: "
+                  f"{evaluation.reference_loss:.4f}")  # fmt: skip
+    with console.status("deciding (and, if it wins, rolling Serve before moving champion)..."):
+        decision = promotion.decide(cfg, current, version, margin, actor="llmops promote --gate", rollout=rollout_serve)
+    if not decision["promoted"]:
+        console.print(f"{name}: kept champion {decision['previous'] or '(none)'}: {decision['reason']}")
+        raise typer.Exit(2)
+    console.print(f"{name}: champion {decision['previous'] or '(none)'} -> {version}: {decision['reason']}")
+    _print_rolled(name, version, decision.get("rolled_apps", []), rollout_serve)
+
+
+def _print_rolled(name: str, version: str, rolled_apps: list[str], rollout_serve: bool) -> None:
+    if rolled_apps:
+        console.print(f"Serve apps rolled to version {version}: {', '.join(rolled_apps)}")
     elif rollout_serve:
         console.print(f"no running Serve app serves models:/{name}@champion; nothing to roll")
 

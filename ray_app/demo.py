@@ -26,8 +26,6 @@ ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_CONFIG = ROOT / "training" / "configs" / "smollm2_135m_sft.yaml"
 SERVE_CONFIG = ROOT / "serve_configs" / "local.yaml"
 FAST_STEPS = 4
-# The candidate must lower the held-out loss by this fraction to replace the champion.
-MIN_IMPROVEMENT = 0.0
 
 
 class DemoFailed(RuntimeError):
@@ -44,18 +42,6 @@ class DemoResult:
     run_id: str
     registered: str | None
     served_model: str
-
-
-def gate(
-    candidate_loss: float | None, reference_loss: float, min_improvement: float = MIN_IMPROVEMENT
-) -> tuple[bool, str]:
-    """Whether a candidate with ``candidate_loss`` should replace the reference, and why."""
-    if candidate_loss is None:
-        return False, "the candidate has no eval loss"
-    needed = reference_loss * (1 - min_improvement)
-    if candidate_loss < needed:
-        return True, f"eval loss {candidate_loss:.4f} < {needed:.4f}"
-    return False, f"eval loss {candidate_loss:.4f} is not below {needed:.4f}"
 
 
 @contextmanager
@@ -175,25 +161,26 @@ def run_demo(settings: Settings, console: Console, fast: bool = False, model: st
         console.print(f"    {cfg.registered_model} version {result.registered_version} (alias challenger), "
                       f"eval loss {result.eval_loss:.4f}")  # fmt: skip
 
-    from ray_app.registry import RegistryError, get_version
+    from ray_app import promotion
 
     name = cfg.registered_model or "chat-model"
-    with step(console, 4, total, "gating: the candidate replaces `champion` only if its eval loss is lower",
-              settings.mlflow_server_url):  # fmt: skip
-        try:
-            champion = get_version(f"models:/{name}@champion", settings)
-            reference = float(champion.tags.get("eval_loss") or base.loss)
-            against = f"champion v{champion.version}"
-        except RegistryError:
-            champion, reference, against = None, base.loss, "the base model"
-        promoted, reason = gate(result.eval_loss, reference)
+    margin = settings.promotion_min_improvement
+    gating = (f"gating: the candidate replaces `champion` only if its eval loss is {margin:.0%} lower than the "
+              "champion's (or the base model's) on the same data")  # fmt: skip
+    with step(console, 4, total, gating, settings.mlflow_server_url):
+        # The candidate and the base model were evaluated on cfg.eval_data already: only a champion is.
+        known = {base_ref: base.loss}
+        if result.eval_loss is not None:
+            known[f"models:/{name}/{result.registered_version}"] = result.eval_loss
+        evaluation = promotion.evaluate(cfg, settings, result.registered_version, known_losses=known)
+        decision = promotion.decide(cfg, settings, result.registered_version, margin, actor="llmops demo")
+        promoted, reason, reference = decision["promoted"], decision["reason"], evaluation.reference_loss
+        against = f"champion v{evaluation.champion_version}" if evaluation.champion_version else "the base model"
         if promoted:
-            from ray_app.serving.rollout import promote
-
-            promote(name, settings, version=result.registered_version, rollout=True, actor="llmops demo")
             console.print(f"    promoted v{result.registered_version} to champion over {against}: {reason}")
         else:
             console.print(f"    kept {against}: {reason}")
+    champion = evaluation.champion_version
     has_champion = promoted or champion is not None
     served = f"models:/{name}@champion" if has_champion else base_ref
 

@@ -226,7 +226,9 @@ class Settings(BaseSettings):
         default="training/configs/smollm2_135m_sft.yaml", description="recipe the DAG trains with (path on the cluster)"
     )
     retrain_min_new_examples: int = Field(default=20, ge=0, description="fewer new feedback examples -> run skipped")
-    retrain_min_improvement: float = Field(
+
+    # --- promotion (ray_app.promotion: the demo, `llmops promote --gate` and the DAG) -----
+    promotion_min_improvement: float = Field(
         default=0.01, ge=0, lt=1, description="fraction the candidate's eval loss must be below the champion's"
     )
 

@@ -385,3 +385,25 @@ def serve_http_port() -> int:
 def home(tmp_path: Path) -> Path:
     """A fresh LLMOPS_HOME for one test."""
     return tmp_path / "home"
+
+
+# --- the CLI ------------------------------------------------------------------------------
+def llmops_cli(settings: Settings):
+    """Run the `llmops` CLI in a subprocess against these settings' MLflow server and store."""
+    env = {
+        "PATH": "/usr/bin:/bin",
+        "COLUMNS": "300",
+        "LLMOPS_HOME": str(settings.home),
+        "LLMOPS_MLFLOW_PORT": str(settings.mlflow_port),
+        "LLMOPS_STORE_URI": settings.store_uri,
+        "LLMOPS_S3_ENDPOINT_URL": settings.s3_endpoint_url,
+        "AWS_ACCESS_KEY_ID": settings.aws_access_key_id.get_secret_value(),
+        "AWS_SECRET_ACCESS_KEY": settings.aws_secret_access_key.get_secret_value(),
+        **{k: v for k, v in os.environ.items() if k.startswith("MLFLOW_TRACKING_")},
+    }
+
+    def llmops(*args: str) -> subprocess.CompletedProcess:
+        command = [str(Path(sys.executable).parent / "llmops"), *args]
+        return subprocess.run(command, env=env, capture_output=True, text=True, timeout=180)
+
+    return llmops

@@ -2,10 +2,10 @@
 
 from __future__ import annotations
 
-import os
 import uuid
 
 import pytest
+from conftest import llmops_cli
 
 from ray_app.settings import Settings
 from ray_app.storage import S3Store
@@ -122,7 +122,7 @@ def test_a_registration_that_died_before_its_alias_is_completed_by_llmops_regist
     client.create_model_version(name, source=source, run_id=run_id)  # killed here: no tags, no alias
     client.set_terminated(run_id, "FAILED")
 
-    llmops = _llmops_cli(settings)
+    llmops = llmops_cli(settings)
     for _ in range(2):  # the retry, and a second retry after a success
         done = llmops("register", run_id)
         assert done.returncode == 0 and f"{name}: version 1 (challenger)" in done.stdout, done.stdout + done.stderr
@@ -142,31 +142,6 @@ def test_a_registration_that_died_before_its_alias_is_completed_by_llmops_regist
     assert other.version == "2"  # no run id, a different source: a new version
 
 
-def _llmops_cli(settings: Settings):
-    """Run the `llmops` CLI in a subprocess against these settings' MLflow server and store."""
-    import subprocess
-    import sys
-    from pathlib import Path
-
-    env = {
-        "PATH": "/usr/bin:/bin",
-        "COLUMNS": "300",
-        "LLMOPS_HOME": str(settings.home),
-        "LLMOPS_MLFLOW_PORT": str(settings.mlflow_port),
-        "LLMOPS_STORE_URI": settings.store_uri,
-        "LLMOPS_S3_ENDPOINT_URL": settings.s3_endpoint_url,
-        "AWS_ACCESS_KEY_ID": settings.aws_access_key_id.get_secret_value(),
-        "AWS_SECRET_ACCESS_KEY": settings.aws_secret_access_key.get_secret_value(),
-        **{k: v for k, v in os.environ.items() if k.startswith("MLFLOW_TRACKING_")},
-    }
-
-    def llmops(*args: str) -> subprocess.CompletedProcess:
-        command = [str(Path(sys.executable).parent / "llmops"), *args]
-        return subprocess.run(command, env=env, capture_output=True, text=True, timeout=180)
-
-    return llmops
-
-
 def test_store_rm_refuses_the_folder_a_registered_version_points_to(mlflow_server: Settings, tmp_path):
     from ray_app.registry import register_model_version
     from ray_app.storage import open_store
@@ -182,7 +157,7 @@ def test_store_rm_refuses_the_folder_a_registered_version_points_to(mlflow_serve
     name = f"chat-model-{uuid.uuid4().hex[:6]}"
     register_model_version(name, store.uri("models/champion"), None, alias="champion", settings=settings)
 
-    llmops = _llmops_cli(settings)
+    llmops = llmops_cli(settings)
     for prefix in ("models/champion", "models", "models/champion/config.json"):
         refused = llmops("store", "rm", prefix)
         assert refused.returncode == 1, refused.stderr

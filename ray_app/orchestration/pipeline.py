@@ -3,7 +3,7 @@
     python -m ray_app.orchestration.pipeline export-feedback --config C [--set k=v] --run-key K --date D
     python -m training.sft --config C [--set k=v] ...                       # train (the recipe itself)
     python -m ray_app.orchestration.pipeline evaluate --config C [--set k=v] --version V
-    python -m ray_app.orchestration.pipeline promote  --config C [--set k=v] --version V --min-improvement M
+    python -m ray_app.orchestration.pipeline promote  --config C [--set k=v] --version V [--min-improvement M]
     python -m ray_app.orchestration.pipeline rollout  --config C [--set k=v] --version V
 
 Each step reads the same recipe config as training (registered model, datasets), is
@@ -31,6 +31,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from ray_app import promotion
 from ray_app.orchestration.loop_metrics import count_step
 from ray_app.orchestration.ray_jobs import emit_result
 from ray_app.settings import Settings, get_settings
@@ -119,85 +120,26 @@ def export_feedback(cfg, settings: Settings, run_key: str, date: str, min_new_ex
     }  # fmt: skip
 
 
-# --- evaluate / promote / rollout -----------------------------------------------------------
+# --- evaluate / promote / rollout (the policy is ray_app.promotion) -------------------------
 def _registered_name(cfg) -> str:
     if not cfg.registered_model:
         raise PipelineError("the config has no registered_model: nothing to evaluate, promote or roll out")
     return cfg.registered_model
 
 
-def _champion(name: str, settings: Settings):
-    from ray_app.registry import RegistryError, get_version
-
-    try:
-        return get_version(f"models:/{name}@champion", settings)
-    except RegistryError:
-        return None
-
-
 def evaluate(cfg, settings: Settings, version: str) -> dict[str, Any]:
     """Held-out loss of candidate ``version`` and of the current champion (or the base model when none)."""
-    from ray_app.registry import client, get_version
-    from training.evaluate import evaluate_model
-
-    name = _registered_name(cfg)
-    if not cfg.eval_data:
-        raise PipelineError("the config has no eval_data: the gate needs a held-out set")
-    candidate = get_version(f"models:/{name}/{version}", settings)
-    champion = _champion(name, settings)
-    reference = f"models:/{name}/{champion.version}" if champion else (cfg.model or "default")
-    kwargs = {"seq_len": cfg.seq_len, "settings": settings, "prompts": cfg.sample_prompts,
-              "max_new_tokens": cfg.max_new_tokens}  # fmt: skip
-    candidate_report = evaluate_model(f"models:/{name}/{candidate.version}", cfg.eval_data, **kwargs)
-    reference_report = evaluate_model(reference, cfg.eval_data, **kwargs)
-    result = {
-        "name": name, "candidate_version": candidate.version, "candidate_loss": candidate_report.loss,
-        "champion_version": champion.version if champion else None, "champion_ref": reference,
-        "champion_loss": reference_report.loss, "eval_data": list(cfg.eval_data),
-        "candidate_samples": candidate_report.samples,
+    result = promotion.evaluate(cfg, settings, version)
+    return {
+        "name": result.name, "candidate_version": result.candidate_version, "candidate_loss": result.candidate_loss,
+        "champion_version": result.champion_version, "champion_ref": result.reference,
+        "champion_loss": result.reference_loss, "eval_data": result.eval_data, "candidate_samples": result.samples,
     }  # fmt: skip
-    mlflow = client(settings)
-    for key, value in (("gate.candidate_loss", f"{candidate_report.loss:.6f}"),
-                       ("gate.champion_loss", f"{reference_report.loss:.6f}"),
-                       ("gate.champion", reference)):  # fmt: skip
-        mlflow.set_model_version_tag(name, candidate.version, key, value)
-    if candidate.run_id:
-        mlflow.log_metric(candidate.run_id, "gate_candidate_loss", candidate_report.loss)
-        mlflow.log_metric(candidate.run_id, "gate_champion_loss", reference_report.loss)
-    return result
 
 
-def promote(cfg, settings: Settings, version: str, min_improvement: float) -> dict[str, Any]:
-    """Move ``champion`` to ``version`` only if its evaluated loss beats the champion's by the margin."""
-    from ray_app.demo import gate
-    from ray_app.registry import get_version
-    from ray_app.serving.rollout import promote as move_alias
-    from ray_app.serving.rollout import record_promotion
-
-    name = _registered_name(cfg)
-    candidate = get_version(f"models:/{name}/{version}", settings)
-    champion = _champion(name, settings)
-    if champion and champion.version == candidate.version:
-        return {"name": name, "version": version, "promoted": True, "previous": version,
-                "reason": f"version {version} already is the champion"}  # fmt: skip
-    tags = candidate.tags
-    if "gate.candidate_loss" not in tags:
-        raise PipelineError(f"{name} version {version} has not been evaluated (no gate.* tags): run evaluate first")
-    evaluated_against = tags.get("gate.champion", "")
-    current = f"models:/{name}/{champion.version}" if champion else (cfg.model or "default")
-    if evaluated_against != current:
-        raise PipelineError(f"the champion changed since the evaluation ({evaluated_against} -> {current}); "
-                            "re-run evaluate")  # fmt: skip
-    promoted, reason = gate(float(tags["gate.candidate_loss"]), float(tags["gate.champion_loss"]), min_improvement)
-    reason = f"{reason} (vs {current}, margin {min_improvement:g})"
-    previous = champion.version if champion else None
-    if not promoted:
-        record_promotion(name, version, previous, "rejected", reason, settings, actor=PIPELINE_ACTOR)
-        return {"name": name, "version": version, "promoted": False, "reason": reason, "previous": previous}
-    # Atomic: Serve's champion apps run the new version before the alias moves (or nothing changes).
-    promotion = move_alias(name, settings, version=version, rollout=True, actor=PIPELINE_ACTOR)
-    return {"name": name, "version": version, "promoted": True, "reason": reason, "previous": previous,
-            "rolled_apps": promotion.rolled_apps}  # fmt: skip
+def promote(cfg, settings: Settings, version: str, min_improvement: float | None) -> dict[str, Any]:
+    """Move ``champion`` to ``version`` only if the offline gate passes it (``ray_app.promotion.decide``)."""
+    return promotion.decide(cfg, settings, version, min_improvement, actor=PIPELINE_ACTOR)
 
 
 def rollout(cfg, settings: Settings, version: str) -> dict[str, Any]:
@@ -209,7 +151,7 @@ def rollout(cfg, settings: Settings, version: str) -> dict[str, Any]:
     from ray_app.serving.rollout import roll_serve_apps
 
     name = _registered_name(cfg)
-    champion = _champion(name, settings)
+    champion = promotion.champion_of(name, settings)
     if champion is None or champion.version != version:
         raise PipelineError(f"version {version} is not the champion of {name} (champion: "
                             f"{champion.version if champion else 'none'}); refusing to roll it out")  # fmt: skip
@@ -230,7 +172,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--date", default=time.strftime("%Y-%m-%d", time.gmtime()), help="export-feedback: YYYY-MM-DD")
     parser.add_argument("--min-new-examples", type=int, default=1)
     parser.add_argument("--version", help="evaluate/promote/rollout: the candidate's registry version")
-    parser.add_argument("--min-improvement", type=float, default=0.0, help="promote: fraction the loss must drop")
+    parser.add_argument(
+        "--min-improvement",
+        type=float,
+        default=None,
+        help="promote: fraction the loss must drop (default: promotion_min_improvement)",
+    )
     args = parser.parse_args(argv)
 
     if args.step != "export-feedback" and not args.version:
@@ -268,7 +215,8 @@ def _expected_failures() -> tuple[type[BaseException], ...]:
     from ray_app.serving.rollout import ServeError
     from ray_app.storage import StoreError
 
-    return PipelineError, ChatDatabaseError, RegistryError, StoreError, ServeError, ModelResolutionError
+    return (PipelineError, promotion.PromotionError, ChatDatabaseError, RegistryError, StoreError, ServeError,
+            ModelResolutionError)  # fmt: skip
 
 
 if __name__ == "__main__":

@@ -1,0 +1,136 @@
+"""The promotion policy (ray_app.promotion): the offline gate pinned, its decisions on a real MLflow registry."""
+
+from __future__ import annotations
+
+import math
+import uuid
+from pathlib import Path
+
+import pytest
+
+from ray_app.promotion import PromotionError, decide, offline_gate, reference_for
+from ray_app.settings import Settings
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.mark.parametrize(
+    ("candidate", "reference", "margin", "promoted"),
+    [
+        (1.0, 2.0, 0.0, True),
+        (1.99, 2.0, 0.0, True),
+        (2.0, 2.0, 0.0, False),  # a tie keeps the champion
+        (2.1, 2.0, 0.0, False),
+        (1.99, 2.0, 0.01, False),  # 0.5% better is not the 1% asked for
+        (1.979, 2.0, 0.01, True),
+        (1.98, 2.0, 0.01, False),  # exactly the margin: a tie
+        (0.5, 2.0, 0.75, False),  # 75% margin: needs < 0.5
+        (0.49, 2.0, 0.75, True),
+    ],
+)
+def test_the_offline_gate_promotes_only_a_candidate_lower_by_the_margin(candidate, reference, margin, promoted):
+    decision = offline_gate(candidate, reference, margin, reference="models:/chat/3")
+    assert decision.promoted is promoted, decision.reason
+    assert "vs models:/chat/3" in decision.reason and f"margin {margin:g}" in decision.reason
+    assert (decision.candidate_loss, decision.reference_loss, decision.margin) == (candidate, reference, margin)
+
+
+@pytest.mark.parametrize("missing", [None, math.nan, math.inf])
+def test_missing_or_unusable_losses_promote_nothing(missing):
+    no_candidate = offline_gate(missing, 2.0, 0.01)
+    assert not no_candidate.promoted and "the candidate has no usable held-out loss" in no_candidate.reason
+    no_reference = offline_gate(1.0, missing, 0.01, reference="the base model")
+    assert not no_reference.promoted and "the base model has no usable held-out loss" in no_reference.reason
+
+
+@pytest.mark.parametrize("margin", [-0.1, 1.0, 2, "0.1", None])
+def test_a_margin_that_is_not_a_fraction_is_refused_naming_the_setting(margin):
+    with pytest.raises(ValueError, match="promotion_min_improvement"):
+        offline_gate(1.0, 2.0, margin)
+
+
+def test_without_a_champion_the_reference_is_the_base_model():
+    class Champion:
+        version = "4"
+
+    assert reference_for("chat", Champion(), "base/model") == "models:/chat/4"
+    assert reference_for("chat", None, "base/model") == "base/model"
+    assert reference_for("chat", None, None) == "default"
+
+
+def test_decide_records_a_rejection_and_refuses_an_unevaluated_or_stale_evaluation(mlflow_server: Settings):
+    """The DAG's, the demo's and the CLI's decision step on a real registry: a candidate that
+    loses against the base model is tagged rejected (alias unmoved); one with no gate.* tags,
+    or evaluated against a champion that has moved since, is refused."""
+    from mlflow import MlflowClient
+
+    from ray_app.registry import register_model_version
+    from training.config import SFTConfig
+
+    name = f"gate-{uuid.uuid4().hex[:6]}"
+    cfg = SFTConfig.model_construct(registered_model=name, model="base/model")
+    client = MlflowClient(mlflow_server.mlflow_tracking_uri)
+    settings = mlflow_server.model_copy(update={"promotion_min_improvement": 0.01})
+    gate_tags = {"gate.candidate_loss": "1.995000", "gate.champion_loss": "2.000000", "gate.champion": "base/model"}
+    v1 = register_model_version(name, f"s3://models/{name}/v1", None, tags=gate_tags, settings=settings)
+
+    rejected = decide(cfg, settings, v1.version, None, actor="test")
+    assert rejected["promoted"] is False and "is not below 1.9800" in rejected["reason"], rejected
+    assert "vs base/model, margin 0.01" in rejected["reason"]
+    tags = client.get_model_version(name, v1.version).tags
+    assert tags["promotion"] == "rejected" and tags["promotion.by"].startswith("test (")
+    assert tags["promotion.from"] == "none"
+    assert client.get_registered_model(name).aliases == {}
+
+    v2 = register_model_version(name, f"s3://models/{name}/v2", None, settings=settings)
+    with pytest.raises(PromotionError, match="has not been evaluated"):
+        decide(cfg, settings, v2.version, 0.0, actor="test")
+    client.set_registered_model_alias(name, "champion", v2.version)  # the champion moved after v1's evaluation
+    moved = rf"champion changed since the evaluation \(base/model -> models:/{name}/2\)"
+    with pytest.raises(PromotionError, match=moved):
+        decide(cfg, settings, v1.version, 0.0, actor="test")
+    assert decide(cfg, settings, v2.version, 0.0, actor="test")["reason"] == "version 2 already is the champion"
+
+
+def test_llmops_promote_gate_evaluates_both_on_the_recipes_data_and_keeps_the_champion_it_prefers(
+    mlflow_server: Settings, tmp_path
+):
+    """`llmops promote NAME --version 2 --gate RECIPE`: v2 and the champion v1 (two tiny models in
+    S3) are evaluated on the recipe's eval_data, the losses tagged on v2; a margin v2 cannot meet
+    keeps v1 (exit 2, the rejection tagged, the alias unmoved)."""
+    import yaml
+    from conftest import llmops_cli
+    from mlflow import MlflowClient
+    from tiny_model import build_tiny_chat_model
+
+    from ray_app.registry import register_model_version
+    from ray_app.storage import open_store
+
+    name = f"gate-cli-{uuid.uuid4().hex[:6]}"
+    settings = mlflow_server.model_copy(update={"store_uri": f"s3://{name}/store"})
+    store = open_store(settings=settings)
+    store.ensure()
+    for seed in (1, 2):
+        store.upload_dir(build_tiny_chat_model(tmp_path / f"tiny-{seed}", seed=seed), f"models/{seed}", progress=False)
+        register_model_version(name, store.uri(f"models/{seed}"), None, settings=settings)
+    client = MlflowClient(settings.mlflow_tracking_uri)
+    client.set_registered_model_alias(name, "champion", "1")
+    recipe = yaml.safe_load((REPO / "training" / "configs" / "tiny_cpu.yaml").read_text())
+    data = REPO / "training" / "data"
+    recipe.update(model=str(tmp_path / "tiny-1"), train_data=str(data / "chat_sft.jsonl"),
+                  eval_data=str(data / "chat_eval.jsonl"))  # fmt: skip
+    (tmp_path / "recipe.yaml").write_text(yaml.safe_dump(recipe))
+
+    llmops = llmops_cli(settings)
+    done = llmops("promote", name, "--version", "2", "--gate", str(tmp_path / "recipe.yaml"),
+                  "--min-improvement", "0.99", "--no-rollout")  # fmt: skip
+    assert done.returncode == 2, done.stdout + done.stderr
+    assert f"{name}: kept champion 1:" in done.stdout and "margin 0.99" in done.stdout, done.stdout
+    tags = client.get_model_version(name, "2").tags
+    assert tags["gate.champion"] == f"models:/{name}/1" and tags["promotion"] == "rejected", tags
+    assert float(tags["gate.candidate_loss"]) > 0 and float(tags["gate.champion_loss"]) > 0
+    assert f"eval loss {float(tags['gate.candidate_loss']):.4f}" in done.stdout
+    assert client.get_model_version_by_alias(name, "champion").version == "1"
+
+    both = llmops("promote", name, "--version", "2", "--from", "challenger", "--gate", "x.yaml")
+    assert both.returncode == 1 and "exactly one of --version V or --from ALIAS" in both.stderr, both.stderr

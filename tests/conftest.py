@@ -8,6 +8,8 @@
 
 from __future__ import annotations
 
+import asyncio
+import datetime as dt
 import os
 import pwd
 import random
@@ -18,6 +20,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -407,3 +410,45 @@ def llmops_cli(settings: Settings):
         return subprocess.run(command, env=env, capture_output=True, text=True, timeout=180)
 
     return llmops
+
+
+# --- chat feedback, as the chat writes it --------------------------------------------------
+def write_feedback(
+    database_url: str, ratings: list[tuple[str, str, int, str | None]], *, model_version: str, author: str = "alice"
+) -> None:
+    """Conversations and ratings (question, answer, 1/0, comment) of answers by ``model_version``,
+    through Chainlit's SQLAlchemyDataLayer, as the chat stores them."""
+
+    async def write() -> None:
+        import chainlit as cl
+        from chainlit.context import init_http_context
+        from chainlit.data.sql_alchemy import SQLAlchemyDataLayer
+        from chainlit.types import Feedback
+
+        from ray_app.chat.schema import upgrade_schema
+
+        init_http_context()
+        upgrade_schema(database_url)
+        layer = SQLAlchemyDataLayer(conninfo=database_url)
+        user = await layer.get_user(author) or await layer.create_user(cl.User(identifier=author))
+        for question, answer, value, comment in ratings:
+            thread, asked, answered = str(uuid.uuid4()), str(uuid.uuid4()), str(uuid.uuid4())
+            now = dt.datetime.now(dt.UTC)
+            at = [(now + dt.timedelta(milliseconds=ms)).isoformat().replace("+00:00", "Z") for ms in (0, 5)]
+            await layer.update_thread(thread, name=question, user_id=user.id)
+            common = {"threadId": thread, "streaming": False, "isError": False, "waitForAnswer": False}
+            await layer.create_step({**common, "id": asked, "type": "user_message", "name": author,
+                                     "output": question, "createdAt": at[0]})  # fmt: skip
+            metadata = {"model_version": model_version, "answer": answer}
+            await layer.create_step({**common, "id": answered, "type": "assistant_message", "name": "Assistant",
+                                     "output": answer, "metadata": metadata, "createdAt": at[1]})  # fmt: skip
+            await layer.upsert_feedback(Feedback(forId=answered, threadId=thread, value=value, comment=comment))
+        await layer.close()
+
+    cwd, folder = os.getcwd(), Path(database_url.split("///", 1)[1]).parent
+    folder.mkdir(parents=True, exist_ok=True)
+    os.chdir(folder)  # importing chainlit writes .chainlit/ into the cwd
+    try:
+        asyncio.run(write())
+    finally:
+        os.chdir(cwd)

@@ -7,19 +7,17 @@ SQLAlchemy data layer, the way the chat writes it.
 
 from __future__ import annotations
 
-import asyncio
-import datetime as dt
 import json
 import os
 import shutil
 import sqlite3
 import subprocess
 import time
-import uuid
 from pathlib import Path
 
 import pytest
 import yaml
+from conftest import write_feedback
 from tiny_model import build_tiny_chat_model
 
 from ray_app.orchestration.ray_jobs import job_key
@@ -167,42 +165,76 @@ def test_execution_timeout_stops_the_ray_job(operator_checks, ray_cluster):
 
 
 # --- the retraining DAG ---------------------------------------------------------------------
-def write_feedback(database_url: str, ratings: list[tuple[str, str, int, str | None]], author: str = "alice") -> None:
-    """Conversations and ratings through Chainlit's SQLAlchemyDataLayer, as the chat stores them."""
+@pytest.mark.slow
+def test_the_readme_stack_runs_the_dag_through_its_scheduler_from_the_rest_api_before_any_chat(
+    ray_cluster, prometheus, monkeypatch, tmp_path
+):
+    """The README's way: `llmops up -s airflow` (`airflow standalone`: API server, scheduler,
+    dag-processor, triggerer) beside the head, the DAG unpaused and a run triggered through
+    Airflow's REST API before the chat ever ran. The export finds no chat database (zero
+    feedback, and says so), the rest is skipped, the run succeeds, no task log has a traceback."""
+    import httpx
+    from conftest import free_port
 
-    async def write() -> None:
-        import chainlit as cl
-        from chainlit.context import init_http_context
-        from chainlit.data.sql_alchemy import SQLAlchemyDataLayer
-        from chainlit.types import Feedback
+    from ray_app.stack import LocalStack
 
-        from ray_app.chat.schema import upgrade_schema
-
-        init_http_context()
-        upgrade_schema(database_url)
-        layer = SQLAlchemyDataLayer(conninfo=database_url)
-        user = await layer.get_user(author) or await layer.create_user(cl.User(identifier=author))
-        for question, answer, value, comment in ratings:
-            thread, asked, answered = str(uuid.uuid4()), str(uuid.uuid4()), str(uuid.uuid4())
-            now = dt.datetime.now(dt.UTC)
-            at = [(now + dt.timedelta(milliseconds=ms)).isoformat().replace("+00:00", "Z") for ms in (0, 5)]
-            await layer.update_thread(thread, name=question, user_id=user.id)
-            common = {"threadId": thread, "streaming": False, "isError": False, "waitForAnswer": False}
-            await layer.create_step({**common, "id": asked, "type": "user_message", "name": author,
-                                     "output": question, "createdAt": at[0]})  # fmt: skip
-            metadata = {"model_version": f"{MODEL}/0", "answer": answer}
-            await layer.create_step({**common, "id": answered, "type": "assistant_message", "name": "Assistant",
-                                     "output": answer, "metadata": metadata, "createdAt": at[1]})  # fmt: skip
-            await layer.upsert_feedback(Feedback(forId=answered, threadId=thread, value=value, comment=comment))
-        await layer.close()
-
-    cwd, folder = os.getcwd(), Path(database_url.split("///", 1)[1]).parent
-    folder.mkdir(parents=True, exist_ok=True)
-    os.chdir(folder)  # importing chainlit writes .chainlit/ into the cwd
+    monkeypatch.setenv("LLMOPS_RETRAIN_SCHEDULE", "none")  # no scheduled run beside the triggered one
+    settings = ray_cluster.model_copy(update={"airflow_port": free_port()})
+    chat_db = Path(str(settings.chat_database_url).split("///", 1)[1])
+    assert not chat_db.exists()
+    stack = LocalStack(settings)
+    stack.up(["airflow"], echo=lambda _line: None)
     try:
-        asyncio.run(write())
+        api = f"http://{settings.bind_host}:{settings.airflow_port}"
+        passwords = json.loads((settings.home / "airflow" / "simple_auth_manager_passwords.json.generated").read_text())
+        login = httpx.post(f"{api}/auth/token", json={"username": "admin", "password": passwords["admin"]}, timeout=30)
+        assert login.status_code == 201, login.text
+        bearer = {"Authorization": f"Bearer {login.json()['access_token']}"}
+        http = httpx.Client(base_url=f"{api}/api/v2", headers=bearer, timeout=30)
+        dag = "/dags/retrain_chat_model"
+        assert httpx.get(f"{api}/api/v2/dags", timeout=30).status_code == 401  # the API wants a login
+
+        deadline = time.monotonic() + 180
+        while http.get(dag).status_code != 200:  # the dag-processor has not parsed it yet
+            assert time.monotonic() < deadline, "the DAG never appeared in Airflow's API"
+            time.sleep(2)
+        assert http.patch(dag, json={"is_paused": False}).status_code == 200
+        recipe = yaml.safe_load((REPO / "training" / "configs" / "tiny_cpu.yaml").read_text())
+        data = REPO / "training" / "data"
+        recipe.update(train_data=str(data / "chat_sft.jsonl"), eval_data=str(data / "chat_eval.jsonl"),
+                      registered_model="readme-chat")  # fmt: skip
+        (tmp_path / "recipe.yaml").write_text(yaml.safe_dump(recipe))
+        conf = {"config": str(tmp_path / "recipe.yaml"), "min_new_examples": 1}
+        triggered = http.post(f"{dag}/dagRuns", json={"logical_date": None, "conf": conf})
+        assert triggered.status_code == 200, triggered.text
+        run = f"{dag}/dagRuns/{triggered.json()['dag_run_id']}"
+        deadline = time.monotonic() + 300
+        while (state := http.get(run).json()["state"]) not in ("success", "failed"):
+            assert time.monotonic() < deadline, f"the run is still {state}"
+            time.sleep(2)
+        tasks = {ti["task_id"]: ti for ti in http.get(f"{run}/taskInstances").json()["task_instances"]}
+        states = {task_id: ti["state"] for task_id, ti in tasks.items()}
+        assert state == "success", states
+        assert states["export_feedback"] == states["enough_new_data"] == "success", states
+        assert {states[t] for t in ("train", "evaluate", "promote", "rollout")} == {"skipped"}, states
+        export = http.get(f"{run}/taskInstances/export_feedback/xcomEntries/return_value").json()["value"]
+        export = json.loads(export) if isinstance(export, str) else export
+        assert export["ratings"] == 0 and "no chat database" in export["note"], export
+        logs = {}
+        for task_id, ti in tasks.items():
+            for attempt in range(1, (ti["try_number"] or 0) + 1):
+                log = http.get(f"{run}/taskInstances/{task_id}/logs/{attempt}")
+                assert log.status_code == 200, log.text
+                logs[task_id] = entries = log.json()["content"]
+                text = json.dumps(entries)  # structured: an exception would be an error_detail with exc_type
+                failed = [e for e in entries if isinstance(e, dict) and e.get("level") in ("error", "critical")]
+                assert not failed and "Traceback" not in text and "exc_type" not in text, (task_id, text[-3000:])
+        assert set(logs) == {"export_feedback", "enough_new_data"}, set(logs)
+        assert "no chat database" in json.dumps(logs["export_feedback"]), logs["export_feedback"][-5:]
+        assert not chat_db.exists(), "reading feedback must not create the chat database"
     finally:
-        os.chdir(cwd)
+        stack.down(["airflow"], echo=lambda _line: None)
+    steps_counted_in_prometheus(prometheus, "readme-chat", {("export-feedback", "skipped"): 1})
 
 
 @pytest.mark.slow
@@ -232,17 +264,8 @@ def test_retrain_dag_exports_feedback_trains_on_ray_and_promotes_only_a_better_m
         run_id, _state = airflow.last_run("retrain_chat_model")
         return run_id, airflow.states("retrain_chat_model", run_id), done
 
-    # 0. The chat never ran (no database yet): zero feedback, the run is skipped, no task fails or
-    #    prints a traceback.
-    assert not Path(chat_db.split("///", 1)[1]).exists()
-    run_id, states, done = trigger("2026-02-27")
-    assert states["export_feedback"] == states["enough_new_data"] == "success", (states, done.stderr[-4000:])
-    assert {states[t] for t in ("train", "evaluate", "promote", "rollout")} == {"skipped"}, states
-    export = airflow.xcom("retrain_chat_model", run_id, "export_feedback")
-    assert export["ratings"] == 0 and "no chat database" in export["note"], export
-    assert "Traceback" not in done.stdout + done.stderr
-
-    write_feedback(chat_db, [
+    assert not Path(chat_db.split("///", 1)[1]).exists()  # the chat never ran (the REST test's run: skipped)
+    write_feedback(chat_db, model_version=f"{MODEL}/0", ratings=[
         ("What does Ray Serve do?", "Ray Serve serves models over HTTP.", 1, None),
         ("Where are checkpoints stored?", "In the S3 store.", 1, "nice"),
         ("Who moves the champion alias?", "Nobody.", 0, "correction: The promote step of the retraining DAG."),
@@ -278,7 +301,7 @@ def test_retrain_dag_exports_feedback_trains_on_ray_and_promotes_only_a_better_m
     assert airflow.xcom("retrain_chat_model", run_id, "rollout")["version"] == "1"
 
     # 2. New feedback, but a gate no candidate can pass: version 2 is trained and kept out; the run says why.
-    write_feedback(chat_db, [
+    write_feedback(chat_db, model_version=f"{MODEL}/0", ratings=[
         ("What runs the chat?", "Chainlit runs the chat.", 1, None),
         ("What is DeepSpeed for?", "Sharding optimizer state.", 1, None),
     ])  # fmt: skip
@@ -293,16 +316,18 @@ def test_retrain_dag_exports_feedback_trains_on_ray_and_promotes_only_a_better_m
     assert f"kept the champion: {decision['reason']}" in done.stdout + done.stderr
     export = airflow.xcom("retrain_chat_model", run_id, "export_feedback")
     assert export["new_examples"] == 2 and export["since"] == version.tags["feedback_until"], export
-    the_steps_are_counted_in_prometheus(prometheus)
+    # Each step's Ray job counted how it ended: two runs, one promotion, one rejection.
+    steps_counted_in_prometheus(prometheus, MODEL, {
+        ("export-feedback", "exported"): 2, ("evaluate", "evaluated"): 2, ("promote", "promoted"): 1,
+        ("promote", "rejected"): 1, ("rollout", "rolled"): 1,
+    })  # fmt: skip
 
 
-def the_steps_are_counted_in_prometheus(settings) -> None:
-    """Each step's Ray job counted how it ended: three runs (one skipped), one promotion, one rejection."""
+def steps_counted_in_prometheus(settings, model: str, expected: dict[tuple[str, str], int]) -> None:
+    """Prometheus holds exactly ``expected`` (step, outcome) counts of the retraining steps of ``model``."""
     from ray_app import monitoring
 
-    promql = f'sum by (step, outcome) (max_over_time(ray_llmops_retrain_steps_total{{model="{MODEL}"}}[30m]))'
-    expected = {("export-feedback", "skipped"): 1, ("export-feedback", "exported"): 2, ("evaluate", "evaluated"): 2,
-                ("promote", "promoted"): 1, ("promote", "rejected"): 1, ("rollout", "rolled"): 1}  # fmt: skip
+    promql = f'sum by (step, outcome) (max_over_time(ray_llmops_retrain_steps_total{{model="{model}"}}[30m]))'
     deadline, seen = time.monotonic() + 60, {}
     while time.monotonic() < deadline:
         seen = {(r["metric"]["step"], r["metric"]["outcome"]): float(r["value"][1])
@@ -329,11 +354,11 @@ def test_export_takes_only_reviewed_or_trusted_corrections_and_skips_when_too_li
     home = tmp_path / "home"
     settings = load_settings(home=home, store_uri=str(tmp_path / "store"), feedback_trusted_users="trudy")
     url = str(settings.chat_database_url)
-    write_feedback(url, [
+    write_feedback(url, model_version=f"{MODEL}/0", ratings=[
         ("Q1?", "A1.", 1, None), ("Q2?", "A2.", 0, "Correction: B2."), ("Q3?", "A3.", 0, "meh"),
         ("Q5?", "A5.", 0, "correction: B5."),
     ])  # fmt: skip
-    write_feedback(url, [("Q4?", "A4.", 0, "correction: B4.")], author="trudy")
+    write_feedback(url, [("Q4?", "A4.", 0, "correction: B4.")], author="trudy", model_version=f"{MODEL}/0")
     cfg = load_config(REPO / "training" / "configs" / "tiny_cpu.yaml").model_copy(update={"registered_model": None})
 
     skipped = export_feedback(cfg, settings, "run-a", "2026-03-04", min_new_examples=3)

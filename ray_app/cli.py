@@ -380,6 +380,14 @@ def promote(
     min_improvement: Annotated[
         float | None, typer.Option(help="with --gate: the margin (default: promotion_min_improvement)")
     ] = None,
+    canary: Annotated[
+        float | None,
+        typer.Option(
+            help="serve the version beside the champion for this PERCENT of conversations instead (the alias stays)",
+            min=0.1,
+            max=99.9,
+        ),
+    ] = None,
 ) -> None:
     """Roll the Serve apps that serve models:/NAME@champion onto a version, then move the `champion` alias.
 
@@ -391,6 +399,9 @@ def promote(
     if (version is None) == (from_alias is None):
         raise ValueError("give exactly one of --version V or --from ALIAS")
     current = settings()
+    if canary is not None:
+        _start_canary(name, version, from_alias, canary / 100, current)
+        return
     if gate is not None:
         _promote_through_the_gate(name, version, from_alias, gate, min_improvement, rollout_serve, current)
         return
@@ -420,6 +431,59 @@ def _promote_through_the_gate(name: str, version: str | None, from_alias: str | 
         raise typer.Exit(2)
     console.print(f"{name}: champion {decision['previous'] or '(none)'} -> {version}: {decision['reason']}")
     _print_rolled(name, version, decision.get("rolled_apps", []), rollout_serve)
+
+
+def _start_canary(name: str, version: str | None, from_alias: str | None, share: float, current: Settings) -> None:
+    from ray_app.serving.rollout import start_canary
+
+    with console.status("starting the canary's replicas beside the champion's..."):
+        canary = start_canary(name, current, version=version, from_alias=from_alias, share=share,
+                              actor="llmops promote --canary")  # fmt: skip
+    ends = f"`llmops promote {name} --version {canary.version}` or `llmops rollback {name}` ends it"
+    where = f"beside champion {canary.champion} in {', '.join(canary.apps)}"
+    console.print(f"{name}: version {canary.version} answers {canary.share:.0%} of conversations (sticky by "
+                  f"{canary.sticky_by}) {where}; {ends}")  # fmt: skip
+
+
+@app.command()
+@friendly_errors
+def rollback(
+    name: Annotated[str, typer.Argument(help="registered model name")],
+    reason: Annotated[str, typer.Option(help="recorded on the canary's version")] = "rolled back by hand",
+) -> None:
+    """End a canary: the apps serving models:/NAME@champion serve the champion alone again (the alias never moved)."""
+    from ray_app.serving.rollout import stop_canary
+
+    with console.status("removing the canary's replicas..."):
+        apps = stop_canary(name, settings(), reason, actor="llmops rollback")
+    console.print(f"{name}: canary removed from {', '.join(apps)}" if apps else f"{name}: no canary is running")
+
+
+@app.command()
+@friendly_errors
+def judge(
+    name: Annotated[str, typer.Argument(help="registered model name")],
+    every: Annotated[
+        float | None, typer.Option(help="judge again every SECONDS until the canary is promoted or rolled back")
+    ] = None,
+) -> None:
+    """Judge the running canary on its live signals and chat feedback: promote it, roll it back, or wait.
+
+    The policy (ray_app.promotion: error ratio, TTFT p95, thumbs-down rate by an exact Bayesian
+    test; window and thresholds from the canary_* settings) and the evidence are tagged on the version.
+    """
+    import time
+
+    from ray_app.promotion import judge_canary
+
+    while True:
+        verdict = judge_canary(name, settings(), actor="llmops judge")
+        console.print(f"{name}: {verdict.action}: {verdict.reason}")
+        for key, value in verdict.evidence.items():
+            console.print(f"    {key}: {value}")
+        if verdict.action != "wait" or every is None:
+            return
+        time.sleep(every)
 
 
 def _print_rolled(name: str, version: str, rolled_apps: list[str], rollout_serve: bool) -> None:

@@ -15,7 +15,9 @@ Every evaluation is tagged on the candidate (``gate.candidate_loss``, ``gate.cha
 
 from __future__ import annotations
 
+import calendar
 import math
+import time
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -182,3 +184,204 @@ def _float(value: str | None) -> float | None:
         return float(value) if value not in (None, "") else None
     except ValueError:
         return None
+
+
+# --- the canary policy: live signals and user feedback, per version --------------------------
+@dataclass(frozen=True)
+class VersionSignals:
+    """What one version did during a canary's window: requests, their failures, latency, feedback."""
+
+    requests: int = 0
+    server_errors: int = 0  # 5xx answers
+    ttft_p95_s: float | None = None
+    ratings: int = 0  # thumbs up or down in the chat
+    thumbs_down: int = 0
+    corrections: int = 0  # thumbs-down with a `correction:` comment
+
+
+@dataclass(frozen=True)
+class CanaryPolicy:
+    """Thresholds of the canary decision (settings ``canary_*``)."""
+
+    window_s: float = 3600.0  # no promotion before it has run this long
+    max_error_ratio: float = 0.05  # above it (with min_requests): roll back at once
+    min_requests: int = 20
+    latency_margin: float = 0.5  # canary TTFT p95 may exceed the champion's by this fraction...
+    latency_floor_s: float = 0.5  # ...or by this much in absolute terms, whichever is larger
+    worse_probability: float = 0.95  # P(canary's thumbs-down rate > champion's) above it: roll back
+    min_ratings: int = 10  # promote only with this many ratings of the canary
+
+    @classmethod
+    def from_settings(cls, settings: Settings) -> CanaryPolicy:
+        return cls(
+            window_s=settings.canary_window_s,
+            max_error_ratio=settings.canary_max_error_ratio,
+            min_requests=settings.canary_min_requests,
+            worse_probability=settings.canary_worse_probability,
+            min_ratings=settings.canary_min_ratings,
+        )
+
+
+@dataclass(frozen=True)
+class CanaryVerdict:
+    """``promote``, ``rollback`` or ``wait``, why, and the evidence (recorded as tags on the version)."""
+
+    action: str
+    reason: str
+    evidence: dict[str, str]
+
+
+def canary_verdict(
+    champion: VersionSignals, canary: VersionSignals, elapsed_s: float, policy: CanaryPolicy
+) -> CanaryVerdict:
+    """Judge a canary: roll back at once on hard failure or feedback clearly worse; promote after the window.
+
+    Feedback is compared with a Bayesian test suited to small counts: with uniform priors, the
+    thumbs-down rates are Beta(1 + down, 1 + up); the canary is judged worse when
+    P(rate_canary > rate_champion) exceeds ``worse_probability`` (exact, not sampled).
+    """
+    evidence = {
+        "window_s": f"{elapsed_s:.0f}",
+        "champion": _describe(champion),
+        "canary": _describe(canary),
+    }
+    worse = probability_worse(canary.thumbs_down, canary.ratings, champion.thumbs_down, champion.ratings)
+    evidence["p_feedback_worse"] = f"{worse:.4f}"
+
+    def verdict(action: str, reason: str) -> CanaryVerdict:
+        return CanaryVerdict(action, reason, evidence)
+
+    if canary.requests >= policy.min_requests and canary.server_errors / canary.requests > policy.max_error_ratio:
+        ratio = canary.server_errors / canary.requests
+        return verdict("rollback", f"error ratio {ratio:.1%} above {policy.max_error_ratio:.1%}")
+    if worse > policy.worse_probability:
+        return verdict("rollback", f"thumbs-down more likely than the champion's (p={worse:.3f})")
+    slow = _too_slow(champion, canary, policy)
+    if slow:
+        return verdict("rollback", slow)
+    if elapsed_s < policy.window_s:
+        return verdict("wait", f"{elapsed_s:.0f} of {policy.window_s:.0f} s observed")
+    if canary.ratings < policy.min_ratings:
+        return verdict("rollback", f"window over with {canary.ratings} rating(s), fewer than {policy.min_ratings}")
+    return verdict("promote", f"no signal worse over {elapsed_s:.0f} s (feedback p={worse:.3f})")
+
+
+def probability_worse(down_b: int, ratings_b: int, down_a: int, ratings_a: int) -> float:
+    """P(rate_B > rate_A) for thumbs-down rates with Beta(1 + down, 1 + up) posteriors (exact sum)."""
+    alpha_a, beta_a = 1 + down_a, 1 + ratings_a - down_a
+    alpha_b, beta_b = 1 + down_b, 1 + ratings_b - down_b
+    total = 0.0
+    for i in range(alpha_b):
+        total += math.exp(
+            _log_beta(alpha_a + i, beta_a + beta_b)
+            - math.log(beta_b + i)
+            - _log_beta(1 + i, beta_b)
+            - _log_beta(alpha_a, beta_a)
+        )
+    return min(1.0, max(0.0, total))
+
+
+def _log_beta(a: float, b: float) -> float:
+    return math.lgamma(a) + math.lgamma(b) - math.lgamma(a + b)
+
+
+def _too_slow(champion: VersionSignals, canary: VersionSignals, policy: CanaryPolicy) -> str:
+    if champion.ttft_p95_s is None or canary.ttft_p95_s is None or canary.requests < policy.min_requests:
+        return ""
+    allowed = champion.ttft_p95_s + max(champion.ttft_p95_s * policy.latency_margin, policy.latency_floor_s)
+    if canary.ttft_p95_s > allowed:
+        return f"TTFT p95 {canary.ttft_p95_s:.2f} s above {allowed:.2f} s (champion {champion.ttft_p95_s:.2f} s)"
+    return ""
+
+
+def _describe(signals: VersionSignals) -> str:
+    ttft = "n/a" if signals.ttft_p95_s is None else f"{signals.ttft_p95_s:.3f}s"
+    return (f"requests={signals.requests} 5xx={signals.server_errors} ttft_p95={ttft} ratings={signals.ratings} "
+            f"down={signals.thumbs_down} corrections={signals.corrections}")  # fmt: skip
+
+
+def canary_signals(name: str, champion: str, canary: str, settings: Settings, window_s: float) -> dict:
+    """Per-version signals of a running canary: requests and 5xx and TTFT p95 from Prometheus, chat feedback.
+
+    Requests count what the apps' API answered since their ingress last started (the canary's
+    start restarts it); TTFT p95 is over the last ``window_s``; feedback is every rating the
+    chat database holds per version (the canary's are all from its canary). Raises
+    MonitoringError naming Prometheus when it cannot be read: no decision is taken blind.
+    """
+    from ray_app import monitoring
+
+    labels = {v: f"{name}/{v}" for v in (champion, canary)}
+    versions = "|".join(labels.values())
+    selector = f'model_version=~"{versions}"'
+    answered = monitoring.query(settings, "sum by (model_version, code) (ray_llmops_requests_total"
+                                f'{{{selector}, route=~"/v1/(chat/)?completions"}})')  # fmt: skip
+    window = f"{max(int(window_s), 60)}s"
+    buckets = f"ray_llmops_time_to_first_token_s_bucket{{{selector}}}[{window}]"
+    ttft = monitoring.query(settings, f"histogram_quantile(0.95, sum by (le, model_version) (rate({buckets})))")
+    ratings, corrections = _feedback_by_version(settings)
+    signals = {}
+    for version, label in labels.items():
+        counts = [(row["metric"].get("code", ""), float(row["value"][1])) for row in answered
+                  if row["metric"].get("model_version") == label]  # fmt: skip
+        p95 = [float(row["value"][1]) for row in ttft if row["metric"].get("model_version") == label]
+        signals[version] = VersionSignals(
+            requests=int(sum(count for _, count in counts)),
+            server_errors=int(sum(count for code, count in counts if code.startswith("5"))),
+            ttft_p95_s=p95[0] if p95 and math.isfinite(p95[0]) else None,
+            ratings=ratings[label, "up"] + ratings[label, "down"],
+            thumbs_down=ratings[label, "down"],
+            corrections=corrections[label],
+        )
+    return signals
+
+
+def _feedback_by_version(settings: Settings):
+    """(ratings by (model_version, up/down), corrections by model_version) from the chat database."""
+    from collections import Counter
+
+    import sqlalchemy as sa
+
+    from ray_app.chat.feedback import chat_database_missing
+    from ray_app.chat.metrics import feedback_counts
+    from ray_app.chat.schema import sync_url
+
+    url = str(settings.chat_database_url)
+    if chat_database_missing(url):  # the chat never ran: no feedback (and nothing created)
+        return Counter(), Counter()
+    engine = sa.create_engine(sync_url(url))
+    try:
+        return feedback_counts(engine)
+    finally:
+        engine.dispose()
+
+
+def judge_canary(name: str, settings: Settings, policy: CanaryPolicy | None = None, actor: str = "") -> CanaryVerdict:
+    """Judge the canary running for ``name`` once, and act: promote it (atomic), roll it back, or wait.
+
+    The verdict and its evidence are tagged on the canary's version (``canary.verdict``,
+    ``canary.evidence.*``). Raises PromotionError when no canary runs.
+    """
+    from ray_app.registry import client, get_version
+    from ray_app.serving.rollout import canary_versions, promote, running_config, stop_canary
+
+    policy = policy or CanaryPolicy.from_settings(settings)
+    running = sorted(canary_versions(running_config(settings)))
+    if not running:
+        raise PromotionError(f"no canary of {name} is running in Serve")
+    canary = running[0]
+    champion = get_version(f"models:/{name}@champion", settings).version
+    started = get_version(f"models:/{name}/{canary}", settings).tags.get("canary.running_at", "")
+    elapsed = time.time() - calendar.timegm(time.strptime(started, "%Y-%m-%dT%H:%M:%SZ")) if started else 0.0
+    signals = canary_signals(name, champion, canary, settings, min(elapsed, policy.window_s) or 60)
+    verdict = canary_verdict(signals[champion], signals[canary], elapsed, policy)
+    mlflow = client(settings)
+    tags = {"canary.verdict": verdict.action, "canary.verdict_reason": verdict.reason,
+            **{f"canary.evidence.{key}": value for key, value in verdict.evidence.items()}}  # fmt: skip
+    for key, value in tags.items():
+        mlflow.set_model_version_tag(name, canary, key, value)
+    actor = actor or "ray_app.promotion.judge_canary"
+    if verdict.action == "promote":
+        promote(name, settings, version=canary, rollout=True, actor=actor)
+    elif verdict.action == "rollback":
+        stop_canary(name, settings, verdict.reason, actor=actor)
+    return verdict

@@ -231,6 +231,21 @@ class Settings(BaseSettings):
     promotion_min_improvement: float = Field(
         default=0.01, ge=0, lt=1, description="fraction the candidate's eval loss must be below the champion's"
     )
+    canary_share: float = Field(
+        default=0.1, gt=0, lt=1, description="`llmops promote --canary`: share of conversations the challenger answers"
+    )
+    canary_window_s: float = Field(default=3600.0, gt=0, description="a canary runs this long before promotion")
+    canary_max_error_ratio: float = Field(default=0.05, gt=0, lt=1, description="canary 5xx ratio that rolls back")
+    canary_min_requests: int = Field(default=20, ge=1, description="requests before the error/latency checks count")
+    canary_min_ratings: int = Field(default=10, ge=0, description="chat ratings of the canary needed to promote it")
+    canary_worse_probability: float = Field(
+        default=0.95, gt=0.5, lt=1, description="P(canary's thumbs-down rate > champion's) that rolls back"
+    )
+    canary_sticky_by: Literal["conversation", "user", "request"] = Field(
+        default="conversation",
+        description="what keeps a conversation on one version: the x-conversation-id header, then `user`, then the "
+        "conversation's opening (conversation); `user` first (user); nothing (request)",
+    )
 
     # --- validators ----------------------------------------------------------------------
     @field_validator("home", "model_cache_dir", "ray_temp_dir", mode="after")

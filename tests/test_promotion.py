@@ -134,3 +134,37 @@ def test_llmops_promote_gate_evaluates_both_on_the_recipes_data_and_keeps_the_ch
 
     both = llmops("promote", name, "--version", "2", "--from", "challenger", "--gate", "x.yaml")
     assert both.returncode == 1 and "exactly one of --version V or --from ALIAS" in both.stderr, both.stderr
+
+
+def test_the_feedback_test_is_exact_for_small_counts():
+    from ray_app.promotion import probability_worse
+
+    assert probability_worse(0, 0, 0, 0) == pytest.approx(0.5)  # no evidence: a coin
+    assert probability_worse(5, 10, 1, 10) == pytest.approx(0.9683, abs=1e-4)  # Monte Carlo: 0.9684
+    assert probability_worse(1, 10, 5, 10) == pytest.approx(1 - 0.9683, abs=1e-4)  # symmetric
+    assert probability_worse(30, 100, 20, 100) == pytest.approx(0.9476, abs=1e-4)
+
+
+def test_the_canary_policy_rolls_back_on_failure_or_worse_feedback_and_promotes_only_after_its_window():
+    from ray_app.promotion import CanaryPolicy, VersionSignals, canary_verdict
+
+    policy = CanaryPolicy(window_s=600, min_requests=20, max_error_ratio=0.05, min_ratings=10)
+    champion = VersionSignals(requests=400, server_errors=1, ttft_p95_s=0.4, ratings=40, thumbs_down=4)
+    good = VersionSignals(requests=50, server_errors=0, ttft_p95_s=0.45, ratings=12, thumbs_down=1)
+
+    def action(canary: VersionSignals, elapsed: float = 700) -> str:
+        return canary_verdict(champion, canary, elapsed, policy).action
+
+    assert action(good) == "promote"
+    assert action(good, elapsed=100) == "wait"  # too early, nothing wrong
+    assert action(VersionSignals(requests=50, server_errors=5, ttft_p95_s=0.4), elapsed=10) == "rollback"
+    assert action(VersionSignals(requests=10, server_errors=5, ttft_p95_s=0.4), elapsed=10) == "wait"  # too few
+    worse = canary_verdict(champion, VersionSignals(requests=50, ratings=10, thumbs_down=7), 10, policy)
+    assert worse.action == "rollback" and "thumbs-down" in worse.reason
+    assert float(worse.evidence["p_feedback_worse"]) > 0.95
+    slow = canary_verdict(champion, VersionSignals(requests=50, ttft_p95_s=1.5, ratings=12), 10, policy)
+    assert slow.action == "rollback" and "TTFT p95 1.50 s above 0.90 s" in slow.reason
+    assert action(VersionSignals(requests=50, ttft_p95_s=0.8, ratings=12)) == "promote"  # within the 0.5 s floor
+    unrated = canary_verdict(champion, VersionSignals(requests=50, ratings=3), 700, policy)
+    assert unrated.action == "rollback" and "3 rating(s), fewer than 10" in unrated.reason
+    assert "requests=50 5xx=0" in canary_verdict(champion, good, 700, policy).evidence["canary"]

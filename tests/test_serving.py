@@ -357,6 +357,62 @@ def test_the_api_gate_guards_an_app_mounted_under_a_route_prefix():
     _openai_error(client.get("/cached/v1/chat/completions"), 405)
 
 
+def test_canary_routing_is_sticky_per_conversation_and_splits_conversations_by_share():
+    from ray_app.serving.protocol import ChatCompletionRequest, CompletionRequest
+    from ray_app.serving.routing import conversation_key, goes_to_canary
+
+    def chat(opening: str, *later: str, user: str | None = None) -> ChatCompletionRequest:
+        messages = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": opening}]
+        for text in later:
+            messages += [{"role": "assistant", "content": "ok"}, {"role": "user", "content": text}]
+        return ChatCompletionRequest.model_validate({"model": "m", "messages": messages, "user": user})
+
+    # Every turn of a conversation re-sends its opening: one key, one version.
+    first, third = chat("What is Ray?"), chat("What is Ray?", "And Serve?", "And Train?")
+    assert conversation_key(first, None) == conversation_key(third, None) != conversation_key(chat("Other"), None)
+    # The chat's thread id wins over the opening and the user; `sticky_by: user` puts the user first.
+    assert conversation_key(chat("A", user="u1"), "t-1") == conversation_key(chat("B", user="u2"), "t-1")
+    assert conversation_key(chat("A", user="u1"), None) == conversation_key(chat("B", user="u1"), None)
+    by_user = conversation_key(chat("A", user="u1"), "t-1", "user")
+    assert by_user == conversation_key(chat("B", user="u1"), "t-2", "user")
+    assert conversation_key(first, "t-1", "request") == ""
+    prompt = CompletionRequest.model_validate({"model": "m", "prompt": "Once upon a time"})
+    assert conversation_key(prompt, None) == conversation_key(prompt.model_copy(), None)
+
+    keys = [conversation_key(chat(f"question {i}"), None) for i in range(10_000)]
+    for share in (0.05, 0.1, 0.5):
+        routed = sum(goes_to_canary(key, share) for key in keys) / len(keys)
+        assert abs(routed - share) < 0.02, (share, routed)
+    # Growing the share only moves conversations to the canary, never back.
+    assert all(goes_to_canary(key, 0.2) for key in keys if goes_to_canary(key, 0.1))
+    assert 0.4 < sum(goes_to_canary("", 0.5) for _ in range(2000)) / 2000 < 0.6  # per request: drawn
+
+
+def test_the_api_gate_keeps_the_version_headers_an_answer_set_and_counts_that_version():
+    """A canary's answer names its own version: the gate adds the app's defaults only where the
+    answer has none, and counts each response under the version that answered."""
+    from fastapi import FastAPI
+    from fastapi.responses import JSONResponse
+    from fastapi.testclient import TestClient
+
+    from ray_app.serving.gate import ApiGate, Limits
+    from ray_app.serving.protocol import hash_key
+
+    counted = []
+    app = FastAPI()
+    app.add_middleware(ApiGate, key_hashes=[hash_key("sk-test")], version_headers={"x-model-version": "m/1"},
+                       limits=Limits(max_request_bytes=4096, max_messages=5, max_tokens_limit=10),
+                       on_response=lambda route, status, version: counted.append((route, status, version)))  # fmt: skip
+    app.post("/v1/completions")(lambda: JSONResponse({"ok": True}, headers={"x-model-version": "m/2"}))
+    client = TestClient(app, headers={"Authorization": "Bearer sk-test"})
+    body = {"model": "m", "prompt": "hi", "max_tokens": 2}
+    canary = client.post("/v1/completions", json=body)
+    assert canary.headers.get_list("x-model-version") == ["m/2"]
+    refused = client.post("/v1/completions", json=body, headers={"Authorization": ""})
+    assert refused.status_code == 401 and refused.headers.get_list("x-model-version") == ["m/1"]
+    assert counted == [("/v1/completions", 200, "m/2"), ("/v1/completions", 401, "m/1")]
+
+
 def test_the_api_gate_refuses_every_bad_request_with_an_openai_error_naming_the_field():
     """In-process: the gate both engines sit behind (vLLM cannot run here; its app gets the same gate)."""
     client = _gate_client()
@@ -1149,19 +1205,96 @@ def test_a_failed_promotion_leaves_champion_and_serve_on_the_old_version(
         assert tags["promotion.from"] == old and tags["promotion.to"] == version and tags["promotion.by"]
 
 
-def test_promote_under_load_rolls_to_the_new_version_without_a_failed_request(
-    serve_app, mlflow_server, registered_tiny_models
+def test_a_worse_canary_is_rolled_back_by_its_feedback_sticky_per_conversation_without_a_failed_request(
+    serve_app, mlflow_server, registered_tiny_models, prometheus
 ):
+    """v2 beside the champion v1 in the same app for half of the conversations: each conversation
+    (three turns) is answered by one version, both versions answer some, the chat's thread id
+    keeps one conversation on one version; the alias never moves. The conversations are rated
+    through Chainlit's data layer (v2's answers thumbs-down): judged on its own, the canary is
+    rolled back and v1 serves alone. Streaming clients ask all along: no request fails."""
+    from conftest import write_feedback
+    from mlflow import MlflowClient
+
+    from ray_app.promotion import CanaryPolicy, judge_canary
     from ray_app.registry import get_version
-    from ray_app.serving.rollout import promote
+    from ray_app.serving.rollout import running_config, start_canary
+
+    old, new = registered_tiny_models
+    champion, challenger = f"{REGISTERED}/{old}", f"{REGISTERED}/{new}"
+    url = f"{serve_app.base_url}/v1/chat/completions"
+
+    def conversation(opening: str, **headers: str) -> set[str]:
+        """Three turns (each re-sends the history); the versions that answered them."""
+        messages, seen = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": opening}], set()
+        for turn in range(3):
+            body = {"model": REGISTERED, "messages": messages, "max_tokens": 4, "temperature": 0}
+            answer = httpx.post(url, headers={**serve_app.headers, **headers}, json=body, timeout=60)
+            assert answer.status_code == 200, answer.text
+            assert answer.json()["system_fingerprint"] == answer.headers["x-model-version"]
+            seen.add(answer.headers["x-model-version"])
+            messages += [answer.json()["choices"][0]["message"], {"role": "user", "content": f"And {turn}?"}]
+        return seen
+
+    with Load(serve_app, clients=2, stream=True, max_tokens=16) as load:
+        _wait_for(lambda: len(load.results) >= 2, 60, "traffic")
+        canary = start_canary(REGISTERED, serve_app.settings, version=new, share=0.5, wait_s=240, actor="test")
+        assert (canary.apps, canary.champion, canary.version) == (["chat"], old, new)
+        answered = [conversation(f"Question {i}: what does Ray Serve do?") for i in range(12)]
+        assert all(len(versions) == 1 for versions in answered), answered  # no conversation switched
+        assert set().union(*answered) == {champion, challenger}, answered
+        threads = set().union(*(conversation(f"Opening {i}", **{"x-conversation-id": "thread-7"}) for i in range(4)))
+        assert len(threads) == 1, threads
+        args = running_config(serve_app.settings)["applications"][0]["args"]
+        assert args["model_version"] == old and args["canary"] == {"model_version": new, "share": 0.5,
+                                                                  "sticky_by": "conversation"}  # fmt: skip
+        assert get_version(f"models:/{REGISTERED}@champion", mlflow_server).version == old
+        for version in (champion, challenger):  # the chat's users dislike v2's answers, like v1's
+            rated = [("What does Ray Serve do?", "an answer", 0 if version == challenger else 1, None)] * 6
+            write_feedback(str(serve_app.settings.chat_database_url), rated, model_version=version)
+        verdict = judge_canary(REGISTERED, serve_app.settings, CanaryPolicy(window_s=3600, min_requests=5), "test")
+        stopped = time.monotonic()
+        _wait_for(lambda: any(t > stopped for t, _, _ in load.results), 60, "answers after the rollback")
+    assert verdict.action == "rollback" and "thumbs-down more likely" in verdict.reason, verdict
+    assert "ratings=6 down=6" in verdict.evidence["canary"] and "requests=" in verdict.evidence["champion"]
+    assert not load.errors and {status for _, status, _ in load.results} == {200}, load.errors[:3]
+    assert {version for t, _, version in load.results if t > stopped} == {champion}
+    assert set().union(*(conversation(f"Question {i}: what does Ray Serve do?") for i in range(4))) == {champion}
+    assert "canary" not in running_config(serve_app.settings)["applications"][0]["args"]
+    assert get_version(f"models:/{REGISTERED}@champion", mlflow_server).version == old
+    tags = MlflowClient(mlflow_server.mlflow_tracking_uri).get_model_version(REGISTERED, new).tags
+    assert tags["canary"] == "rolled_back" and tags["canary.verdict"] == "rollback", tags
+    assert tags["canary.reason"] == verdict.reason and tags["canary.running_at"] <= tags["canary.rolled_back_at"]
+    assert float(tags["canary.evidence.p_feedback_worse"]) > 0.95
+
+
+def test_a_canary_that_passes_its_window_is_promoted_under_load_without_a_failed_request(
+    serve_app, mlflow_server, registered_tiny_models, prometheus
+):
+    """v2 as a canary again, now liked (the thumbs-down above stay in its record: it needs more
+    thumbs-up than that); its window passed, the judge promotes it: Serve rolls to v2 alone, then
+    `champion` moves. Three clients ask all along: no request fails, every answer after is v2."""
+    from conftest import write_feedback
+    from mlflow import MlflowClient
+
+    from ray_app.promotion import CanaryPolicy, judge_canary
+    from ray_app.registry import get_version
+    from ray_app.serving.rollout import running_config, start_canary
 
     old, new = registered_tiny_models
     with Load(serve_app, clients=3, stream=False, max_tokens=24) as load:
         _wait_for(lambda: len(load.results) >= 3, 60, "traffic")
-        promotion = promote(REGISTERED, serve_app.settings, version=new, wait_s=240)
+        start_canary(REGISTERED, serve_app.settings, version=new, share=0.5, wait_s=240, actor="test")
+        liked = [("What is Ray?", "a good answer", 1, None)] * 30
+        write_feedback(str(serve_app.settings.chat_database_url), liked, model_version=f"{REGISTERED}/{new}")
+        policy = CanaryPolicy(window_s=0, min_requests=5, min_ratings=10)  # its window: over
+        verdict = judge_canary(REGISTERED, serve_app.settings, policy, "test")
         switched = time.monotonic()
         _wait_for(lambda: any(t > switched for t, _, _ in load.results), 60, "answers after the switch")
-    assert promotion.previous == old and promotion.version == new and promotion.rolled_apps == ["chat"]
+    assert verdict.action == "promote", verdict
+    assert "canary" not in running_config(serve_app.settings)["applications"][0]["args"]
+    tags = MlflowClient(mlflow_server.mlflow_tracking_uri).get_model_version(REGISTERED, new).tags
+    assert tags["canary"] == "promoted" and tags["promotion"] == "promoted" and tags["promotion.from"] == old
     assert get_version(f"models:/{REGISTERED}@champion", mlflow_server).version == new
     assert not load.errors, load.errors[:3]
     assert {status for _, status, _ in load.results} == {200}

@@ -39,6 +39,7 @@ from ray_app.chat.history import HistoryLayer
 from ray_app.chat.metrics import metrics_router
 from ray_app.chat.schema import upgrade_schema
 from ray_app.monitoring import metrics_token
+from ray_app.serving.routing import CONVERSATION_HEADER
 from ray_app.settings import get_settings
 
 SETTINGS = get_settings()
@@ -181,7 +182,9 @@ async def answer(text: str, question: dict | None = None) -> None:
     max_tokens = min(max_tokens, max(16, context // 2), int(models[model].get("max_tokens_limit") or max_tokens))
 
     msg = cl.Message(content="", author="assistant")
-    request = {"model": model, "temperature": float(chat_settings.get("temperature", 0.7)), "max_tokens": max_tokens}
+    request = {"model": model, "temperature": float(chat_settings.get("temperature", 0.7)), "max_tokens": max_tokens,
+               # One conversation stays on one version while a canary runs (ray_app.serving.routing).
+               "extra_headers": {CONVERSATION_HEADER: cl.context.session.thread_id}}  # fmt: skip
     answered, version = await ask(msg, text, request, lambda drop: trimmed(messages, context - max_tokens, drop),
                                   question)  # fmt: skip
     if not answered:

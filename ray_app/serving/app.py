@@ -27,7 +27,7 @@ from ray.serve import Application
 
 from ray_app.credentials import as_serve_identity, kept_out_of_runtime_envs, serve_api_keys
 from ray_app.serving.admission import Admission, DeadlineExceeded
-from ray_app.serving.config import ServeArgs, ServedModel, parse_args, pin_model
+from ray_app.serving.config import ServeArgs, ServedModel, parse_args, pin_canary, pin_model
 from ray_app.serving.engine import Delta, GenerationRequest, SamplingParams
 from ray_app.serving.ingress import OpenAIIngress, request_id
 from ray_app.serving.metrics import ReplicaMetrics
@@ -37,6 +37,7 @@ from ray_app.settings import get_settings
 logger = logging.getLogger("ray.serve")
 
 DEPLOYMENT_NAME = "ChatServer"
+CANARY_DEPLOYMENT_NAME = "ChatServerCanary"
 
 
 @serve.deployment(
@@ -219,10 +220,19 @@ def build_app(args: dict[str, Any] | None = None) -> Application:
 
         with kept_out_of_runtime_envs():  # Serve LLM copies HF tokens into its engines' runtime envs
             return build_vllm_app(parsed, served, _key_hashes(parsed), settings)
-    return bind_app(parsed, served, _key_hashes(parsed))
+    return bind_app(parsed, served, _key_hashes(parsed), canary=pin_canary(parsed, settings))
 
 
-def bind_app(args: ServeArgs, served: ServedModel, key_hashes: list[str], **server_options) -> Application:
-    """The ingress bound to the model deployment (``server_options``: ChatServer.options, e.g. for a benchmark)."""
+def bind_app(
+    args: ServeArgs, served: ServedModel, key_hashes: list[str], canary: ServedModel | None = None, **server_options
+) -> Application:
+    """The ingress bound to the model deployment, and to a canary's beside it when ``canary`` is given.
+
+    ``server_options``: ChatServer.options (e.g. for a benchmark). The canary's deployment
+    (``ChatServerCanary``) has ChatServer's defaults: one to two replicas.
+    """
     server = ChatServer.options(**server_options) if server_options else ChatServer
-    return OpenAIIngress.bind(server.bind(args, served), args, served, key_hashes)
+    # The model replicas never see the canary args: adding or removing a canary restarts no champion replica.
+    model_args = args.model_copy(update={"canary": None})
+    canary_server = ChatServer.options(name=CANARY_DEPLOYMENT_NAME).bind(model_args, canary) if canary else None
+    return OpenAIIngress.bind(server.bind(model_args, served), args, served, key_hashes, canary_server, canary)

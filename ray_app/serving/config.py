@@ -6,6 +6,7 @@ starts, with a message that names the field.
 
 from __future__ import annotations
 
+import dataclasses
 import re
 from dataclasses import dataclass
 from typing import Any, Literal
@@ -13,6 +14,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, model_validator
 
 from ray_app.serving.gate import Limits
+from ray_app.serving.metrics import CANARY_ALIAS
 from ray_app.settings import Settings
 
 _REGISTRY_REF = re.compile(r"^models:/(?P<name>[^/@]+)(?:@(?P<alias>[\w-]+)|/(?P<version>\d+))$")
@@ -20,6 +22,23 @@ _REGISTRY_REF = re.compile(r"^models:/(?P<name>[^/@]+)(?:@(?P<alias>[\w-]+)|/(?P
 
 class ServeConfigError(ValueError):
     """The Serve app's args are invalid; the message names the field."""
+
+
+class CanaryArgs(BaseModel):
+    """A challenger served beside the champion in the same app, for a share of the conversations.
+
+    ``llmops promote NAME --from challenger --canary 10`` sets it; promoting or rolling back removes it.
+    """
+
+    model_config = ConfigDict(extra="forbid")
+
+    model_version: str = Field(pattern=r"^\d+$", description="the challenger's registry version")
+    share: float = Field(gt=0, lt=1, description="fraction of conversations it answers (0.1 = 10%)")
+    sticky_by: Literal["conversation", "user", "request"] = Field(
+        default="conversation",
+        description="conversation: the x-conversation-id header, else the `user` field, else the conversation's "
+        "opening; user: the `user` field first; request: no stickiness (each request drawn)",
+    )
 
 
 class ServeArgs(BaseModel):
@@ -38,6 +57,7 @@ class ServeArgs(BaseModel):
         description="pin the registry version behind models:/NAME@ALIAS; `llmops promote` sets it to roll replicas",
     )
     served_model_name: str | None = Field(default=None, description="the `model` clients send; default derived")
+    canary: CanaryArgs | None = Field(default=None, description="a challenger answering a share of conversations")
     engine: Literal["transformers", "vllm"] = "transformers"
     device: Literal["auto", "cpu", "cuda"] = "auto"
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
@@ -84,6 +104,12 @@ class ServeArgs(BaseModel):
             )
         if self.model_version and not (self.model and _REGISTRY_REF.match(self.model)):
             raise ValueError("model_version is only meaningful with model: models:/NAME@ALIAS")
+        if self.canary and not self.model_version:
+            raise ValueError("canary needs the champion pinned: model: models:/NAME@ALIAS with model_version")
+        if self.canary and self.canary.model_version == self.model_version:
+            raise ValueError(f"canary.model_version {self.canary.model_version} is the version already served")
+        if self.canary and self.engine != "transformers":
+            raise ValueError("canary: is served by the transformers engine's app (engine: transformers)")
         return self
 
     def limits(self) -> Limits:
@@ -155,6 +181,14 @@ def pin_model(args: ServeArgs, settings: Settings) -> ServedModel:
         run_id=version.run_id,
         alias=match["alias"],
     )
+
+
+def pin_canary(args: ServeArgs, settings: Settings) -> ServedModel | None:
+    """The challenger ``args.canary`` names, pinned like the champion (alias ``canary``); None without one."""
+    if args.canary is None:
+        return None
+    pinned = pin_model(args.model_copy(update={"model_version": args.canary.model_version, "canary": None}), settings)
+    return dataclasses.replace(pinned, alias=CANARY_ALIAS)
 
 
 def _default_name(reference: str) -> str:

@@ -11,7 +11,7 @@ For each HTTP request, in order:
    later messages (a client's disconnect) from the real connection.
 4. Every response carries the model-version headers; an exception the app let escape
    becomes an OpenAI-shaped 500 (when no response had started) instead of a bare text body.
-5. Every response's status is counted (``on_response(route, status)``, the request metric);
+5. Every response's status is counted (``on_response(route, status, model_version)``, the request metric);
    paths other than the API's are counted as ``other``, so a scan cannot grow the label set.
 
 So the transformers and vLLM engines refuse exactly the same bodies with the same errors.
@@ -86,7 +86,7 @@ class ApiGate:
         key_hashes: list[str],
         version_headers: dict[str, str],
         limits: Limits,
-        on_response: Callable[[str, int], None] | None = None,
+        on_response: Callable[[str, int, str], None] | None = None,
     ):
         self.app, self.key_hashes, self.limits, self.on_response = app, key_hashes, limits, on_response
         self.extra = [(name.encode(), value.encode()) for name, value in version_headers.items()]
@@ -100,8 +100,11 @@ class ApiGate:
             nonlocal started
             if message["type"] == "http.response.start":
                 started = True
-                message = {**message, "headers": [*message.get("headers", []), *self.extra]}
-                self._count(scope, message["status"])
+                headers = list(message.get("headers", []))
+                named = {name.lower() for name, _ in headers}  # the app's own (a canary's answer) win
+                headers += [(name, value) for name, value in self.extra if name not in named]
+                message = {**message, "headers": headers}
+                self._count(scope, message["status"], dict(headers).get(b"x-model-version", b"").decode())
             await send(message)
 
         try:
@@ -118,12 +121,12 @@ class ApiGate:
             response = error_response(500, "the server failed to handle the request", kind="server_error")
             await response(scope, receive, send_with_headers)
 
-    def _count(self, scope, status: int) -> None:
+    def _count(self, scope, status: int, version: str) -> None:
         if self.on_response is None:
             return
         path = route_path(scope).rstrip("/") or "/"
         try:
-            self.on_response(path if path in COUNTED_ROUTES else "other", status)
+            self.on_response(path if path in COUNTED_ROUTES else "other", status, version)
         except Exception:  # a metric must never fail a request
             log.warning("counting a response failed", exc_info=True)
 

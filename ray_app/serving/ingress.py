@@ -33,6 +33,7 @@ from ray_app.serving.engine import Delta
 from ray_app.serving.gate import BODY_KEY, ApiGate
 from ray_app.serving.metrics import RequestMetrics
 from ray_app.serving.protocol import APIError, OpenAIRequest, error_response
+from ray_app.serving.routing import CONVERSATION_HEADER, conversation_key, goes_to_canary
 
 logger = logging.getLogger("ray.serve")
 
@@ -53,9 +54,27 @@ REPLICA_FAILED = APIError(
 )
 @serve.ingress()
 class OpenAIIngress:
-    def __init__(self, server, args: ServeArgs, served: ServedModel, key_hashes: list[str]):
+    def __init__(
+        self,
+        server,
+        args: ServeArgs,
+        served: ServedModel,
+        key_hashes: list[str],
+        canary_server=None,
+        canary: ServedModel | None = None,
+    ):
         self.server, self.args, self.served, self.key_hashes = server, args, served, key_hashes
+        self.canary_server, self.canary = canary_server, canary
         self._card: dict | None = None
+
+    def route(self, body: OpenAIRequest, conversation_id: str | None) -> tuple[object, ServedModel]:
+        """The model deployment (and what it serves) answering ``body``: the canary for its share of conversations."""
+        if self.canary is None or self.args.canary is None:
+            return self.server, self.served
+        key = conversation_key(body, conversation_id, self.args.canary.sticky_by)
+        if goes_to_canary(key, self.args.canary.share):
+            return self.canary_server, self.canary
+        return self.server, self.served
 
     async def model_card(self) -> dict:
         if self._card is None:
@@ -63,15 +82,17 @@ class OpenAIIngress:
         return self._card
 
     # --- asking the model replicas ------------------------------------------------------------
-    async def open(self, body: OpenAIRequest) -> tuple[dict, Delta, object]:
-        """Start ``body`` on a model replica: (header, first delta, the rest). Raises APIError.
+    async def open(self, body: OpenAIRequest, server=None) -> tuple[dict, Delta, object]:
+        """Start ``body`` on a replica of ``server`` (default: the champion's): (header, first delta, the rest).
 
         A replica that is gone before the first token is replaced by another, within the deadline.
+        Raises APIError.
         """
+        server = server or self.server
         deadline = time.monotonic() + self.args.request_timeout_s
         attempt = 0
         while True:
-            stream = self.server.options(stream=True).generate.remote(body)
+            stream = server.options(stream=True).generate.remote(body)
             try:
                 header = await stream.__anext__()
                 first = await stream.__anext__()
@@ -102,9 +123,8 @@ class OpenAIIngress:
             logger.error("request failed", exc_info=exc)
         return failure(cause, self.args.request_timeout_s)
 
-    async def answer(self, body: OpenAIRequest, chat: bool):
-        from fastapi.responses import JSONResponse, StreamingResponse
-
+    async def answer(self, body: OpenAIRequest, chat: bool, conversation_id: str | None = None):
+        """The answer to ``body`` from the version routed to; every response (errors too) names that version."""
         if body.model != self.served.name:
             raise APIError(
                 404,
@@ -112,25 +132,35 @@ class OpenAIIngress:
                 param="model",
                 code="model_not_found",
             )
-        header, first, stream = await self.open(body)
-        answer = _Answer(self.served, request_id(), chat, header["prompt_tokens"])
+        server, served = self.route(body, conversation_id)
+        try:
+            return await self._answer(body, chat, server, served)
+        except APIError as exc:
+            exc.headers = {**(exc.headers or {}), **served.version_headers}
+            raise
+
+    async def _answer(self, body: OpenAIRequest, chat: bool, server, served: ServedModel):
+        from fastapi.responses import JSONResponse, StreamingResponse
+
+        header, first, stream = await self.open(body, server)
+        answer = _Answer(served, request_id(), chat, header["prompt_tokens"])
         if body.stream:
             return StreamingResponse(
                 self._events(body, answer, first, stream),
                 media_type="text/event-stream",
-                headers={"Cache-Control": "no-cache"},
+                headers={"Cache-Control": "no-cache", **served.version_headers},
             )
         retries = 2  # nothing is sent yet: a replica lost mid-answer is asked again
         while True:
             try:
                 text, finish, tokens = await _collect(first, stream)
-                return JSONResponse(answer.whole(text, finish, tokens))
+                return JSONResponse(answer.whole(text, finish, tokens), headers=served.version_headers)
             except REPLICA_GONE as exc:
                 if not retries:
                     raise self._as_api_error(exc) from None
                 retries -= 1
                 logger.warning("a model replica failed mid-answer; asking another")
-                header, first, stream = await self.open(body)
+                header, first, stream = await self.open(body, server)
             except BaseException as exc:
                 stream.cancel()
                 raise self._as_api_error(exc) from None
@@ -191,7 +221,8 @@ def build_api(ingress: OpenAIIngress):
     from starlette.exceptions import HTTPException
 
     app = FastAPI(title="ray-llmops inference API", version="1")
-    counted = RequestMetrics(ingress.served.label, ingress.served.alias).start()
+    canary = ingress.canary
+    counted = RequestMetrics(ingress.served.label, ingress.served.alias, canary.label if canary else None).start()
     gate = {"key_hashes": ingress.key_hashes, "version_headers": ingress.served.version_headers,
             "limits": ingress.args.limits(), "on_response": counted}  # fmt: skip
     app.add_middleware(ApiGate, **gate)
@@ -218,11 +249,11 @@ def build_api(ingress: OpenAIIngress):
 
     @app.post("/v1/chat/completions")
     async def chat_completions(request: Request):
-        return await ingress.answer(request.scope[BODY_KEY], chat=True)
+        return await ingress.answer(request.scope[BODY_KEY], True, request.headers.get(CONVERSATION_HEADER))
 
     @app.post("/v1/completions")
     async def completions(request: Request):
-        return await ingress.answer(request.scope[BODY_KEY], chat=False)
+        return await ingress.answer(request.scope[BODY_KEY], False, request.headers.get(CONVERSATION_HEADER))
 
     return app
 

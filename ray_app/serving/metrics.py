@@ -15,6 +15,8 @@ from collections.abc import Callable
 
 from ray_app.monitoring import every, ray_metric
 
+CANARY_ALIAS = "canary"  # model_info's alias of a canary beside the champion (not a registry alias)
+
 # Seconds; a CPU replica's first token is 20 ms-2 s, a loaded one's up to the request deadline.
 TTFT_BUCKETS = [0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30]
 ITL_BUCKETS = [0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5]
@@ -40,8 +42,8 @@ class RequestMetrics:
     the driver and travel with the app (the vLLM app's middleware options).
     """
 
-    def __init__(self, model_version: str, alias: str | None = None):
-        self.model_version, self.alias = model_version, alias or ""
+    def __init__(self, model_version: str, alias: str | None = None, canary_version: str | None = None):
+        self.model_version, self.alias, self.canary_version = model_version, alias or "", canary_version
         self._requests = None
 
     def start(self) -> RequestMetrics:
@@ -55,12 +57,16 @@ class RequestMetrics:
             # Which version answers under which alias: alert rules compare a version with the champion.
             # Set again and again: a gauge nobody sets ages out of Ray's agent (dead replicas' do).
             info = Gauge("llmops_model_info", EXPORTED["ray_llmops_model_info"], tag_keys=("model_version", "alias"))
-            tags = {"model_version": self.model_version, "alias": self.alias}
-            every(INFO_INTERVAL_S, lambda: info.set(1, tags=dict(tags)), threading.Event())
+            served = [{"model_version": self.model_version, "alias": self.alias}]
+            if self.canary_version:
+                served.append({"model_version": self.canary_version, "alias": CANARY_ALIAS})
+            every(INFO_INTERVAL_S, lambda: [info.set(1, tags=dict(tags)) for tags in served], threading.Event())
         return self
 
-    def __call__(self, route: str, status: int) -> None:
-        self.start()._requests.inc(1, tags={"model_version": self.model_version, "route": route, "code": str(status)})
+    def __call__(self, route: str, status: int, model_version: str = "") -> None:
+        """Count one response of ``model_version`` (the version that answered; default: the champion's)."""
+        version = model_version or self.model_version
+        self.start()._requests.inc(1, tags={"model_version": version, "route": route, "code": str(status)})
 
 
 class ReplicaMetrics:

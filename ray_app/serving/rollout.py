@@ -173,6 +173,9 @@ def promote(
     record_promotion(
         **decision, result="promoted", reason=f"champion {previous or '(none)'} -> {target.version}{rolled}"
     )
+    for canary in canary_versions(before) if before else ():  # the rollout replaced any canary
+        state = "promoted" if canary == target.version else "rolled_back"
+        record_canary(name, canary, state, f"champion {previous or '(none)'} -> {target.version}", settings, actor)
     return promotion
 
 
@@ -216,14 +219,26 @@ def record_promotion(
 def roll_serve_apps(
     name: str, version: str, settings: Settings, wait_s: float = 600.0, previous: str | None = None
 ) -> list[str]:
-    """Redeploy the apps that serve ``models:/NAME@champion`` pinned to ``version``; returns their names.
+    """Redeploy the apps that serve ``models:/NAME@champion`` pinned to ``version`` (a canary removed).
 
-    Returns [] without touching Serve when no such app is deployed. Raises ServeError when the
-    dashboard cannot be reached, and when the new deploy fails: the apps are then redeployed
-    with the configs they ran before (and waited for), so Serve keeps serving ``previous``.
+    Returns their names; [] without touching Serve when no such app needs it. Raises ServeError
+    when the dashboard cannot be reached, and when the new deploy fails: the apps are then
+    redeployed with the configs they ran before (and waited for), so Serve keeps serving ``previous``.
     """
+
+    def pinned(args: dict[str, Any]) -> dict[str, Any] | None:
+        if args.get("model_version") == version and "canary" not in args:
+            return None
+        return {**_without_canary(args), "model": f"models:/{name}@{CHAMPION}", "model_version": version}
+
+    was = f"version {previous}" if previous else "their previous configs"
+    return _roll(name, pinned, settings, wait_s, was)
+
+
+def _roll(name: str, change, settings: Settings, wait_s: float, was: str) -> list[str]:
+    """Deploy all apps, ``change(args)`` applied to those serving ``models:/NAME@champion``; roll back on failure."""
     details = serve_details(settings)
-    body, rolled = _rolled_config(details, name, version, settings)
+    body, rolled = _rolled_config(details, name, change, settings)
     if not rolled:
         return []
     try:
@@ -234,7 +249,6 @@ def roll_serve_apps(
             deploy(restore, settings, wait_s)
         except ServeError as again:
             raise ServeError(f"{exc}; rolling back to the previous configs failed too: {again}") from exc
-        was = f"version {previous}" if previous else "their previous configs"
         raise ServeError(f"{exc}; Serve apps {', '.join(rolled)} rolled back to {was}") from exc
     return rolled
 
@@ -247,10 +261,11 @@ def running_config(settings: Settings) -> dict[str, Any]:
     return _rolled_config(serve_details(settings), "", None, settings)[0]
 
 
-def _rolled_config(
-    details: dict[str, Any], name: str, version: str | None, settings: Settings
-) -> tuple[dict[str, Any], list[str]]:
-    """The Serve config to PUT (every app) with the champion apps pinned to ``version`` (None: as they are)."""
+def _rolled_config(details: dict[str, Any], name: str, change, settings: Settings) -> tuple[dict[str, Any], list[str]]:
+    """The Serve config to PUT (every app), ``change(args)`` applied to the apps serving models:/NAME@champion.
+
+    ``change`` returns the new args, or None to leave an app as it is; ``change`` None: all as they are.
+    """
     wanted = f"models:/{name}@{CHAMPION}"
     configs, rolled = [], []
     for app_name, app in details.get("applications", {}).items():
@@ -264,8 +279,9 @@ def _rolled_config(
         serves_champion = (
             config.get("import_path") == APP_IMPORT_PATH and (args.get("model") or settings.serve_model) == wanted
         )
-        if version is not None and serves_champion and args.get("model_version") != version:
-            config["args"] = {**args, "model": wanted, "model_version": version}
+        changed = change(args) if change is not None and serves_champion else None
+        if changed is not None:
+            config["args"] = changed
             rolled.append(app_name)
         configs.append(config)
     http = details.get("http_options") or {}
@@ -275,6 +291,117 @@ def _rolled_config(
         "applications": configs,
     }
     return body, rolled
+
+
+def _without_canary(args: dict[str, Any]) -> dict[str, Any]:
+    return {key: value for key, value in args.items() if key != "canary"}
+
+
+# --- canary: a challenger beside the champion, in the same apps --------------------------------
+@dataclass
+class Canary:
+    name: str
+    version: str  # the challenger's
+    champion: str
+    share: float
+    sticky_by: str
+    apps: list[str] = field(default_factory=list)
+
+
+def start_canary(
+    name: str,
+    settings: Settings,
+    version: str | None = None,
+    from_alias: str | None = None,
+    share: float | None = None,
+    sticky_by: str | None = None,
+    wait_s: float = 600.0,
+    actor: str | None = None,
+) -> Canary:
+    """Serve ``version`` (or what ``from_alias`` points to) beside the champion in every app serving it.
+
+    The champion stays pinned (its alias does not move); the canary answers ``share`` of the
+    conversations (settings.canary_share), sticky by ``sticky_by`` (settings.canary_sticky_by).
+    The apps must reach RUNNING, else they are rolled back to what they ran and ServeError is
+    raised. Tags the version ``canary=running`` (:func:`record_canary`).
+    """
+    from ray_app.models import check_model_source
+    from ray_app.registry import RegistryError, get_version
+
+    if (version is None) == (from_alias is None):
+        raise ValueError("give exactly one of version or from_alias")
+    target = get_version(f"models:/{name}@{from_alias}" if from_alias else f"models:/{name}/{version}", settings)
+    try:
+        champion = get_version(f"models:/{name}@{CHAMPION}", settings).version
+    except RegistryError as exc:
+        raise ValueError(f"{name} has no champion to run a canary beside: promote one without --canary") from exc
+    if champion == target.version:
+        raise ValueError(f"version {target.version} already is the champion of {name}")
+    check_model_source(target.source, settings)
+    share, sticky_by = share or settings.canary_share, sticky_by or settings.canary_sticky_by
+    canary = Canary(name, target.version, champion, share, sticky_by)
+    spec = {"model_version": canary.version, "share": canary.share, "sticky_by": canary.sticky_by}
+
+    def with_canary(args: dict[str, Any]) -> dict[str, Any]:
+        return {**args, "model": f"models:/{name}@{CHAMPION}", "model_version": champion, "canary": spec}
+
+    try:
+        canary.apps = _roll(name, with_canary, settings, wait_s, f"version {champion} alone")
+        if not canary.apps:
+            raise ServeError(f"no running Serve app serves models:/{name}@{CHAMPION}: nothing to run a canary in")
+    except Exception as exc:
+        record_canary(name, canary.version, "failed", str(exc), settings, actor)
+        raise
+    reason = f"{canary.share:.0%} of conversations (sticky by {canary.sticky_by}) beside champion {champion}"
+    record_canary(name, canary.version, "running", f"{reason}; apps: {', '.join(canary.apps)}", settings, actor)
+    return canary
+
+
+def stop_canary(
+    name: str, settings: Settings, reason: str, wait_s: float = 600.0, actor: str | None = None
+) -> list[str]:
+    """Roll the canary back: the apps serving ``models:/NAME@champion`` serve the champion alone again.
+
+    Returns the apps rolled; tags the canary's version ``canary=rolled_back`` with ``reason``.
+    """
+    versions = canary_versions(running_config(settings))
+
+    def alone(args: dict[str, Any]) -> dict[str, Any] | None:
+        return _without_canary(args) if "canary" in args else None
+
+    apps = _roll(name, alone, settings, wait_s, "the champion with its canary")
+    for version in sorted(versions):
+        record_canary(name, version, "rolled_back", reason, settings, actor)
+    return apps
+
+
+def canary_versions(config: dict[str, Any]) -> set[str]:
+    """The canary versions a Serve config (``running_config``) serves."""
+    found = {((app.get("args") or {}).get("canary") or {}).get("model_version") for app in config["applications"]}
+    return found - {None}
+
+
+def record_canary(
+    name: str, version: str, state: str, reason: str, settings: Settings, actor: str | None = None
+) -> None:
+    """Tag ``version`` with its canary's state (running, promoted, rolled_back, failed), why, who and when."""
+    import getpass
+    import socket
+
+    from ray_app.registry import client
+
+    tags = {
+        "canary": state,
+        "canary.reason": reason[:4000],
+        "canary.by": f"{actor or 'ray_app.serving.rollout'} ({getpass.getuser()}@{socket.gethostname()})",
+        f"canary.{state}_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+    }
+    try:
+        mlflow = client(settings)
+        for key, value in tags.items():
+            mlflow.set_model_version_tag(name, version, key, value)
+    except Exception:  # a registry that is down too must not hide what happened to Serve
+        log.exception("could not record the canary of %s v%s (%s: %s)", name, version, state, reason)
 
 
 def shutdown(settings: Settings) -> None:

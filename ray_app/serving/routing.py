@@ -1,0 +1,51 @@
+"""Which version answers a request when a canary runs beside the champion: sticky per conversation.
+
+A conversation must not switch models mid-way, and OpenAI clients are stateless, so the key
+is what every turn of one conversation carries:
+
+1. the ``x-conversation-id`` header (the chat sends its thread id);
+2. else the request's ``user`` field;
+3. else the conversation's opening: its first system and first user message (every later turn
+   re-sends them), or a completion's prompt.
+
+(``sticky_by: user`` tries the ``user`` field first; ``request`` draws each request anew.)
+The key is hashed to a point in [0, 1): below the canary's share -> the canary. The same key
+gives the same version on every ingress replica and after restarts; growing the share only
+moves conversations from the champion to the canary, never back.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import random
+
+from ray_app.serving.protocol import ChatCompletionRequest, OpenAIRequest
+
+CONVERSATION_HEADER = "x-conversation-id"
+
+
+def conversation_key(body: OpenAIRequest, conversation_id: str | None, sticky_by: str = "conversation") -> str:
+    """The key that keeps one conversation on one version (see the module doc); '' for ``request``."""
+    if sticky_by == "request":
+        return ""
+    by_header = f"conversation:{conversation_id}" if conversation_id else ""
+    by_user = f"user:{body.user}" if body.user else ""
+    first, second = (by_user, by_header) if sticky_by == "user" else (by_header, by_user)
+    return first or second or f"opening:{_opening(body)}"
+
+
+def goes_to_canary(key: str, share: float) -> bool:
+    """Whether the conversation with ``key`` is answered by the canary (``share`` of all keys are)."""
+    if not key:
+        return random.random() < share  # noqa: S311 - traffic splitting, not security
+    point = int.from_bytes(hashlib.sha256(key.encode()).digest()[:8], "big") / 2**64
+    return point < share
+
+
+def _opening(body: OpenAIRequest) -> str:
+    if isinstance(body, ChatCompletionRequest):
+        system = next((m.text() for m in body.messages if m.role in ("system", "developer")), "")
+        user = next((m.text() for m in body.messages if m.role == "user"), "")
+        return f"{system}\x00{user}"
+    prompt = body.prompt
+    return prompt if isinstance(prompt, str) else "\x00".join(prompt[:1])

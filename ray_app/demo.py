@@ -143,46 +143,17 @@ def run_demo(settings: Settings, console: Console, fast: bool = False, model: st
     with step(console, 3, total, f"fine-tuning with Ray Train + DeepSpeed ({cfg.num_workers} workers, "
               f"{cfg.deepspeed}, {cfg.max_steps} steps), checkpoints to the store, registered in MLflow",
               ray_logs):  # fmt: skip
-        import logging
-
-        import ray
-
-        from training.sft import run
-
-        logging.getLogger("ray.data").setLevel(logging.WARNING)  # the bar says enough; Ray's log has the rest
-        if not ray.is_initialized():
-            credentials.apply_ray_client_env(settings)
-            credentials.export_to_this_process(settings)
-            env = settings.worker_env() | {"DS_ACCELERATOR": "cuda" if cfg.use_gpu else "cpu"}
-            ray.init(address=settings.ray_address, runtime_env={"env_vars": env}, log_to_driver=False,
-                     logging_level=logging.WARNING)  # fmt: skip
-        with TrainingProgress(settings, cfg.experiment, run_name, cfg.max_steps or 0, console):
-            result = run(cfg, settings)
+        result = _train(console, cfg, settings)
         console.print(f"    {cfg.registered_model} version {result.registered_version} (alias challenger), "
                       f"eval loss {result.eval_loss:.4f}")  # fmt: skip
-
-    from ray_app import promotion
 
     name = cfg.registered_model or "chat-model"
     margin = settings.promotion_min_improvement
     gating = (f"gating: the candidate replaces `champion` only if its eval loss is {margin:.0%} lower than the "
               "champion's (or the base model's) on the same data")  # fmt: skip
     with step(console, 4, total, gating, settings.mlflow_server_url):
-        # The candidate and the base model were evaluated on cfg.eval_data already: only a champion is.
-        known = {base_ref: base.loss}
-        if result.eval_loss is not None:
-            known[f"models:/{name}/{result.registered_version}"] = result.eval_loss
-        evaluation = promotion.evaluate(cfg, settings, result.registered_version, known_losses=known)
-        decision = promotion.decide(cfg, settings, result.registered_version, margin, actor="llmops demo")
-        promoted, reason, reference = decision["promoted"], decision["reason"], evaluation.reference_loss
-        against = f"champion v{evaluation.champion_version}" if evaluation.champion_version else "the base model"
-        if promoted:
-            console.print(f"    promoted v{result.registered_version} to champion over {against}: {reason}")
-        else:
-            console.print(f"    kept {against}: {reason}")
-    champion = evaluation.champion_version
-    has_champion = promoted or champion is not None
-    served = f"models:/{name}@champion" if has_champion else base_ref
+        promoted, reason, reference, champion = _gate(console, cfg, settings, result, {base_ref: base.loss})
+    served = f"models:/{name}@champion" if promoted or champion is not None else base_ref
 
     with step(console, 5, total, f"serving {served} with Ray Serve ({SERVE_CONFIG.relative_to(ROOT)})", ray_logs):
         from ray_app.serving.rollout import deploy, load_serve_config
@@ -208,22 +179,69 @@ def run_demo(settings: Settings, console: Console, fast: bool = False, model: st
         stack.up(["chat"], echo=lambda line: console.print(f"    {line}"))
 
     with step(console, 8, total, "summary", stack_logs):
-        from ray_app.registry import client
+        outcome = f"{'promoted' if promoted else 'not promoted'}: {reason}"
+        console.print(_summary(settings, result, base.loss, outcome))
+    return DemoResult(base_loss=base.loss, candidate_loss=result.eval_loss, champion_loss=reference,
+                      promoted=promoted, reason=reason, run_id=result.mlflow_run_id,
+                      registered=result.registered_version, served_model=served)  # fmt: skip
 
-        experiment_id = client(settings).get_run(result.mlflow_run_id).info.experiment_id
-        run_url = f"{settings.mlflow_server_url}/#/experiments/{experiment_id}/runs/{result.mlflow_run_id}"
-        login = ", ".join(load_logins(settings).users)
-        password = "" if settings.chat_users else f" (password in {settings.chat_admin_password_path})"
-        where = "MLFLOW_TRACKING_PASSWORD" if settings.mlflow_tracking_password else settings.mlflow_admin_password_path
-        mlflow_login = f"login {credentials.mlflow_identity(settings)[0]}, password in {where}"
-        candidate = f"{result.eval_loss:.4f}" if result.eval_loss is not None else "n/a"
-        console.print(f"""
-    eval loss   base {base.loss:.4f} -> candidate {candidate} ({"promoted" if promoted else "not promoted"}: {reason})
+
+def _train(console: Console, cfg, settings: Settings):
+    """The recipe on the stack's Ray head, with a live progress bar (Ray's own logging kept quiet)."""
+    import logging
+
+    import ray
+
+    from training.sft import run
+
+    logging.getLogger("ray.data").setLevel(logging.WARNING)  # the bar says enough; Ray's log has the rest
+    if not ray.is_initialized():
+        credentials.apply_ray_client_env(settings)
+        credentials.export_to_this_process(settings)
+        env = settings.worker_env() | {"DS_ACCELERATOR": "cuda" if cfg.use_gpu else "cpu"}
+        ray.init(address=settings.ray_address, runtime_env={"env_vars": env}, log_to_driver=False,
+                 logging_level=logging.WARNING)  # fmt: skip
+    with TrainingProgress(settings, cfg.experiment, cfg.run_name, cfg.max_steps or 0, console):
+        return run(cfg, settings)
+
+
+def _gate(console: Console, cfg, settings: Settings, result, known: dict[str, float]):
+    """The demo's gate (ray_app.promotion, the DAG's too): (promoted, reason, reference loss, champion version).
+
+    ``known``: losses already measured on ``cfg.eval_data`` (the base model's); the candidate's
+    eval loss from its run is one too, so only an existing champion is evaluated here.
+    """
+    from ray_app import promotion
+
+    name = cfg.registered_model or "chat-model"
+    if result.eval_loss is not None:
+        known = {**known, f"models:/{name}/{result.registered_version}": result.eval_loss}
+    evaluation = promotion.evaluate(cfg, settings, result.registered_version, known_losses=known)
+    margin = settings.promotion_min_improvement
+    decision = promotion.decide(cfg, settings, result.registered_version, margin, actor="llmops demo")
+    against = f"champion v{evaluation.champion_version}" if evaluation.champion_version else "the base model"
+    if decision["promoted"]:
+        console.print(f"    promoted v{result.registered_version} to champion over {against}: {decision['reason']}")
+    else:
+        console.print(f"    kept {against}: {decision['reason']}")
+    return decision["promoted"], decision["reason"], evaluation.reference_loss, evaluation.champion_version
+
+
+def _summary(settings: Settings, result, base_loss: float, outcome: str) -> str:
+    """The demo's last words: where everything is and how to log in."""
+    from ray_app.registry import client
+
+    experiment_id = client(settings).get_run(result.mlflow_run_id).info.experiment_id
+    run_url = f"{settings.mlflow_server_url}/#/experiments/{experiment_id}/runs/{result.mlflow_run_id}"
+    login = ", ".join(load_logins(settings).users)
+    password = "" if settings.chat_users else f" (password in {settings.chat_admin_password_path})"
+    where = "MLFLOW_TRACKING_PASSWORD" if settings.mlflow_tracking_password else settings.mlflow_admin_password_path
+    mlflow_login = f"login {credentials.mlflow_identity(settings)[0]}, password in {where}"
+    candidate = f"{result.eval_loss:.4f}" if result.eval_loss is not None else "n/a"
+    return f"""
+    eval loss   base {base_loss:.4f} -> candidate {candidate} ({outcome})
     chat        {settings.chat_url}  login: {login}{password}
     Serve API   {settings.serve_url}/v1  (key in LLMOPS_API_KEYS or {settings.serve_api_key_path})
     MLflow run  {run_url}  ({mlflow_login})
     Ray         {settings.ray_dashboard_url}  (token: `.venv/bin/llmops token ray`)
-    stop it all with: .venv/bin/llmops down""")
-    return DemoResult(base_loss=base.loss, candidate_loss=result.eval_loss, champion_loss=reference,
-                      promoted=promoted, reason=reason, run_id=result.mlflow_run_id,
-                      registered=result.registered_version, served_model=served)  # fmt: skip
+    stop it all with: .venv/bin/llmops down"""

@@ -1152,14 +1152,15 @@ def test_a_failed_promotion_leaves_champion_and_serve_on_the_old_version(
     serve_app, mlflow_server, registered_tiny_models, tmp_path
 ):
     """Four ways a promotion fails (the dashboard unreachable, a folder without its manifest, a
-    model whose replicas crash-loop, an alias that cannot move): each raises with the reason,
-    `champion` stays on v1, Serve keeps answering with v1, and the decision is tagged on the version."""
+    model whose replicas crash-loop, an alias that cannot move), and a crash-looping canary: each
+    raises with the reason, `champion` stays on v1, Serve keeps answering with v1 alone, and the
+    decision is tagged on the version."""
     from mlflow import MlflowClient
 
     from ray_app.credentials import as_serve_identity
     from ray_app.models import ModelResolutionError
     from ray_app.registry import RegistryError, get_version, register_model_version
-    from ray_app.serving.rollout import ServeError, promote, running_config
+    from ray_app.serving.rollout import ServeError, promote, running_config, start_canary
     from ray_app.storage import open_store
 
     old, new = registered_tiny_models
@@ -1189,6 +1190,11 @@ def test_a_failed_promotion_leaves_champion_and_serve_on_the_old_version(
         promote(REGISTERED, serve_app.settings, version=broken.version, wait_s=240)
     print(f"crash-looping rollout detected and rolled back in {time.monotonic() - started:.0f} s")
     still_on_v1()
+    # The same model as a canary: its replicas crash-loop, so it is rolled back at once.
+    with pytest.raises(ServeError, match=f"rolled back to version {old} alone"):
+        start_canary(REGISTERED, serve_app.settings, version=broken.version, share=0.5, wait_s=240, actor="test")
+    still_on_v1()
+    assert "canary" not in running_config(serve_app.settings)["applications"][0]["args"]
     # The alias cannot move once Serve was rolled (an identity that may only read the registry):
     # Serve is put back to exactly the configs it ran.
     before = running_config(serve_app.settings)
@@ -1203,6 +1209,8 @@ def test_a_failed_promotion_leaves_champion_and_serve_on_the_old_version(
         tags = client.get_model_version(REGISTERED, version).tags
         assert tags["promotion"] == "failed" and reason in tags["promotion.reason"], tags
         assert tags["promotion.from"] == old and tags["promotion.to"] == version and tags["promotion.by"]
+    canary = client.get_model_version(REGISTERED, broken.version).tags
+    assert canary["canary"] == "failed" and "failed to deploy" in canary["canary.reason"], canary
 
 
 def test_a_worse_canary_is_rolled_back_by_its_feedback_sticky_per_conversation_without_a_failed_request(

@@ -146,6 +146,14 @@ def status() -> None:
     console.print(_status_table(rows))
     for line in login_hints(current, {row.name for row in rows}):
         console.print(line, highlight=False, soft_wrap=True)
+    if any(row.name == "ray" and row.healthy for row in rows):
+        from ray_app.serving.rollout import ServeError, canary_lines
+
+        try:
+            for line in canary_lines(current):
+                console.print(line, highlight=False, soft_wrap=True)
+        except ServeError as exc:  # Serve not started, or an app deployed from Python: nothing to say
+            console.print(f"Serve: {exc}", highlight=False, soft_wrap=True)
     if not all(row.healthy for row in rows):
         raise typer.Exit(3)
 

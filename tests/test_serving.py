@@ -1226,7 +1226,7 @@ def test_a_worse_canary_is_rolled_back_by_its_feedback_sticky_per_conversation_w
 
     from ray_app.promotion import CanaryPolicy, judge_canary
     from ray_app.registry import get_version
-    from ray_app.serving.rollout import running_config, start_canary
+    from ray_app.serving.rollout import canary_lines, running_config, start_canary
 
     old, new = registered_tiny_models
     champion, challenger = f"{REGISTERED}/{old}", f"{REGISTERED}/{new}"
@@ -1257,6 +1257,10 @@ def test_a_worse_canary_is_rolled_back_by_its_feedback_sticky_per_conversation_w
         assert args["model_version"] == old and args["canary"] == {"model_version": new, "share": 0.5,
                                                                   "sticky_by": "conversation"}  # fmt: skip
         assert get_version(f"models:/{REGISTERED}@champion", mlflow_server).version == old
+        assert canary_lines(serve_app.settings) == [  # what `llmops status` shows
+            f"Serve app chat: {REGISTERED} champion v{old}, canary v{new} for 50% of conversations (sticky by "
+            "conversation); not judged yet (`llmops judge`)"
+        ]
         for version in (champion, challenger):  # the chat's users dislike v2's answers, like v1's
             rated = [("What does Ray Serve do?", "an answer", 0 if version == challenger else 1, None)] * 6
             write_feedback(str(serve_app.settings.chat_database_url), rated, model_version=version)
@@ -1269,6 +1273,7 @@ def test_a_worse_canary_is_rolled_back_by_its_feedback_sticky_per_conversation_w
     assert {version for t, _, version in load.results if t > stopped} == {champion}
     assert set().union(*(conversation(f"Question {i}: what does Ray Serve do?") for i in range(4))) == {champion}
     assert "canary" not in running_config(serve_app.settings)["applications"][0]["args"]
+    assert canary_lines(serve_app.settings) == []
     assert get_version(f"models:/{REGISTERED}@champion", mlflow_server).version == old
     tags = MlflowClient(mlflow_server.mlflow_tracking_uri).get_model_version(REGISTERED, new).tags
     assert tags["canary"] == "rolled_back" and tags["canary.verdict"] == "rollback", tags

@@ -375,6 +375,29 @@ def stop_canary(
     return apps
 
 
+def canary_lines(settings: Settings) -> list[str]:
+    """One line per Serve app running a canary: versions, share, stickiness, its last verdict (``llmops status``)."""
+    from ray_app.registry import RegistryError, get_version
+
+    lines = []
+    for app in running_config(settings)["applications"]:
+        args = app.get("args") or {}
+        canary = args.get("canary")
+        if not canary:
+            continue
+        name = str(args.get("model", "")).removeprefix("models:/").split("@")[0]
+        try:
+            tags = get_version(f"models:/{name}/{canary['model_version']}", settings).tags
+            verdict = f"; last verdict: {tags['canary.verdict']} ({tags.get('canary.verdict_reason', '')})" \
+                if tags.get("canary.verdict") else "; not judged yet (`llmops judge`)"  # fmt: skip
+        except RegistryError as exc:
+            verdict = f"; verdict unknown: {exc}"
+        lines.append(f"Serve app {app['name']}: {name} champion v{args.get('model_version')}, canary "
+                     f"v{canary['model_version']} for {canary['share']:.0%} of conversations (sticky by "
+                     f"{canary.get('sticky_by', 'conversation')}){verdict}")  # fmt: skip
+    return lines
+
+
 def canary_versions(config: dict[str, Any]) -> set[str]:
     """The canary versions a Serve config (``running_config``) serves."""
     found = {((app.get("args") or {}).get("canary") or {}).get("model_version") for app in config["applications"]}

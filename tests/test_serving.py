@@ -992,7 +992,7 @@ class Load:
                     assert chunks and chunks[-1].choices[0].finish_reason
                 self.results.append((time.monotonic(), raw.status_code, raw.headers.get("x-model-version", "")))
             except Exception as exc:
-                self.errors.append(repr(exc))
+                self.errors.append(f"{exc!r}: {getattr(exc, 'message', '')}")  # the OpenAI error's text too
 
     def __enter__(self) -> Load:
         for thread in self.threads:

@@ -33,7 +33,7 @@ class CanaryArgs(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     model_version: str = Field(pattern=r"^\d+$", description="the challenger's registry version")
-    share: float = Field(gt=0, lt=1, description="fraction of conversations it answers (0.1 = 10%)")
+    share: float = Field(ge=0, lt=1, description="fraction of conversations it answers (0.1 = 10%; 0 = draining)")
     sticky_by: Literal["conversation", "user", "request"] = Field(
         default="conversation",
         description="conversation: the x-conversation-id header, else the `user` field, else the conversation's "

@@ -26,6 +26,7 @@ from ray_app import credentials
 from ray_app.settings import Settings
 
 APP_IMPORT_PATH = "ray_app.serving.app:build_app"
+INGRESS_DEPLOYMENT = "OpenAIIngress"  # ray_app.serving.ingress.INGRESS_NAME (not imported: no Serve here)
 CHAMPION = "champion"
 
 
@@ -159,6 +160,7 @@ def promote(
         check_model_source(target.source, settings)
         before = running_config(settings) if rollout else None
         if rollout:
+            drain_canaries(name, settings, wait_s)  # no request is on a canary when its deployment goes
             promotion.rolled_apps = roll_serve_apps(name, target.version, settings, wait_s, previous=previous)
         try:
             set_alias(name, CHAMPION, target.version, settings)
@@ -369,9 +371,34 @@ def stop_canary(
     def alone(args: dict[str, Any]) -> dict[str, Any] | None:
         return _without_canary(args) if "canary" in args else None
 
+    drain_canaries(name, settings, wait_s)
     apps = _roll(name, alone, settings, wait_s, "the champion with its canary")
     for version in sorted(versions):
         record_canary(name, version, "rolled_back", reason, settings, actor)
+    return apps
+
+
+def drain_canaries(name: str, settings: Settings, wait_s: float = 600.0) -> list[str]:
+    """Route no new conversation to the canaries of ``name`` (share 0) and wait until the old ingress replicas are gone.
+
+    The first half of ending a canary: removing its deployment while an ingress still sends it
+    requests fails them. Returns the apps drained ([] when none runs a canary).
+    """
+
+    def draining(args: dict[str, Any]) -> dict[str, Any] | None:
+        canary = args.get("canary")
+        return {**args, "canary": {**canary, "share": 0.0}} if canary and canary.get("share") else None
+
+    apps = _roll(name, draining, settings, wait_s, "their canaries")
+    deadline = time.monotonic() + wait_s
+    while apps:
+        details = serve_details(settings)["applications"]
+        ingresses = [details.get(app, {}).get("deployments", {}).get(INGRESS_DEPLOYMENT, {}) for app in apps]
+        if all(r.get("state") == "RUNNING" for i in ingresses for r in i.get("replicas", [])):
+            break
+        if time.monotonic() > deadline:
+            raise ServeError(f"the old ingress replicas of {', '.join(apps)} did not drain in {wait_s:.0f}s")
+        time.sleep(1.0)
     return apps
 
 

@@ -147,9 +147,7 @@ def promote(
     from ray_app.models import check_model_source
     from ray_app.registry import RegistryError, get_version, set_alias
 
-    if (version is None) == (from_alias is None):
-        raise ValueError("give exactly one of version or from_alias")
-    target = get_version(f"models:/{name}@{from_alias}" if from_alias else f"models:/{name}/{version}", settings)
+    target = _target(name, version, from_alias, settings)
     try:
         previous = get_version(f"models:/{name}@{CHAMPION}", settings).version
     except RegistryError:
@@ -195,9 +193,6 @@ def record_promotion(
     The one place these tags are written; a tracking server that is down too does not hide
     the original error (the failure is logged).
     """
-    import getpass
-    import socket
-
     from ray_app.registry import client
 
     tags = {
@@ -205,8 +200,8 @@ def record_promotion(
         "promotion.reason": reason[:4000],
         "promotion.from": previous or "none",
         "promotion.to": version,
-        "promotion.by": f"{actor or 'ray_app.serving.rollout.promote'} ({getpass.getuser()}@{socket.gethostname()})",
-        "promotion.at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        "promotion.by": _by(actor, "ray_app.serving.rollout.promote"),
+        "promotion.at": _now(),
     }
     try:
         mlflow = client(settings)
@@ -330,9 +325,7 @@ def start_canary(
     from ray_app.models import check_model_source
     from ray_app.registry import RegistryError, get_version
 
-    if (version is None) == (from_alias is None):
-        raise ValueError("give exactly one of version or from_alias")
-    target = get_version(f"models:/{name}@{from_alias}" if from_alias else f"models:/{name}/{version}", settings)
+    target = _target(name, version, from_alias, settings)
     try:
         champion = get_version(f"models:/{name}@{CHAMPION}", settings).version
     except RegistryError as exc:
@@ -435,16 +428,13 @@ def record_canary(
     name: str, version: str, state: str, reason: str, settings: Settings, actor: str | None = None
 ) -> None:
     """Tag ``version`` with its canary's state (running, promoted, rolled_back, failed), why, who and when."""
-    import getpass
-    import socket
-
     from ray_app.registry import client
 
     tags = {
         "canary": state,
         "canary.reason": reason[:4000],
-        "canary.by": f"{actor or 'ray_app.serving.rollout'} ({getpass.getuser()}@{socket.gethostname()})",
-        f"canary.{state}_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        "canary.by": _by(actor, "ray_app.serving.rollout"),
+        f"canary.{state}_at": _now(),
     }
     try:
         mlflow = client(settings)
@@ -462,3 +452,24 @@ def shutdown(settings: Settings) -> None:
         raise
     except Exception as exc:
         raise ServeError(f"cannot shut Serve down at {settings.ray_dashboard_url}: {exc}") from exc
+
+
+def _target(name: str, version: str | None, from_alias: str | None, settings: Settings):
+    """The registry version named by exactly one of ``version`` or ``from_alias``."""
+    from ray_app.registry import get_version
+
+    if (version is None) == (from_alias is None):
+        raise ValueError("give exactly one of version or from_alias")
+    return get_version(f"models:/{name}@{from_alias}" if from_alias else f"models:/{name}/{version}", settings)
+
+
+def _by(actor: str | None, default: str) -> str:
+    """Who made a decision, as the version's tags record it: the actor, the OS user and the host."""
+    import getpass
+    import socket
+
+    return f"{actor or default} ({getpass.getuser()}@{socket.gethostname()})"
+
+
+def _now() -> str:
+    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())

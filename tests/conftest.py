@@ -367,6 +367,18 @@ def ray_client(ray_cluster: Settings) -> Iterator[Settings]:
         ray.shutdown()
 
 
+@pytest.fixture(scope="module")
+def cluster(ray_client: Settings, mlflow_server: Settings, tmp_path_factory) -> Settings:
+    """Settings for training: the Ray head, the MLflow server, the S3 store, W&B offline."""
+    return ray_client.model_copy(
+        update={
+            "home": tmp_path_factory.mktemp("train-home"),
+            "mlflow_tracking_uri": mlflow_server.mlflow_tracking_uri,
+            "store_uri": "s3://llmops-train/store",
+        }
+    )
+
+
 @pytest.fixture(autouse=True, scope="module")
 def _no_tracking_env_leaks() -> Iterator[None]:
     """`registry.configure_tracking` exports MLFLOW_*/AWS_* for the mlflow client; keep them to one module."""

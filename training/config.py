@@ -69,6 +69,9 @@ class SFTConfig(BaseModel):
     micro_batch_size: int = Field(default=2, ge=1)
     grad_accum: int = Field(default=1, ge=1)
     pack: bool = True
+    shuffle_buffer: int = Field(
+        default=0, ge=0, description="rows each worker shuffles its shard in, anew each epoch (seeded: resumable)"
+    )
     seed: int = 42
 
     # checkpoints, evaluation, tracking
@@ -159,8 +162,11 @@ def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]
     return raw
 
 
-def load_config(path: str | Path | None = None, overrides: list[str] | None = None, **values: Any) -> SFTConfig:
-    """Read a YAML recipe config, apply overrides, validate.
+def load_config(
+    path: str | Path | None = None, overrides: list[str] | None = None, schema: type[SFTConfig] | None = None,
+    **values: Any,
+) -> SFTConfig:  # fmt: skip
+    """Read a YAML recipe config, apply overrides, validate (as ``schema``: SFTConfig or a recipe's subclass).
 
     Relative dataset paths are taken relative to the config file's folder when they exist
     there, else to the current directory. Raises ConfigError with one line per bad field.
@@ -184,7 +190,7 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
             raw[key] = [raw[key]]
         raw[key] = [_relative_to(uri, base) for uri in raw.get(key) or []] or raw.get(key)
     try:
-        return SFTConfig(**{k: v for k, v in raw.items() if v is not None or k == "model"})
+        return (schema or SFTConfig)(**{k: v for k, v in raw.items() if v is not None or k == "model"})
     except ValidationError as exc:
         lines = []
         for error in exc.errors():

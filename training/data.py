@@ -228,11 +228,11 @@ def _label_tokens(block: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
     return {"n": np.asarray([int((np.asarray(block["labels"]) != IGNORE_INDEX).sum())])}
 
 
-def read_records(uris: list[str], settings: Settings) -> list[list[dict[str, str]]]:
-    """Every valid conversation of small jsonl files (eval sets), read without Ray; bad lines skipped."""
+def read_text_lines(uris: list[str], settings: Settings) -> list[tuple[str, int, str]]:
+    """``(file, line number, line)`` of every non-blank line of small jsonl files or folders, read without Ray."""
     import pyarrow.fs
 
-    conversations = []
+    lines = []
     for uri in uris:
         path, filesystem = pyarrow_location(uri, settings)
         filesystem = filesystem or pyarrow.fs.LocalFileSystem()
@@ -245,13 +245,19 @@ def read_records(uris: list[str], settings: Settings) -> list[list[dict[str, str
             files = sorted(i.path for i in filesystem.get_file_info(selector) if i.path.endswith((".jsonl", ".json")))
         for file in files:
             with filesystem.open_input_stream(file) as stream:
-                for number, line in enumerate(stream.read().decode().splitlines(), start=1):
-                    if not line.strip():
-                        continue
-                    try:
-                        conversations.append(parse_record(line))
-                    except ValueError as exc:
-                        log.warning("skipping %s line %d: %s", file, number, exc)
+                text = stream.read().decode()
+            lines += [(file, number, line) for number, line in enumerate(text.splitlines(), start=1) if line.strip()]
+    return lines
+
+
+def read_records(uris: list[str], settings: Settings) -> list[list[dict[str, str]]]:
+    """Every valid conversation of small jsonl files (eval sets), read without Ray; bad lines skipped."""
+    conversations = []
+    for file, number, line in read_text_lines(uris, settings):
+        try:
+            conversations.append(parse_record(line))
+        except ValueError as exc:
+            log.warning("skipping %s line %d: %s", file, number, exc)
     if not conversations:
         raise DatasetError(f"no usable chat record in {', '.join(uris)}")
     return conversations

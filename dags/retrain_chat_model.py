@@ -1,6 +1,6 @@
 """Retrain the chat model from the chat's feedback on Ray; promote it only when it is better.
 
-export_feedback -> enough_new_data -> train -> evaluate -> promote -> champion_changed -> rollout
+export_feedback -> enough_new_data -> train -> evaluate -> promote -> gate_passed -> rollout
 
 Every step that touches data or models is a Ray job (``RayJobOperator``, connection
 ``ray_default`` = the Ray dashboard URL): the Airflow side needs no torch and no access to the
@@ -11,14 +11,21 @@ store, MLflow or the chat database. Each job prints its result, which becomes th
   the run is skipped (not failed) when there are fewer than ``min_new_examples`` new ones.
 - train: ``python -m training.sft`` with the run's config; registers version N (alias challenger).
 - evaluate: held-out loss of version N and of the current champion, tagged on version N.
-- promote: ``champion`` moves to N only if its loss is lower by ``min_improvement`` (a
-  fraction), atomically: the Serve apps serving ``models:/NAME@champion`` run N before the
-  alias moves, or are rolled back and the task fails; the decision is tagged on N
-  (``promotion``, ``promotion.reason``, ``.from``, ``.to``, ``.by``, ``.at``).
-- rollout: checks that those apps run N (re-rolls any that do not).
+- promote: the offline gate (``ray_app.promotion``): N wins only if its loss is lower by
+  ``min_improvement`` (a fraction). A winner is served as a **canary** beside the champion to
+  ``canary_share`` of the conversations (sticky per conversation); with ``canary_share`` 0, or
+  when no Serve app serves the champion (no traffic to judge), it is promoted at once,
+  atomically (Serve runs N before the alias moves). Every decision is tagged on N.
+- rollout: waits (deferred: the Ray job judges, the task holds no worker slot) for the canary's
+  verdict: live error ratio and TTFT p95 from Prometheus and the chat's thumbs-down rate per
+  version, judged every ``canary_window_s``/10 (5-60 s); a hard failure or worse feedback rolls
+  it back at once (the champion stays), a canary that held up for ``canary_window_s`` is
+  promoted (alias moves, all traffic, old replicas drain). Ends with ``decision`` promoted or
+  rolled_back; then checks that the apps serving ``models:/NAME@champion`` run the champion.
 
-Schedule, config and thresholds come from settings (``LLMOPS_RETRAIN_*``); a manual run can
-override them with params. Module level imports nothing heavy: parsing stays well under 2 s.
+Schedule, config and thresholds come from settings (``LLMOPS_RETRAIN_*``, ``LLMOPS_CANARY_*``);
+a manual run can override recipe, margins, canary share and window with params. Module level
+imports nothing heavy: parsing stays well under 2 s.
 """
 
 from __future__ import annotations
@@ -51,6 +58,8 @@ FROM_EXPORT = (
 RECIPE = "--config {{ params.config | shq }}{% for o in params.overrides %} --set {{ o | shq }}{% endfor %}"
 MARGIN = "{{ params.min_improvement }}"
 VERSION = "{{ ti.xcom_pull(task_ids='train')['registered_version'] }}"
+WINDOW = "{{ params.canary_window_s }}"
+MAX_CANARY_WINDOW_S = 24 * 3600
 
 with DAG(
     dag_id="retrain_chat_model",
@@ -65,6 +74,20 @@ with DAG(
         "overrides": Param([], type="array", description="recipe overrides, key=value (as --set)"),
         "min_new_examples": Param(settings.retrain_min_new_examples, type="integer", minimum=0),
         "min_improvement": Param(settings.promotion_min_improvement, type="number", minimum=0, maximum=1),
+        "canary_share": Param(
+            settings.canary_share,
+            type="number",
+            minimum=0,
+            exclusiveMaximum=1,
+            description="share of conversations a winner answers before promotion (0: no canary)",
+        ),
+        "canary_window_s": Param(
+            settings.canary_window_s,
+            type="number",
+            minimum=1,
+            maximum=MAX_CANARY_WINDOW_S,
+            description="how long a canary is judged before it may be promoted",
+        ),
     },
     user_defined_filters={"shq": shlex.quote, "slug": _slug, "day": _day},
     tags=["ray", "mlflow", "retraining"],
@@ -101,18 +124,26 @@ with DAG(
 
     promote = RayJobOperator(
         task_id="promote",
-        entrypoint=f"{PIPELINE} promote {RECIPE} --version {VERSION} --min-improvement {MARGIN}",
-    )
+        entrypoint=(f"{PIPELINE} promote {RECIPE} --version {VERSION} --min-improvement {MARGIN} "
+                    "--canary-share {{ params.canary_share }}"),
+    )  # fmt: skip
 
     @task.short_circuit
-    def champion_changed(decision: dict) -> bool:
-        """Roll Serve out only when promote moved the champion; the reason is in the log and in MLflow."""
+    def gate_passed(decision: dict) -> bool:
+        """Roll out when promote moved the champion or started a canary; the reason is logged and in MLflow."""
+        if decision.get("canary"):
+            print(f"canary started: {decision['reason']}")
+            return True
         verdict = "promoted" if decision["promoted"] else "kept the champion"
         print(f"{verdict}: {decision['reason']}")
         return bool(decision["promoted"])
 
-    rollout = RayJobOperator(task_id="rollout", entrypoint=f"{PIPELINE} rollout {RECIPE} --version {VERSION}")
+    rollout = RayJobOperator(
+        task_id="rollout",
+        entrypoint=f"{PIPELINE} rollout {RECIPE} --version {VERSION} --canary-window-s {WINDOW}",
+        execution_timeout=timedelta(seconds=MAX_CANARY_WINDOW_S + 3600),  # a canary's window, and a promotion
+    )  # fmt: skip
 
     gate = enough_new_data(export_feedback.output)
     gate >> train >> evaluate >> promote
-    champion_changed(promote.output) >> rollout
+    gate_passed(promote.output) >> rollout

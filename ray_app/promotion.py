@@ -137,13 +137,17 @@ def evaluate(cfg, settings: Settings, version: str, known_losses: dict[str, floa
 
 
 def decide(
-    cfg, settings: Settings, version: str, margin: float | None, actor: str, rollout: bool = True
-) -> dict[str, Any]:
+    cfg, settings: Settings, version: str, margin: float | None, actor: str, rollout: bool = True,
+    canary_share: float = 0.0,
+) -> dict[str, Any]:  # fmt: skip
     """Apply the offline gate to evaluated ``version``; promote it atomically if it wins, else record the rejection.
 
     Refuses (PromotionError) a version not evaluated, or evaluated against a champion that has
     moved since. ``margin`` None is ``settings.promotion_min_improvement``; ``rollout`` False moves
-    the alias without rolling Serve (``llmops promote --no-rollout``).
+    the alias without rolling Serve (``llmops promote --no-rollout``). With ``canary_share`` > 0, a
+    winner is first served as a canary beside the champion (``result["canary"]``; the alias stays,
+    :func:`await_canary` decides) - unless there is no champion or no Serve app serves it: no live
+    traffic to judge, so it is promoted on the gate alone (the reason says so).
     """
     from ray_app.registry import get_version
     from ray_app.serving.rollout import promote, record_promotion
@@ -167,10 +171,39 @@ def decide(
     if not gate.promoted:
         record_promotion(name, version, previous, "rejected", gate.reason, settings, actor=actor)
         return {"name": name, "version": version, "promoted": False, "reason": gate.reason, "previous": previous}
+    reason = gate.reason
+    if canary_share and rollout and previous is not None:
+        canary, why = _canary_for(name, version, canary_share, settings, actor)
+        if canary is not None:
+            return {"name": name, "version": version, "promoted": False, "canary": canary, "previous": previous,
+                    "reason": f"{gate.reason}; {why}"}  # fmt: skip
+        reason = f"{gate.reason}; {why}"
     # Atomic: Serve's champion apps run the new version before the alias moves (or nothing changes).
     promotion = promote(name, settings, version=version, rollout=rollout, actor=actor)
-    return {"name": name, "version": version, "promoted": True, "reason": gate.reason, "previous": previous,
+    return {"name": name, "version": version, "promoted": True, "reason": reason, "previous": previous,
             "rolled_apps": promotion.rolled_apps}  # fmt: skip
+
+
+def _canary_for(name: str, version: str, share: float, settings: Settings, actor: str) -> tuple[dict | None, str]:
+    """Serve ``version`` as the canary of ``name`` (or find it served so already): (its description, why).
+
+    (None, why) when no Serve app serves the champion: there is no traffic to judge it on.
+    """
+    from ray_app.serving.rollout import champion_apps, running_config, start_canary
+
+    apps = champion_apps(name, settings)
+    if not apps:
+        return None, f"no Serve app serves models:/{name}@champion: promoted without a canary"
+    running = [app for app in running_config(settings)["applications"] if app["name"] in apps
+               and ((app.get("args") or {}).get("canary") or {}).get("model_version") == version]  # fmt: skip
+    if running:  # a retried step: the canary it started runs on
+        spec = running[0]["args"]["canary"]
+        share, sticky_by, apps = spec["share"], spec.get("sticky_by"), [app["name"] for app in running]
+    else:
+        started = start_canary(name, settings, version=version, share=share, actor=actor)
+        share, sticky_by, apps = started.share, started.sticky_by, started.apps
+    canary = {"version": version, "share": share, "sticky_by": sticky_by, "apps": apps}
+    return canary, f"canary for {share:.0%} of conversations (sticky by {sticky_by}) in {', '.join(apps)}"
 
 
 def _registered_name(cfg) -> str:
@@ -217,6 +250,8 @@ class CanaryPolicy:
             window_s=settings.canary_window_s,
             max_error_ratio=settings.canary_max_error_ratio,
             min_requests=settings.canary_min_requests,
+            latency_margin=settings.canary_latency_margin,
+            latency_floor_s=settings.canary_latency_floor_s,
             worse_probability=settings.canary_worse_probability,
             min_ratings=settings.canary_min_ratings,
         )
@@ -365,7 +400,7 @@ def judge_canary(name: str, settings: Settings, policy: CanaryPolicy | None = No
     from ray_app.serving.rollout import canary_versions, promote, running_config, stop_canary
 
     policy = policy or CanaryPolicy.from_settings(settings)
-    running = sorted(canary_versions(running_config(settings)))
+    running = sorted(canary_versions(running_config(settings), name))
     if not running:
         raise PromotionError(f"no canary of {name} is running in Serve")
     canary = running[0]
@@ -385,3 +420,28 @@ def judge_canary(name: str, settings: Settings, policy: CanaryPolicy | None = No
     elif verdict.action == "rollback":
         stop_canary(name, settings, verdict.reason, actor=actor)
     return verdict
+
+
+def await_canary(
+    name: str, version: str, settings: Settings, policy: CanaryPolicy | None = None, every_s: float = 60.0,
+    actor: str = "", echo=None,
+) -> CanaryVerdict:  # fmt: skip
+    """Judge the canary ``version`` of ``name`` every ``every_s`` until it is promoted or rolled back.
+
+    Each verdict is echoed (a Ray job's log, hence the Airflow task's) and tagged on the version.
+    Raises PromotionError when ``version`` is not (or no longer) running as a canary.
+    """
+    from ray_app.serving.rollout import canary_versions, running_config
+
+    while True:
+        if version not in canary_versions(running_config(settings), name):
+            raise PromotionError(f"version {version} of {name} is not running as a canary in Serve")
+        verdict = judge_canary(name, settings, policy, actor)
+        (echo or _say)(f"canary {name} v{version}: {verdict.action}: {verdict.reason}")
+        if verdict.action != "wait":
+            return verdict
+        time.sleep(every_s)
+
+
+def _say(line: str) -> None:
+    print(line, flush=True)

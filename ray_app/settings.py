@@ -166,6 +166,12 @@ class Settings(BaseSettings):
     prometheus_port: Port = 9090
 
     # --- monitoring (ray_app/monitoring.py) ------------------------------------------------
+    prometheus_address: str | None = Field(
+        default=None,
+        validation_alias=_env("LLMOPS_PROMETHEUS_URL", "RAY_PROMETHEUS_HOST"),
+        description="the Prometheus to query (a cluster's; Ray's own name for it is RAY_PROMETHEUS_HOST, which the "
+        "stack gives the head, so jobs on it find it); default the local one on bind_host:prometheus_port",
+    )
     prometheus_scrape_interval_s: int = Field(default=15, ge=1, description="how often Prometheus scrapes")
     prometheus_retention: str = Field(
         default="15d", pattern=r"^\d+[smhdwy]$", description="how long Prometheus keeps samples, e.g. 15d"
@@ -234,9 +240,17 @@ class Settings(BaseSettings):
     canary_share: float = Field(
         default=0.1, gt=0, lt=1, description="`llmops promote --canary`: share of conversations the challenger answers"
     )
-    canary_window_s: float = Field(default=3600.0, gt=0, description="a canary runs this long before promotion")
+    canary_window_s: float = Field(
+        default=3600.0, gt=0, le=24 * 3600, description="a canary runs this long before promotion (at most a day)"
+    )
     canary_max_error_ratio: float = Field(default=0.05, gt=0, lt=1, description="canary 5xx ratio that rolls back")
     canary_min_requests: int = Field(default=20, ge=1, description="requests before the error/latency checks count")
+    canary_latency_margin: float = Field(
+        default=0.5, ge=0, description="canary TTFT p95 may exceed the champion's by this fraction (or the floor)"
+    )
+    canary_latency_floor_s: float = Field(
+        default=0.5, ge=0, description="...or by this many seconds, whichever is larger, before it rolls back"
+    )
     canary_min_ratings: int = Field(default=10, ge=0, description="chat ratings of the canary needed to promote it")
     canary_worse_probability: float = Field(
         default=0.95, gt=0.5, lt=1, description="P(canary's thumbs-down rate > champion's) that rolls back"
@@ -406,6 +420,12 @@ class Settings(BaseSettings):
 
     @property
     def prometheus_url(self) -> str:
+        """The Prometheus queries go to: prometheus_address, else the stack's own."""
+        return (self.prometheus_address or self.local_prometheus_url).rstrip("/")
+
+    @property
+    def local_prometheus_url(self) -> str:
+        """The stack's own Prometheus (`llmops up -s prometheus`)."""
         return f"http://{self.bind_host}:{self.prometheus_port}"
 
     @property

@@ -283,8 +283,8 @@ def prometheus_spec(settings: Settings) -> ServiceSpec:
         name="prometheus",
         command=monitoring.prometheus_command(settings),
         ports={"http": settings.prometheus_port},
-        url=settings.prometheus_url,
-        health_url=f"{settings.prometheus_url}/-/ready",
+        url=settings.local_prometheus_url,
+        health_url=f"{settings.local_prometheus_url}/-/ready",
         health_headers=lambda: monitoring.prometheus_headers(settings),
         before_start=partial(monitoring.write_config, settings, ray_temp_dir(settings) / RAY_DISCOVERY_FILE),
     )

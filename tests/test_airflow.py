@@ -238,8 +238,8 @@ def test_the_readme_stack_runs_the_dag_through_its_scheduler_from_the_rest_api_b
 
 
 @pytest.mark.slow
-def test_retrain_dag_exports_feedback_trains_on_ray_and_promotes_only_a_better_model(
-    airflow, ray_cluster, tmp_path, prometheus
+def test_retrain_dag_exports_feedback_trains_on_ray_promotes_a_better_model_and_judges_its_canary(
+    airflow, ray_cluster, tmp_path, prometheus, serve_http_port
 ):
     from mlflow import MlflowClient
 
@@ -300,27 +300,59 @@ def test_retrain_dag_exports_feedback_trains_on_ray_and_promotes_only_a_better_m
     assert version.tags["promotion"] == "promoted" and version.tags["feedback_until"] == export["feedback_until"]
     assert airflow.xcom("retrain_chat_model", run_id, "rollout")["version"] == "1"
 
-    # 2. New feedback, but a gate no candidate can pass: version 2 is trained and kept out; the run says why.
-    write_feedback(chat_db, model_version=f"{MODEL}/0", ratings=[
+    # 2. The champion is served; new feedback; a candidate trained longer wins the gate and becomes a
+    #    canary beside it (the alias stays). Nobody rates its answers in its window: rolled back.
+    run_id = a_winner_is_judged_as_a_canary_and_rolled_back(airflow, ray_cluster, serve_http_port, trigger, chat_db)
+    export = airflow.xcom("retrain_chat_model", run_id, "export_feedback")
+    assert export["new_examples"] == 2 and export["since"] == version.tags["feedback_until"], export
+    # Each step's Ray job counted how it ended: two runs, one promotion, one canary rolled back.
+    steps_counted_in_prometheus(prometheus, MODEL, {
+        ("export-feedback", "exported"): 2, ("evaluate", "evaluated"): 2, ("promote", "promoted"): 1,
+        ("promote", "canary"): 1, ("rollout", "rolled"): 1, ("rollout", "rolled_back"): 1,
+    })  # fmt: skip
+
+
+def a_winner_is_judged_as_a_canary_and_rolled_back(airflow, ray_cluster, serve_http_port, trigger, chat_db) -> str:
+    """With an app serving the champion (v1), a DAG run's winner (v2) is served beside it as a canary
+    to half of the conversations, judged by the rollout task every few seconds while it waits
+    deferred, and rolled back when its window ends without ratings: the champion serves alone."""
+    from mlflow import MlflowClient
+
+    from ray_app.serving.rollout import deploy, load_serve_config, running_config, shutdown
+
+    mlflow = MlflowClient(ray_cluster.mlflow_tracking_uri)
+    serving = ray_cluster.model_copy(update={"serve_port": serve_http_port})
+    app = load_serve_config(REPO / "serve_configs" / "local.yaml", serving, model=f"models:/{MODEL}@champion")
+    chat = app["applications"][0]
+    chat["runtime_env"] = {"env_vars": {"MLFLOW_TRACKING_URI": str(ray_cluster.mlflow_tracking_uri)}}
+    for deployment in chat["deployments"]:  # leave the training run its CPU on the 2-CPU head
+        deployment["ray_actor_options"] = {"num_cpus": 0.25 if deployment["name"] == "ChatServer" else 0}
+    deploy(app, serving, wait_s=240)
+    write_feedback(chat_db, model_version=f"{MODEL}/1", ratings=[
         ("What runs the chat?", "Chainlit runs the chat.", 1, None),
         ("What is DeepSpeed for?", "Sharding optimizer state.", 1, None),
     ])  # fmt: skip
-    run_id, states, done = trigger("2026-03-03", min_improvement=0.99)
-    assert states["promote"] == "success" and states["rollout"] == "skipped", (states, done.stdout[-4000:])
+    try:
+        run_id, states, done = trigger("2026-03-03", overrides=["max_steps=12"], canary_share=0.5, canary_window_s=25)
+        args = running_config(serving)["applications"][0]["args"]
+    finally:
+        shutdown(serving)
+    output = done.stdout + done.stderr
+    notable = [line for line in output.splitlines() if "error" in line.lower() or "canary" in line.lower()]
+    assert set(states.values()) == {"success"}, (states, "\n".join(notable)[-8000:])
     decision = airflow.xcom("retrain_chat_model", run_id, "promote")
-    assert decision["promoted"] is False and "is not below" in decision["reason"], decision
+    assert decision["promoted"] is False and decision["canary"] == {
+        "version": "2", "share": 0.5, "sticky_by": "conversation", "apps": ["chat"]}, decision  # fmt: skip
+    assert "canary for 50% of conversations" in decision["reason"] and f"canary started: {decision['reason']}" in output
+    verdict = airflow.xcom("retrain_chat_model", run_id, "rollout")
+    assert verdict["decision"] == "rolled_back" and "window over with 0 rating(s)" in verdict["reason"], verdict
+    assert f"canary {MODEL} v2: wait:" in output, output[-4000:]  # judged while the window ran
     assert mlflow.get_model_version_by_alias(MODEL, "champion").version == "1"
-    rejected = mlflow.get_model_version(MODEL, "2")
-    assert rejected.tags["promotion"] == "rejected" and "margin 0.99" in rejected.tags["promotion.reason"]
-    assert rejected.tags["promotion.from"] == "1" and rejected.tags["promotion.by"].startswith("pipeline promote")
-    assert f"kept the champion: {decision['reason']}" in done.stdout + done.stderr
-    export = airflow.xcom("retrain_chat_model", run_id, "export_feedback")
-    assert export["new_examples"] == 2 and export["since"] == version.tags["feedback_until"], export
-    # Each step's Ray job counted how it ended: two runs, one promotion, one rejection.
-    steps_counted_in_prometheus(prometheus, MODEL, {
-        ("export-feedback", "exported"): 2, ("evaluate", "evaluated"): 2, ("promote", "promoted"): 1,
-        ("promote", "rejected"): 1, ("rollout", "rolled"): 1,
-    })  # fmt: skip
+    canary = mlflow.get_model_version(MODEL, "2").tags
+    assert canary["canary"] == "rolled_back" and canary["canary.verdict"] == "rollback", canary
+    assert canary["canary.by"].startswith("pipeline rollout") and "promotion" not in canary, canary
+    assert args["model_version"] == "1" and "canary" not in args, args  # the champion serves alone again
+    return run_id
 
 
 def steps_counted_in_prometheus(settings, model: str, expected: dict[tuple[str, str], int]) -> None:

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from ray_app.promotion import PromotionError, decide, offline_gate, reference_for
-from ray_app.settings import Settings
+from ray_app.settings import Settings, SettingsError
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -168,3 +168,22 @@ def test_the_canary_policy_rolls_back_on_failure_or_worse_feedback_and_promotes_
     unrated = canary_verdict(champion, VersionSignals(requests=50, ratings=3), 700, policy)
     assert unrated.action == "rollback" and "3 rating(s), fewer than 10" in unrated.reason
     assert "requests=50 5xx=0" in canary_verdict(champion, good, 700, policy).evidence["canary"]
+
+
+def test_the_canary_policy_comes_from_settings_latency_allowance_included(monkeypatch, tmp_path):
+    from ray_app.promotion import CanaryPolicy, VersionSignals, canary_verdict
+    from ray_app.settings import load_settings
+
+    monkeypatch.setenv("LLMOPS_HOME", str(tmp_path))
+    for key, value in {"WINDOW_S": "600", "LATENCY_MARGIN": "0.1", "LATENCY_FLOOR_S": "0.05", "MIN_RATINGS": "0",
+                       "MIN_REQUESTS": "20"}.items():  # fmt: skip
+        monkeypatch.setenv(f"LLMOPS_CANARY_{key}", value)
+    strict = CanaryPolicy.from_settings(load_settings())
+    assert (strict.window_s, strict.latency_margin, strict.latency_floor_s, strict.min_ratings) == (600, 0.1, 0.05, 0)
+    champion = VersionSignals(requests=400, ttft_p95_s=0.4)
+    slow = canary_verdict(champion, VersionSignals(requests=50, ttft_p95_s=0.5), 700, strict)
+    assert slow.action == "rollback" and "TTFT p95 0.50 s above 0.45 s" in slow.reason  # 0.4 + max(0.04, 0.05)
+    assert canary_verdict(champion, VersionSignals(requests=50, ttft_p95_s=0.44), 700, strict).action == "promote"
+    monkeypatch.setenv("LLMOPS_CANARY_WINDOW_S", "90000")  # more than a day: the DAG's task could not wait for it
+    with pytest.raises(SettingsError, match="canary_window_s"):
+        load_settings()

@@ -413,6 +413,56 @@ def test_the_api_gate_keeps_the_version_headers_an_answer_set_and_counts_that_ve
     assert counted == [("/v1/completions", 200, "m/2"), ("/v1/completions", 401, "m/1")]
 
 
+def test_the_vllm_canary_router_sends_the_canary_share_of_conversations_to_its_model_id():
+    """vLLM's canary is a second model id behind Serve LLM's router: inside the gate, the
+    CanaryRouter rewrites `model` for the canary's conversations (the transformers engine's rule,
+    sticky per conversation), its answers carry the canary's version and are counted as it."""
+    from fastapi import FastAPI
+    from fastapi.testclient import TestClient
+
+    from ray_app.serving.config import CanaryArgs
+    from ray_app.serving.gate import ApiGate, Limits
+    from ray_app.serving.protocol import hash_key
+    from ray_app.serving.vllm_app import CanaryRouter
+
+    counted = []
+    app = FastAPI()  # stands in for Serve LLM's router: answers with the model it was asked for
+    app.add_middleware(CanaryRouter, canary=CanaryArgs(model_version="2", share=0.5), model_id="m@canary",
+                       version_headers={"x-model-version": "m/2", "x-mlflow-run-id": "r2"})  # fmt: skip
+    app.add_middleware(ApiGate, key_hashes=[hash_key("sk-test")], version_headers={"x-model-version": "m/1"},
+                       limits=Limits(max_request_bytes=4096, max_messages=9, max_tokens_limit=10),
+                       on_response=lambda route, status, version: counted.append(version))  # fmt: skip
+
+    @app.post("/v1/chat/completions")
+    async def answer(request: Request):
+        body = await request.json()
+        return {"model": body["model"], "asked": body["messages"][-1]["content"], "length": len(await request.body())}
+
+    client = TestClient(app, headers={"Authorization": "Bearer sk-test"})
+
+    def ask(opening: str, *turns: str, **headers: str) -> tuple[str, str]:
+        messages = [{"role": "user", "content": opening}]
+        for turn in turns:
+            messages += [{"role": "assistant", "content": "ok"}, {"role": "user", "content": turn}]
+        answer = client.post("/v1/chat/completions", json={"model": "m", "messages": messages, "max_tokens": 4},
+                             headers=headers)  # fmt: skip
+        assert answer.status_code == 200, answer.text
+        assert answer.json()["asked"] == messages[-1]["content"]  # the rest of the body is untouched
+        return answer.json()["model"], answer.headers["x-model-version"]
+
+    answers = [ask(f"Question {i}") for i in range(40)]
+    assert {answer for answer in answers} == {("m", "m/1"), ("m@canary", "m/2")}, answers
+    assert 8 <= sum(model == "m@canary" for model, _ in answers) <= 32
+    for i in range(6):  # every turn of a conversation: the version its opening got
+        assert ask(f"Question {i}", "And then?", "Why?") == answers[i]
+    threads = {ask(f"Opening {i}", **{"x-conversation-id": "thread-9"}) for i in range(6)}
+    assert len(threads) == 1, threads
+    assert counted[:40] == [version for _, version in answers]
+    empty = {"model": "m", "messages": []}
+    refused = client.post("/v1/chat/completions", json=empty, headers={"x-conversation-id": "t"})
+    assert refused.status_code == 400 and refused.headers["x-model-version"] == "m/1"
+
+
 def test_the_api_gate_refuses_every_bad_request_with_an_openai_error_naming_the_field():
     """In-process: the gate both engines sit behind (vLLM cannot run here; its app gets the same gate)."""
     client = _gate_client()

@@ -22,6 +22,7 @@ def test_standard_environment_names_are_honoured(monkeypatch, tmp_path):
     monkeypatch.setenv("LLMOPS_HOME", str(tmp_path))
     monkeypatch.setenv("LLMOPS_STORE_URI", "s3://checkpoints/runs")
     monkeypatch.setenv("LLMOPS_API_KEYS", "key-one, key-two")
+    monkeypatch.setenv("RAY_PROMETHEUS_HOST", "http://prometheus:9090/")  # what a Ray head (and its jobs) get
 
     settings = load_settings()
 
@@ -33,6 +34,7 @@ def test_standard_environment_names_are_honoured(monkeypatch, tmp_path):
     assert settings.home == tmp_path
     assert settings.store_uri == "s3://checkpoints/runs"
     assert [key.get_secret_value() for key in settings.api_keys] == ["key-one", "key-two"]
+    assert settings.prometheus_url == "http://prometheus:9090" != settings.local_prometheus_url
 
 
 def test_aws_endpoint_url_is_the_fallback_s3_endpoint(monkeypatch):

@@ -2,7 +2,8 @@
 
 ``ray_llmops_retrain_steps_total{model, step, outcome}``: ``export-feedback`` ends ``exported``
 or ``skipped`` (too little new feedback: one per retraining run), ``evaluate`` ``evaluated``,
-``promote`` ``promoted`` or ``rejected`` (the gate's decisions), ``rollout`` ``rolled``; any
+``promote`` ``promoted``, ``canary`` (served beside the champion first) or ``rejected`` (the
+gate's decisions), ``rollout`` ``rolled`` or ``rolled_back`` (a canary judged worse); any
 step may end ``failed``. Counted by the job's driver through Ray's metrics agent, so Prometheus
 finds it with every other Ray metric; outside a Ray job (a test, a shell) nothing is counted.
 """
@@ -31,8 +32,10 @@ def outcome(step: str, result: dict[str, Any] | None) -> str:
     if step == "export-feedback":
         return "skipped" if result.get("skip") else "exported"
     if step == "promote":
-        return "promoted" if result.get("promoted") else "rejected"
-    return {"evaluate": "evaluated", "rollout": "rolled"}.get(step, "done")
+        return "promoted" if result.get("promoted") else "canary" if result.get("canary") else "rejected"
+    if step == "rollout":
+        return "rolled_back" if result.get("decision") == "rolled_back" else "rolled"
+    return {"evaluate": "evaluated"}.get(step, "done")
 
 
 def count_step(model: str, step: str, result: dict[str, Any] | None) -> None:

@@ -4,7 +4,8 @@
     python -m training.sft --config C [--set k=v] ...                       # train (the recipe itself)
     python -m ray_app.orchestration.pipeline evaluate --config C [--set k=v] --version V
     python -m ray_app.orchestration.pipeline promote  --config C [--set k=v] --version V [--min-improvement M]
-    python -m ray_app.orchestration.pipeline rollout  --config C [--set k=v] --version V
+                                                       [--canary-share S]
+    python -m ray_app.orchestration.pipeline rollout  --config C [--set k=v] --version V [--canary-window-s W]
 
 Each step reads the same recipe config as training (registered model, datasets), is
 idempotent (re-running it gives the same outcome and writes the same keys), records what it
@@ -24,6 +25,7 @@ reached, so a rejected candidate does not make the next run retrain on nothing n
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import sys
 import tempfile
@@ -39,6 +41,7 @@ from training.config import load_config
 
 FEEDBACK_UNTIL_TAG = "feedback_until"
 PIPELINE_ACTOR = "pipeline promote step (Ray job)"
+ROLLOUT_ACTOR = "pipeline rollout step (Ray job)"
 
 
 class PipelineError(RuntimeError):
@@ -137,28 +140,57 @@ def evaluate(cfg, settings: Settings, version: str) -> dict[str, Any]:
     }  # fmt: skip
 
 
-def promote(cfg, settings: Settings, version: str, min_improvement: float | None) -> dict[str, Any]:
-    """Move ``champion`` to ``version`` only if the offline gate passes it (``ray_app.promotion.decide``)."""
-    return promotion.decide(cfg, settings, version, min_improvement, actor=PIPELINE_ACTOR)
+def promote(cfg, settings: Settings, version: str, min_improvement: float | None,
+            canary_share: float = 0.0) -> dict[str, Any]:  # fmt: skip
+    """Move ``champion`` to ``version`` only if the offline gate passes it (``ray_app.promotion.decide``).
 
-
-def rollout(cfg, settings: Settings, version: str) -> dict[str, Any]:
-    """Make sure the Serve apps that serve ``models:/NAME@champion`` run ``version``.
-
-    ``promote`` already rolled them before moving the alias; this re-rolls any that do not (a
-    manual redeploy in between, say) and fails if Serve cannot be reached.
+    With ``canary_share`` > 0 a winner is first served as a canary beside the champion; the
+    rollout step waits for its verdict.
     """
-    from ray_app.serving.rollout import roll_serve_apps
+    return promotion.decide(cfg, settings, version, min_improvement, actor=PIPELINE_ACTOR, canary_share=canary_share)
+
+
+def rollout(cfg, settings: Settings, version: str, canary_window_s: float | None = None) -> dict[str, Any]:
+    """See ``version`` through: judge its canary until promoted or rolled back, then check Serve runs the champion.
+
+    A canary is judged every ``judge_interval`` (``ray_app.promotion.await_canary``, window
+    ``canary_window_s`` or settings.canary_window_s): a rolled-back canary ends the step with
+    ``decision: rolled_back`` (the champion stays; a retried step finds that on the version).
+    A promoted version (now or by the promote step): the apps that serve ``models:/NAME@champion``
+    must run it; any that do not (a manual redeploy in between, say) are re-rolled; Serve
+    unreachable fails the step.
+    """
+    from ray_app.registry import get_version
+    from ray_app.serving.rollout import canary_versions, roll_serve_apps, running_config
 
     name = _registered_name(cfg)
+    if version in canary_versions(running_config(settings), name):
+        policy = promotion.CanaryPolicy.from_settings(settings)
+        if canary_window_s:
+            policy = dataclasses.replace(policy, window_s=canary_window_s)
+        verdict = promotion.await_canary(name, version, settings, policy, judge_interval(policy.window_s),
+                                         actor=ROLLOUT_ACTOR)  # fmt: skip
+        if verdict.action == "rollback":
+            return {"name": name, "version": version, "decision": "rolled_back", "reason": verdict.reason,
+                    "evidence": verdict.evidence}  # fmt: skip
+    tags = get_version(f"models:/{name}/{version}", settings).tags
+    if tags.get("canary") == "rolled_back":
+        return {"name": name, "version": version, "decision": "rolled_back", "reason": tags.get("canary.reason", "")}
     champion = promotion.champion_of(name, settings)
     if champion is None or champion.version != version:
-        raise PipelineError(f"version {version} is not the champion of {name} (champion: "
-                            f"{champion.version if champion else 'none'}); refusing to roll it out")  # fmt: skip
+        current = champion.version if champion else "none"
+        raise PipelineError(f"version {version} is neither the champion of {name} (champion: {current}) nor its "
+                            "canary: nothing to roll out")  # fmt: skip
     apps = roll_serve_apps(name, version, settings)
-    return {"name": name, "version": version, "rolled_apps": apps,
+    return {"name": name, "version": version, "decision": "promoted", "rolled_apps": apps,
+            "canary": tags.get("canary", "none"),
             "note": "" if apps else f"no app needed rolling: those serving models:/{name}@champion run "
                                     f"version {version}"}  # fmt: skip
+
+
+def judge_interval(window_s: float) -> float:
+    """How often a canary is judged: a tenth of its window, between 5 s and a minute."""
+    return min(60.0, max(5.0, window_s / 10))
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -178,7 +210,16 @@ def main(argv: list[str] | None = None) -> int:
         default=None,
         help="promote: fraction the loss must drop (default: promotion_min_improvement)",
     )
+    parser.add_argument("--canary-share", type=float, default=None, metavar="FRACTION",
+                        help="promote: serve a winner to this share of conversations first (default: canary_share; "
+                        "0: promote at once)")  # fmt: skip
+    parser.add_argument("--canary-window-s", type=float, default=None, help="rollout: how long a canary is judged "
+                        "before promotion (default: canary_window_s)")  # fmt: skip
     args = parser.parse_args(argv)
+    if args.canary_share is not None and not 0 <= args.canary_share < 1:
+        parser.error(f"--canary-share: {args.canary_share} is not a fraction in [0, 1)")
+    if args.canary_window_s is not None and args.canary_window_s <= 0:
+        parser.error(f"--canary-window-s: {args.canary_window_s} is not a positive number of seconds")
 
     if args.step != "export-feedback" and not args.version:
         parser.error(f"{args.step} needs --version")
@@ -203,8 +244,9 @@ def run_step(args: argparse.Namespace, cfg) -> dict[str, Any]:
     if args.step == "evaluate":
         return evaluate(cfg, settings, args.version)
     if args.step == "promote":
-        return promote(cfg, settings, args.version, args.min_improvement)
-    return rollout(cfg, settings, args.version)
+        share = settings.canary_share if args.canary_share is None else args.canary_share
+        return promote(cfg, settings, args.version, args.min_improvement, share)
+    return rollout(cfg, settings, args.version, args.canary_window_s)
 
 
 def _expected_failures() -> tuple[type[BaseException], ...]:

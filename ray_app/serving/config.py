@@ -108,8 +108,6 @@ class ServeArgs(BaseModel):
             raise ValueError("canary needs the champion pinned: model: models:/NAME@ALIAS with model_version")
         if self.canary and self.canary.model_version == self.model_version:
             raise ValueError(f"canary.model_version {self.canary.model_version} is the version already served")
-        if self.canary and self.engine != "transformers":
-            raise ValueError("canary: is served by the transformers engine's app (engine: transformers)")
         return self
 
     def limits(self) -> Limits:

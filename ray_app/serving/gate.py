@@ -154,7 +154,7 @@ class ApiGate:
         body = parse_body(raw, model)
         check_limits(body, self.limits)
         scope[BODY_KEY] = body
-        return _replay(raw, receive)
+        return replay(raw, receive)
 
     async def _read_body(self, headers: dict[bytes, bytes], receive) -> bytes:
         limit = self.limits.max_request_bytes
@@ -178,7 +178,7 @@ class ApiGate:
                 return b"".join(chunks)
 
 
-def _replay(raw: bytes, receive):
+def replay(raw: bytes, receive):
     """A receive callable that gives the app the body already read, then the real connection's messages."""
     sent = False
 

@@ -33,7 +33,7 @@ from ray_app.serving.engine import Delta
 from ray_app.serving.gate import BODY_KEY, ApiGate
 from ray_app.serving.metrics import RequestMetrics
 from ray_app.serving.protocol import APIError, OpenAIRequest, error_response
-from ray_app.serving.routing import CONVERSATION_HEADER, conversation_key, goes_to_canary
+from ray_app.serving.routing import CONVERSATION_HEADER, answers_as_canary
 
 logger = logging.getLogger("ray.serve")
 
@@ -69,10 +69,7 @@ class OpenAIIngress:
 
     def route(self, body: OpenAIRequest, conversation_id: str | None) -> tuple[object, ServedModel]:
         """The model deployment (and what it serves) answering ``body``: the canary for its share of conversations."""
-        if self.canary is None or self.args.canary is None:
-            return self.server, self.served
-        key = conversation_key(body, conversation_id, self.args.canary.sticky_by)
-        if goes_to_canary(key, self.args.canary.share):
+        if self.canary is not None and answers_as_canary(self.args.canary, body, conversation_id):
             return self.canary_server, self.canary
         return self.server, self.served
 

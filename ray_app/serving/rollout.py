@@ -173,7 +173,7 @@ def promote(
     record_promotion(
         **decision, result="promoted", reason=f"champion {previous or '(none)'} -> {target.version}{rolled}"
     )
-    for canary in canary_versions(before) if before else ():  # the rollout replaced any canary
+    for canary in canary_versions(before, name) if before else ():  # the rollout replaced any canary
         state = "promoted" if canary == target.version else "rolled_back"
         record_canary(name, canary, state, f"champion {previous or '(none)'} -> {target.version}", settings, actor)
     return promotion
@@ -248,6 +248,11 @@ def _roll(name: str, change, settings: Settings, wait_s: float, was: str) -> lis
             raise ServeError(f"{exc}; rolling back to the previous configs failed too: {again}") from exc
         raise ServeError(f"{exc}; Serve apps {', '.join(rolled)} rolled back to {was}") from exc
     return rolled
+
+
+def champion_apps(name: str, settings: Settings) -> list[str]:
+    """The Serve apps serving ``models:/NAME@champion`` (what promote rolls and a canary runs in)."""
+    return _rolled_config(serve_details(settings), name, lambda args: args, settings)[1]
 
 
 def running_config(settings: Settings) -> dict[str, Any]:
@@ -332,6 +337,10 @@ def start_canary(
         raise ValueError(f"{name} has no champion to run a canary beside: promote one without --canary") from exc
     if champion == target.version:
         raise ValueError(f"version {target.version} already is the champion of {name}")
+    others = canary_versions(running_config(settings), name) - {target.version}
+    if others:
+        raise ValueError(f"version {', '.join(sorted(others))} of {name} already runs as a canary: promote or roll "
+                         "it back first (`llmops judge`, `llmops rollback`)")  # fmt: skip
     check_model_source(target.source, settings)
     share, sticky_by = share or settings.canary_share, sticky_by or settings.canary_sticky_by
     canary = Canary(name, target.version, champion, share, sticky_by)
@@ -359,7 +368,7 @@ def stop_canary(
 
     Returns the apps rolled; tags the canary's version ``canary=rolled_back`` with ``reason``.
     """
-    versions = canary_versions(running_config(settings))
+    versions = canary_versions(running_config(settings), name)
 
     def alone(args: dict[str, Any]) -> dict[str, Any] | None:
         return _without_canary(args) if "canary" in args else None
@@ -418,10 +427,12 @@ def canary_lines(settings: Settings) -> list[str]:
     return lines
 
 
-def canary_versions(config: dict[str, Any]) -> set[str]:
-    """The canary versions a Serve config (``running_config``) serves."""
-    found = {((app.get("args") or {}).get("canary") or {}).get("model_version") for app in config["applications"]}
-    return found - {None}
+def canary_versions(config: dict[str, Any], name: str | None = None) -> set[str]:
+    """The canary versions a Serve config (``running_config``) serves (beside ``models:/NAME@champion``)."""
+    apps = [app.get("args") or {} for app in config["applications"]]
+    if name is not None:
+        apps = [args for args in apps if args.get("model") == f"models:/{name}@{CHAMPION}"]
+    return {(args.get("canary") or {}).get("model_version") for args in apps} - {None}
 
 
 def record_canary(

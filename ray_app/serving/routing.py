@@ -19,6 +19,7 @@ from __future__ import annotations
 import hashlib
 import random
 
+from ray_app.serving.config import CanaryArgs
 from ray_app.serving.protocol import ChatCompletionRequest, OpenAIRequest
 
 CONVERSATION_HEADER = "x-conversation-id"
@@ -32,6 +33,13 @@ def conversation_key(body: OpenAIRequest, conversation_id: str | None, sticky_by
     by_user = f"user:{body.user}" if body.user else ""
     first, second = (by_user, by_header) if sticky_by == "user" else (by_header, by_user)
     return first or second or f"opening:{_opening(body)}"
+
+
+def answers_as_canary(canary: CanaryArgs | None, body: OpenAIRequest, conversation_id: str | None) -> bool:
+    """Whether the canary ``canary`` (None: none runs) answers ``body`` (the same rule on every engine)."""
+    if canary is None:
+        return False
+    return goes_to_canary(conversation_key(body, conversation_id, canary.sticky_by), canary.share)
 
 
 def goes_to_canary(key: str, share: float) -> bool:

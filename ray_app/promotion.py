@@ -390,11 +390,14 @@ def _feedback_by_version(settings: Settings):
         engine.dispose()
 
 
-def judge_canary(name: str, settings: Settings, policy: CanaryPolicy | None = None, actor: str = "") -> CanaryVerdict:
+def judge_canary(
+    name: str, settings: Settings, policy: CanaryPolicy | None = None, actor: str = "", version: str | None = None
+) -> CanaryVerdict:
     """Judge the canary running for ``name`` once, and act: promote it (atomic), roll it back, or wait.
 
     The verdict and its evidence are tagged on the canary's version (``canary.verdict``,
-    ``canary.evidence.*``). Raises PromotionError when no canary runs.
+    ``canary.evidence.*``). Raises PromotionError when no canary runs, or (``version`` given)
+    when that version is not the one running.
     """
     from ray_app.registry import client, get_version
     from ray_app.serving.rollout import canary_versions, promote, running_config, stop_canary
@@ -403,7 +406,9 @@ def judge_canary(name: str, settings: Settings, policy: CanaryPolicy | None = No
     running = sorted(canary_versions(running_config(settings), name))
     if not running:
         raise PromotionError(f"no canary of {name} is running in Serve")
-    canary = running[0]
+    if version is not None and version not in running:
+        raise PromotionError(f"version {version} of {name} is not running as a canary in Serve")
+    canary = version or running[0]
     champion = get_version(f"models:/{name}@champion", settings).version
     started = get_version(f"models:/{name}/{canary}", settings).tags.get("canary.running_at", "")
     elapsed = time.time() - calendar.timegm(time.strptime(started, "%Y-%m-%dT%H:%M:%SZ")) if started else 0.0
@@ -431,12 +436,8 @@ def await_canary(
     Each verdict is echoed (a Ray job's log, hence the Airflow task's) and tagged on the version.
     Raises PromotionError when ``version`` is not (or no longer) running as a canary.
     """
-    from ray_app.serving.rollout import canary_versions, running_config
-
     while True:
-        if version not in canary_versions(running_config(settings), name):
-            raise PromotionError(f"version {version} of {name} is not running as a canary in Serve")
-        verdict = judge_canary(name, settings, policy, actor)
+        verdict = judge_canary(name, settings, policy, actor, version=version)
         (echo or _say)(f"canary {name} v{version}: {verdict.action}: {verdict.reason}")
         if verdict.action != "wait":
             return verdict

@@ -463,6 +463,48 @@ def test_the_vllm_canary_router_sends_the_canary_share_of_conversations_to_its_m
     assert refused.status_code == 400 and refused.headers["x-model-version"] == "m/1"
 
 
+def test_a_stream_cancelled_mid_send_closes_its_generator_at_once():
+    """Serve cancels the response when the client leaves: the generator's ``finally`` (which frees
+    the replica's row) must run then, not when the garbage collector gets to it."""
+    import asyncio
+
+    from ray_app.serving.ingress import ClosingStreamingResponse
+
+    closed = []
+
+    async def events():
+        try:
+            while True:
+                yield "data: {}\n\n"
+        finally:
+            closed.append(time.monotonic())
+
+    async def scenario() -> float:
+        sent = 0
+
+        async def send(message):
+            nonlocal sent
+            sent += 1
+            if sent == 3:
+                await asyncio.sleep(60)  # the client stopped reading; Serve cancels us here
+
+        async def receive():
+            await asyncio.sleep(60)
+
+        response = ClosingStreamingResponse(events(), media_type="text/event-stream")
+        task = asyncio.create_task(response({"type": "http", "asgi": {"spec_version": "2.4"}}, receive, send))
+        await asyncio.sleep(0.05)
+        cancelled_at = time.monotonic()
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+        # The task's frames still hold the response: only an explicit close runs the finally now.
+        assert closed, "the generator was left suspended for the garbage collector"
+        return closed[0] - cancelled_at
+
+    assert 0 <= asyncio.run(scenario()) < 1
+
+
 def test_the_api_gate_refuses_every_bad_request_with_an_openai_error_naming_the_field():
     """In-process: the gate both engines sit behind (vLLM cannot run here; its app gets the same gate)."""
     client = _gate_client()

@@ -23,6 +23,7 @@ import uuid
 from collections.abc import AsyncIterator
 
 from fastapi import Request
+from fastapi.responses import StreamingResponse
 from ray import serve
 from ray.exceptions import RayActorError, RayTaskError
 from ray.serve.exceptions import BackPressureError, DeploymentUnavailableError
@@ -137,12 +138,12 @@ class OpenAIIngress:
             raise
 
     async def _answer(self, body: OpenAIRequest, chat: bool, server, served: ServedModel):
-        from fastapi.responses import JSONResponse, StreamingResponse
+        from fastapi.responses import JSONResponse
 
         header, first, stream = await self.open(body, server)
         answer = _Answer(served, request_id(), chat, header["prompt_tokens"])
         if body.stream:
-            return StreamingResponse(
+            return ClosingStreamingResponse(
                 self._events(body, answer, first, stream),
                 media_type="text/event-stream",
                 headers={"Cache-Control": "no-cache", **served.version_headers},
@@ -189,6 +190,22 @@ class OpenAIIngress:
     # --- HTTP routes, built once per replica ----------------------------------------------------
     def __serve_build_asgi_app__(self):
         return build_api(self)
+
+
+class ClosingStreamingResponse(StreamingResponse):
+    """A StreamingResponse that closes its generator however the response ends.
+
+    Starlette stops iterating when the client leaves (or Serve cancels the request) but leaves
+    the generator suspended for the garbage collector to close, which can be a minute later:
+    until then the model replica kept decoding the abandoned answer. Closing it here runs its
+    ``finally`` (which cancels the replica's stream) at once.
+    """
+
+    async def __call__(self, scope, receive, send) -> None:
+        try:
+            await super().__call__(scope, receive, send)
+        finally:
+            await self.body_iterator.aclose()
 
 
 async def _deltas(first: Delta, stream) -> AsyncIterator[Delta]:

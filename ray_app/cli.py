@@ -561,6 +561,8 @@ def _show_candidate(record, state: str) -> None:
     corrected = correction(record)
     if corrected is not None:
         console.print(f"  correction, would train as the answer: {corrected}", highlight=False, markup=False)
+    elif not record.value:
+        console.print("  preference training would learn to avoid this answer", highlight=False)
     if record.review:
         console.print(f"  {record.review.decision} by {record.review.reviewer} at {record.review.decided_at}",
                       highlight=False)  # fmt: skip
@@ -576,7 +578,10 @@ def feedback_review(
     interactive: Annotated[bool, typer.Option("--interactive", "-i", help="ask about each pending item")] = False,
     show_all: Annotated[bool, typer.Option("--all", help="list every candidate with its state")] = False,
 ) -> None:
-    """List the corrections (and ratings) waiting for review; approve or reject them before they train."""
+    """List the corrections (and ratings) waiting for review; approve or reject them before they train.
+
+    Thumbs-up and thumbs-down ratings wait too when feedback_review_thumbs_up / _down are set.
+    """
     import getpass
 
     from ray_app.chat.review import APPROVED, PENDING, REJECTED, ReviewPolicy, candidates, decide, find

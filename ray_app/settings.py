@@ -223,6 +223,15 @@ class Settings(BaseSettings):
     feedback_review_thumbs_up: bool = Field(
         default=False, description="thumbs-up answers also wait for approval (corrections always do)"
     )
+    feedback_review_thumbs_down: bool = Field(
+        default=False, description="thumbs-down answers (preference training's rejected side) wait for approval too"
+    )
+    preference_other_version_weight: float = Field(
+        default=0.5,
+        ge=0,
+        le=1,
+        description="weight of preference examples answered by a version other than the champion (0 drops them)",
+    )
 
     # --- retraining (the Airflow DAG dags/retrain_chat_model.py) --------------------------
     retrain_schedule: str | None = Field(

@@ -282,7 +282,8 @@ def test_retrain_dag_exports_feedback_trains_on_ray_promotes_a_better_model_and_
     assert set(states.values()) == {"success"}, (states, done.stdout[-4000:], done.stderr[-4000:])
     export = airflow.xcom("retrain_chat_model", run_id, "export_feedback")
     assert export["new_examples"] == 3 and export["ratings"] == 5, export
-    assert export["review"] == {"pending": 1, "approved": 1, "rejected": 0, "trusted": 0, "unreviewed": 2}, export
+    # unreviewed: two thumbs-up (SFT) and a thumbs-down (preference data only)
+    assert export["review"] == {"pending": 1, "approved": 1, "rejected": 0, "trusted": 0, "unreviewed": 3}, export
     path, filesystem = pyarrow_location(export["dataset_uri"], ray_cluster)
     with filesystem.open_input_stream(path) as stream:
         lines = [json.loads(line) for line in stream.read().decode().splitlines()]
@@ -395,7 +396,7 @@ def test_export_takes_only_reviewed_or_trusted_corrections_and_skips_when_too_li
 
     skipped = export_feedback(cfg, settings, "run-a", "2026-03-04", min_new_examples=3)
     assert skipped["skip"] is True and skipped["ratings"] == 5 and skipped["new_examples"] == 2, skipped
-    assert skipped["review"] == {"pending": 2, "approved": 0, "rejected": 0, "trusted": 1, "unreviewed": 1}
+    assert skipped["review"] == {"pending": 2, "approved": 0, "rejected": 0, "trusted": 1, "unreviewed": 2}
     assert skipped["reason"] == "2 new feedback example(s), fewer than the 3 needed"
     assert not (tmp_path / "store" / "datasets").exists(), "a skipped export writes nothing"
 
@@ -413,7 +414,7 @@ def test_export_takes_only_reviewed_or_trusted_corrections_and_skips_when_too_li
     assert decided.exit_code == 0 and "approved" in decided.output and "as rita" in decided.output, decided.output
 
     exported = export_feedback(cfg, settings, "run-b", "2026-03-04", min_new_examples=3)
-    assert exported["review"] == {"pending": 0, "approved": 1, "rejected": 1, "trusted": 1, "unreviewed": 1}
+    assert exported["review"] == {"pending": 0, "approved": 1, "rejected": 1, "trusted": 1, "unreviewed": 2}
     assert exported["dataset_uri"].endswith("datasets/retrain/2026-03-04/run-b/train.jsonl"), exported
     path, _filesystem = pyarrow_location(exported["dataset_uri"], settings)  # a local store: a plain path
     records = [json.loads(line)["messages"] for line in Path(path).read_text().splitlines()]
@@ -425,6 +426,23 @@ def test_export_takes_only_reviewed_or_trusted_corrections_and_skips_when_too_li
     ]
     export_json = json.loads((Path(path).parent / "export.json").read_text())
     assert export_json["review"]["rejected"] == 1
+    # The same reviewed ratings as preference data: the rejected correction (B5) and nothing pending is in it.
+    assert exported["preferences"]["pairs_from_corrections"] == 2 and exported["preferences"]["thumbs_down"] == 3
+    pairs = [json.loads(line) for line in Path(pyarrow_location(exported["preference_data_uri"], settings)[0])
+             .read_text().splitlines()]  # fmt: skip
+    assert [(p["messages"][-1]["content"], p["chosen"], p["rejected"]) for p in pairs] == [
+        ("Q2?", "B2.", "A2."), ("Q4?", "B4.", "A4.")], pairs  # fmt: skip
+    assert all(p["model_version"] == [f"{MODEL}/0"] and p["weight"] == 1.0 for p in pairs), pairs
+    thumbs = Path(pyarrow_location(exported["thumbs_data_uri"], settings)[0]).read_text().splitlines()
+    assert sorted((t["completion"], t["desirable"]) for t in map(json.loads, thumbs)) == [
+        ("A1.", True),
+        ("A2.", False),
+        ("A3.", False),
+        ("A4.", False),
+        ("B2.", True),
+        ("B4.", True),
+    ]
+    assert export_json["preference_data_uri"] == exported["preference_data_uri"]
 
     # The author edits an approved correction (Chainlit allows it): it waits for review again.
     engine = sa.create_engine(sync_url(url))
@@ -435,7 +453,7 @@ def test_export_takes_only_reviewed_or_trusted_corrections_and_skips_when_too_li
     policy = ReviewPolicy.from_settings(settings.model_copy(update={"feedback_review_thumbs_up": True}))
     states = {r.comment: policy.state(r) for r in candidates(url, policy)}
     assert states == {"correction: something else": "pending", "correction: B5.": "rejected",
-                      "correction: B4.": "trusted", None: "pending"}, states  # fmt: skip
+                      "correction: B4.": "trusted", None: "pending", "meh": "unreviewed"}, states  # fmt: skip
 
 
 def test_export_without_a_chat_database_or_feedback_and_with_its_services_down(tmp_path):

@@ -135,6 +135,75 @@ def test_left_padded_completion_scores_equal_each_sequence_scored_alone(tmp_path
             assert float(batched[index]) == pytest.approx(float(alone[0]), abs=1e-4)
 
 
+def test_a_records_weight_scales_its_share_of_the_loss():
+    import torch
+
+    from training.dpo import dpo_loss, kto_loss, parse_preference
+
+    chosen, rejected, reference = torch.tensor([-5.0, -3.0]), torch.tensor([-6.0, -9.0]), torch.tensor([-6.0, -6.0])
+    each = [
+        float(dpo_loss(chosen[i : i + 1], rejected[i : i + 1], reference[:1], reference[:1], 0.5)[0]) for i in (0, 1)
+    ]
+    weighted, _ = dpo_loss(chosen, rejected, reference, reference, 0.5, weights=torch.tensor([1.0, 0.25]))
+    assert float(weighted) == pytest.approx((each[0] + 0.25 * each[1]) / 2)
+    unweighted, _ = kto_loss(chosen, reference, torch.tensor([1, 0]), 0.5)
+    assert float(kto_loss(chosen, reference, torch.tensor([1, 0]), 0.5, weights=torch.ones(2))[0]) == pytest.approx(
+        float(unweighted)
+    )
+    question = [{"role": "user", "content": "Name a fruit."}]
+    assert parse_preference(json.dumps({"messages": question, "chosen": "a", "rejected": "b"}), "dpo")["weight"] == 1
+    record = {"messages": question, "chosen": "a", "rejected": "b", "weight": 0.5, "model_version": ["m/1"]}
+    assert parse_preference(json.dumps(record), "dpo")["weight"] == 0.5
+    for bad in (0, -1, "1", True, 1000):
+        with pytest.raises(ValueError, match="'weight' must be a number"):
+            parse_preference(json.dumps({**record, "weight": bad}), "dpo")
+
+
+def _rating(number: int, value: int, answer: str, comment=None, version="m/2", question="Name a fruit.", review=None):
+    from ray_app.chat.feedback import FeedbackRecord
+
+    return FeedbackRecord(
+        feedback_id=f"f{number}", thread_id=f"t{number}", step_id=f"s{number}", value=value, comment=comment,
+        model_version=version, answer=answer, answered_at=f"2026-12-01T00:00:{number:02d}Z", user="alice",
+        conversation=[{"role": "user", "content": question}], review=review,
+    )  # fmt: skip
+
+
+def test_chat_ratings_become_pairs_and_thumbs_weighed_by_the_version_that_answered():
+    from ray_app.chat.feedback import Review
+    from ray_app.chat.preferences import preference_data
+    from ray_app.chat.review import APPROVED, ReviewPolicy, digest
+
+    ratings = [
+        _rating(1, 1, "apple"), _rating(2, 0, "stone"), _rating(3, 0, "rock", version="m/1"),  # one prompt
+        _rating(4, 0, "blue", "correction: red", question="Name a colour."),  # waits for a reviewer
+        _rating(5, 0, "iron", "correction: horse", question="Name an animal."),
+        _rating(6, 1, "apple"),  # the same answer as 1: no pair against it from itself
+    ]  # fmt: skip
+    approved = ratings[4]
+    ratings[4] = _rating(5, 0, "iron", "correction: horse", question="Name an animal.",
+                         review=Review(APPROVED, "rita", "2026-12-01T01:00:00Z", digest(approved)))  # fmt: skip
+    data = preference_data(ratings, ReviewPolicy(), current_version="m/2", other_version_weight=0.5)
+    pairs = {(p["chosen"], p["rejected"], p["source"], p["weight"]) for p in data.pairs}
+    assert pairs == {("horse", "iron", "correction", 1.0), ("apple", "stone", "thumbs", 1.0),
+                     ("apple", "rock", "thumbs", 0.5)}, data.pairs  # fmt: skip
+    assert len(data.pairs) == 5  # both thumbs-up answers against each thumbs-down one
+    assert [p["model_version"] for p in data.pairs if p["rejected"] == "rock"] == [["m/1", "m/2"]] * 2
+    thumbs = sorted((t["completion"], t["desirable"], t["weight"]) for t in data.thumbs)
+    assert thumbs == [("apple", True, 1.0), ("apple", True, 1.0), ("horse", True, 1.0), ("iron", False, 1.0),
+                      ("rock", False, 0.5), ("stone", False, 1.0)]  # fmt: skip
+    horse = next(p for p in data.pairs if p["chosen"] == "horse")
+    assert horse["ready_at"] == "2026-12-01T01:00:00Z" and horse["feedback_ids"] == ["f5"]  # approved later
+    assert data.new_since("2026-12-01T00:00:30Z").counts()["pairs"] == 1
+
+    dropped = preference_data(ratings, ReviewPolicy(), current_version="m/2", other_version_weight=0.0)
+    assert {p["rejected"] for p in dropped.pairs} == {"iron", "stone"} and dropped.dropped == 3
+    strict = preference_data(ratings, ReviewPolicy(review_thumbs_down=True), "m/2", 1.0)  # thumbs-down wait too
+    assert {(p["chosen"], p["rejected"]) for p in strict.pairs} == {("horse", "iron")}
+    assert all(t["desirable"] or t["completion"] == "iron" for t in strict.thumbs)
+    assert preference_data(ratings, ReviewPolicy(), None, 0.0).dropped == 0  # no champion: every example counts
+
+
 def test_bad_preference_records_and_configs_are_named():
     from training.dpo import parse_preference
 

@@ -8,7 +8,10 @@
 - DPO: ``{"messages": [...], "chosen": "better answer", "rejected": "worse answer"}``
 - KTO: ``{"messages": [...], "completion": "an answer", "desirable": true|false}``
 
-Optional ``model_version`` says which served version wrote the rejected (or rated) answer.
+Optional ``weight`` (default 1, at most 100) scales the record's loss: the chat's export
+(``ray_app.chat.preferences``) weighs down answers by versions other than the champion;
+``model_version`` and ``feedback_ids`` (which served version answered, which ratings) are kept
+for lineage and not read here.
 Ray Data tokenizes each completion after the chat-templated prefix (only the completion's
 tokens are scored; a long prefix loses its oldest tokens first).
 
@@ -50,6 +53,7 @@ from training.config import SFTConfig, load_config
 from training.data import IGNORE_INDEX, ROLES, DatasetError
 
 PAIR_SIDES = ("chosen", "rejected")
+MAX_WEIGHT = 100.0  # an example may count for at most this many
 
 
 class PreferenceConfig(SFTConfig):
@@ -113,14 +117,19 @@ def completion_logps(model, ids, mask, labels):
     return sequence_logps(logits, labels[:, -keep:])
 
 
-def dpo_loss(chosen, rejected, ref_chosen, ref_rejected, beta: float):
-    """DPO's loss over a batch of pairs, and what to log (rewards are beta times the log-ratios)."""
+def weighted_mean(losses, weights=None):
+    """The batch's loss: each example's loss times its weight (1 when ``weights`` is None), averaged."""
+    return losses.mean() if weights is None else (losses * weights.to(losses.dtype)).mean()
+
+
+def dpo_loss(chosen, rejected, ref_chosen, ref_rejected, beta: float, weights=None):
+    """DPO's loss over a batch of pairs (each weighted), and what to log (rewards are beta times the log-ratios)."""
     import torch.nn.functional as F
 
     chosen_reward = beta * (chosen - ref_chosen)
     rejected_reward = beta * (rejected - ref_rejected)
     margin = chosen_reward - rejected_reward
-    loss = -F.logsigmoid(margin).mean()
+    loss = weighted_mean(-F.logsigmoid(margin), weights)
     margin, chosen_reward, rejected_reward = margin.detach(), chosen_reward.detach(), rejected_reward.detach()
     metrics = {
         "reward_accuracy": float((margin > 0).float().mean()),
@@ -133,8 +142,9 @@ def dpo_loss(chosen, rejected, ref_chosen, ref_rejected, beta: float):
     return loss, metrics
 
 
-def kto_loss(logps, ref_logps, desirable, beta: float, desirable_weight: float = 1.0, undesirable_weight: float = 1.0):
-    """KTO's loss over a batch of rated completions (``desirable`` 1/0), and what to log."""
+def kto_loss(logps, ref_logps, desirable, beta: float, desirable_weight: float = 1.0, undesirable_weight: float = 1.0,
+             weights=None):  # fmt: skip
+    """KTO's loss over a batch of rated completions (``desirable`` 1/0; each weighted), and what to log."""
     import torch
 
     ratio = logps - ref_logps
@@ -152,7 +162,7 @@ def kto_loss(logps, ref_logps, desirable, beta: float, desirable_weight: float =
 
     metrics = {"kl": float(kl), "chosen_reward": mean_of(rewards, good), "chosen_logp": mean_of(logps, good),
                "rejected_reward": mean_of(rewards, ~good), "rejected_logp": mean_of(logps, ~good)}  # fmt: skip
-    return losses.mean(), metrics
+    return weighted_mean(losses, weights), metrics
 
 
 def _finite_mean_across_ranks(values: list[float]) -> float:
@@ -200,8 +210,12 @@ def parse_preference(text: str, objective: str) -> dict[str, Any]:
         raise ValueError("chosen and rejected are the same text")
     if objective == "kto" and not isinstance(record.get("desirable"), bool):
         raise ValueError("kto: 'desirable' must be true or false")
+    weight = record.get("weight", 1.0)
+    if isinstance(weight, bool) or not isinstance(weight, int | float) or not 0 < weight <= MAX_WEIGHT:
+        raise ValueError(f"'weight' must be a number in (0, {MAX_WEIGHT:g}] when given, got {weight!r:.40}")
     prompt = [{"role": m["role"], "content": m["content"]} for m in messages]
-    return {"messages": prompt, **{key: record[key] for key in keys}, "desirable": record.get("desirable", True)}
+    return {"messages": prompt, **{key: record[key] for key in keys}, "desirable": record.get("desirable", True),
+            "weight": float(weight)}  # fmt: skip
 
 
 def completion_tokens(prompt: list[dict[str, str]], completion: str, tokenizer, seq_len: int):
@@ -232,10 +246,10 @@ def tokenize_preferences(batch: dict[str, np.ndarray], model_dir: str, seq_len: 
     for text in batch["text"]:
         if not str(text).strip():
             continue
-        row: dict[str, Any] = {"error": "", "desirable": 1}
+        row: dict[str, Any] = {"error": "", "desirable": 1, "weight": 1.0}
         try:
             record = parse_preference(str(text), objective)
-            row["desirable"] = int(record["desirable"])
+            row["desirable"], row["weight"] = int(record["desirable"]), record["weight"]
             for side in sides:
                 row[side] = completion_tokens(record["messages"], record[side], tokenizer, seq_len)
         except (ValueError, TypeError) as exc:
@@ -244,6 +258,7 @@ def tokenize_preferences(batch: dict[str, np.ndarray], model_dir: str, seq_len: 
     out: dict[str, np.ndarray] = {
         "error": np.asarray([row["error"] for row in rows], dtype=str),
         "desirable": np.asarray([row["desirable"] for row in rows], dtype=np.int64),
+        "weight": np.asarray([row["weight"] for row in rows], dtype=np.float32),
     }
     for side in sides:
         ids = np.full((len(rows), seq_len), tokenizer.pad_token_id, dtype=np.int64)
@@ -330,11 +345,12 @@ def _policy_and_reference(engine, batch, sides: tuple[str, ...], lora: bool):
 
 def _step_loss(cfg: PreferenceConfig, engine, batch):
     policy, reference, tokens = _policy_and_reference(engine, batch, cfg.sides, cfg.method == "lora")
+    weights = batch["weight"].to(engine.device) if "weight" in batch else None
     if cfg.objective == "dpo":
-        loss, metrics = dpo_loss(policy[0], policy[1], reference[0], reference[1], cfg.beta)
+        loss, metrics = dpo_loss(policy[0], policy[1], reference[0], reference[1], cfg.beta, weights)
     else:
         loss, metrics = kto_loss(policy[0], reference[0], batch["desirable"].to(engine.device), cfg.beta,
-                                 cfg.desirable_weight, cfg.undesirable_weight)  # fmt: skip
+                                 cfg.desirable_weight, cfg.undesirable_weight, weights)  # fmt: skip
     return loss, metrics, tokens
 
 

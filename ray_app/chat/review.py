@@ -1,12 +1,14 @@
 """Which chat feedback may train the next model: the review policy and the reviewers' decisions.
 
-A rating is a *training candidate* when it is a thumbs-up (its answer is trained on) or a
+A rating is a *training candidate* when it is a thumbs-up (its answer is trained on), a
 thumbs-down whose comment starts with ``correction:`` (the text after it is trained on, in
-place of the answer). Before a candidate reaches a dataset:
+place of the answer), or another thumbs-down (preference training learns to avoid its answer;
+``ray_app.chat.preferences``). Before a candidate reaches a dataset:
 
 - a correction needs a reviewer's approval (`llmops feedback review`), unless its author is
   listed in ``feedback_trusted_users``;
-- a thumbs-up needs one too when ``feedback_review_thumbs_up`` is set (else it trains as is);
+- a thumbs-up needs one too when ``feedback_review_thumbs_up`` is set (else it trains as is),
+  and a thumbs-down when ``feedback_review_thumbs_down`` is;
 - a rejection always wins, over a trusted author too;
 - a decision covers what was reviewed (a digest of the rating, the answer and the conversation):
   Chainlit lets an author edit a rating later, and an edited one is pending again.
@@ -52,15 +54,19 @@ def correction_text(value: int, comment: str | None) -> str | None:
     return None
 
 
+CORRECTION, THUMBS_UP, THUMBS_DOWN = "correction", "thumbs-up", "thumbs-down"
+
+
 def kind(record: FeedbackRecord) -> str | None:
-    """``correction``, ``thumbs-up``, or None when the rating cannot become training data."""
+    """``correction``, ``thumbs-up`` or ``thumbs-down``; None for a rating that is neither (a bad value)."""
     if correction(record) is not None:
-        return "correction"
-    return "thumbs-up" if record.value == 1 else None
+        return CORRECTION
+    return {1: THUMBS_UP, 0: THUMBS_DOWN}.get(record.value)
 
 
 def training_example(record: FeedbackRecord) -> dict | None:
-    """``{"messages": [...]}`` for the SFT recipe: the conversation and the answer to learn, or None."""
+    """``{"messages": [...]}`` for the SFT recipe: the conversation and the answer to learn, or None
+    (a thumbs-down: there is no answer to learn, only one to avoid)."""
     corrected = correction(record)
     if corrected is not None:
         return {"messages": [*record.conversation, {"role": "assistant", "content": corrected}]}
@@ -77,10 +83,12 @@ def digest(record: FeedbackRecord) -> str:
 class ReviewPolicy:
     trusted_users: frozenset[str] = frozenset()
     review_thumbs_up: bool = False
+    review_thumbs_down: bool = False
 
     @classmethod
     def from_settings(cls, settings: Settings) -> ReviewPolicy:
-        return cls(frozenset(settings.feedback_trusted_users), settings.feedback_review_thumbs_up)
+        return cls(frozenset(settings.feedback_trusted_users), settings.feedback_review_thumbs_up,
+                   settings.feedback_review_thumbs_down)  # fmt: skip
 
     def state(self, record: FeedbackRecord) -> str | None:
         """The record's review state (one of STATES), or None when it is not a training candidate."""
@@ -91,7 +99,7 @@ class ReviewPolicy:
             return record.review.decision
         if record.user in self.trusted_users:
             return TRUSTED
-        if what == "thumbs-up" and not self.review_thumbs_up:
+        if (what == THUMBS_UP and not self.review_thumbs_up) or (what == THUMBS_DOWN and not self.review_thumbs_down):
             return UNREVIEWED
         return PENDING
 

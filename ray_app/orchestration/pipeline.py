@@ -50,10 +50,11 @@ class PipelineError(RuntimeError):
 
 # --- export_feedback ------------------------------------------------------------------------
 def feedback_examples(records, policy) -> list[tuple[str, dict]]:
-    """(ready_at, training example) for each rating the review ``policy`` lets train."""
+    """(ready_at, SFT example) for each rating the review ``policy`` lets train that has an answer to learn."""
     from ray_app.chat.review import ready_at, training_example
 
-    return [(ready_at(record), training_example(record)) for record in records if policy.trains(record)]
+    usable = [(ready_at(record), training_example(record)) for record in records if policy.trains(record)]
+    return [(ready, example) for ready, example in usable if example is not None]
 
 
 def feedback_watermark(name: str | None, settings: Settings) -> str | None:
@@ -74,21 +75,36 @@ def feedback_watermark(name: str | None, settings: Settings) -> str | None:
     return max(marks) if marks else None
 
 
+def chat_preferences(records, policy, name: str | None, settings: Settings):
+    """The chat's preference pairs and thumbs (``ray_app.chat.preferences``), weighed against ``name``'s champion."""
+    from ray_app.chat.preferences import preference_data
+
+    champion = promotion.champion_of(name, settings) if name else None
+    current = f"{name}/{champion.version}" if champion else None
+    return preference_data(records, policy, current, settings.preference_other_version_weight), current
+
+
 def export_feedback(cfg, settings: Settings, run_key: str, date: str, min_new_examples: int) -> dict[str, Any]:
-    """Write base data + every usable feedback example to ``datasets/retrain/DATE/RUN_KEY/`` in the store."""
+    """Write base data + every usable feedback example to ``datasets/retrain/DATE/RUN_KEY/`` in the store.
+
+    Beside ``train.jsonl`` (SFT): ``preferences.jsonl`` (DPO pairs) and ``thumbs.jsonl`` (KTO)
+    from the same reviewed ratings, when there are any.
+    """
     from ray_app.chat.feedback import chat_database_missing, database_label, read_feedback
     from ray_app.chat.review import ReviewPolicy
-    from ray_app.storage import open_store
-    from training.data import read_records
 
     watermark = feedback_watermark(cfg.registered_model, settings)  # first: MLflow down fails before any work
     records = read_feedback(settings.chat_database_url)
     policy = ReviewPolicy.from_settings(settings)
     examples = feedback_examples(records, policy)
     new = [example for ready, example in examples if watermark is None or ready > watermark]
+    preferences, current = chat_preferences(records, policy, cfg.registered_model, settings)
+    fresh = preferences.new_since(watermark).counts()
     summary: dict[str, Any] = {
         "ratings": len(records), "feedback_examples": len(examples), "new_examples": len(new),
         "since": watermark, "min_new_examples": min_new_examples, "review": policy.counts(records),
+        "preferences": {**preferences.counts(), "new_pairs": fresh["pairs"], "new_thumbs": fresh["thumbs"],
+                        "current_version": current},
     }  # fmt: skip
     if chat_database_missing(settings.chat_database_url):
         summary["note"] = f"no chat database at {database_label(settings.chat_database_url)} yet: no feedback"
@@ -97,30 +113,47 @@ def export_feedback(cfg, settings: Settings, run_key: str, date: str, min_new_ex
         since = f" since {watermark}" if watermark else ""
         reason = f"{len(new)} new feedback example(s){since}, fewer than the {min_new_examples} needed"
         return {**summary, "skip": True, "reason": reason}
-    base = read_records(list(cfg.train_data), settings)
     # No feedback at all (min_new_examples 0: retrain on the recipe's data) keeps the watermark where it was.
-    feedback_until = max((answered_at for answered_at, _ in examples), default=watermark or "")
+    # The watermark is what the SFT step trains on (the DAG trains SFT): the preference files are exported beside.
+    summary["feedback_until"] = max((ready for ready, _ in examples), default=watermark or "")
+    uris = _write_export(cfg, settings, f"datasets/retrain/{date}/{run_key}", [e for _, e in examples], preferences,
+                         summary)  # fmt: skip
+    version_tags = {FEEDBACK_UNTIL_TAG: summary["feedback_until"]} if summary["feedback_until"] else {}
+    return {
+        **summary, "skip": False, **uris,
+        # What the train step passes to the recipe: the merged data, and the watermark to record.
+        "train_overrides": [f"train_data={summary['dataset_uri']}", "version_tags=" + json.dumps(version_tags)],
+    }  # fmt: skip
+
+
+def _write_export(cfg, settings: Settings, prefix: str, examples: list[dict], preferences, meta: dict) -> dict:
+    """Upload the export's files under ``prefix``; ``meta`` gains ``base_examples`` and ``dataset_uri``.
+
+    Returns the preference files' URIs (``preference_data_uri``, ``thumbs_data_uri``) when there
+    is preference data.
+    """
+    from ray_app.storage import open_store
+    from training.data import read_records
+
+    base = read_records(list(cfg.train_data), settings)
     store = open_store(settings=settings)
     store.ensure()
-    prefix = f"datasets/retrain/{date}/{run_key}"
+    files = {"train.jsonl": [json.dumps({"messages": messages}) for messages in base]
+             + [json.dumps(example) for example in examples]}  # fmt: skip
+    uris = {}
+    for key, file, rows in (("preference_data_uri", "preferences.jsonl", preferences.pairs),
+                            ("thumbs_data_uri", "thumbs.jsonl", preferences.thumbs)):  # fmt: skip
+        if rows:
+            files[file], uris[key] = [json.dumps(row) for row in rows], store.uri(f"{prefix}/{file}")
+    meta.update(base_examples=len(base), dataset_uri=store.uri(f"{prefix}/train.jsonl"))
     with tempfile.TemporaryDirectory() as folder:
-        lines = [json.dumps({"messages": messages}) for messages in base]
-        lines += [json.dumps(example) for _, example in examples]
-        (Path(folder) / "train.jsonl").write_text("\n".join(lines) + "\n")
+        for file, lines in files.items():
+            (Path(folder) / file).write_text("\n".join(lines) + "\n")
         (Path(folder) / "export.json").write_text(json.dumps(
-            {**summary, "base_data": list(cfg.train_data), "base_examples": len(base),
-             "feedback_until": feedback_until, "exported_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())},
-            indent=2))  # fmt: skip
+            {**meta, "base_data": list(cfg.train_data), **uris,
+             "exported_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}, indent=2))  # fmt: skip
         store.upload_dir(folder, prefix, progress=False)
-    dataset_uri = store.uri(f"{prefix}/train.jsonl")
-    version_tags = {FEEDBACK_UNTIL_TAG: feedback_until} if feedback_until else {}
-    return {
-        **summary, "skip": False, "dataset_uri": dataset_uri, "base_examples": len(base),
-        "feedback_until": feedback_until,
-        # What the train step passes to the recipe: the merged data, and the watermark to record.
-        "train_overrides": [f"train_data={dataset_uri}",
-                            "version_tags=" + json.dumps(version_tags)],
-    }  # fmt: skip
+    return uris
 
 
 # --- evaluate / promote / rollout (the policy is ray_app.promotion) -------------------------

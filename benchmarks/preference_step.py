@@ -59,7 +59,8 @@ def step_fn(variant: str, model_dir: str, batch: dict):
     import torch
     from transformers import AutoModelForCausalLM
 
-    from training.dpo import completion_logps, dpo_loss, sequence_logps
+    from training.dpo import dpo_loss
+    from training.scoring import completion_logps, sequence_logps
 
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
     model.config.use_cache = False

@@ -8,14 +8,23 @@ and so does a candidate or reference without a usable loss: nothing is promoted 
 evidence. The demo, ``llmops promote --gate`` and the DAG's evaluate/promote steps all decide
 here; the move itself is ``ray_app.serving.rollout.promote`` (atomic, Serve first).
 
+**The cases users gave** (``ray_app.regression``): on the replayed recent corrections, the
+candidate's mean preference for the correction over the answer it corrects (log-probability
+per token: a longer correction is not held back by its length) may trail the reference's by
+at most ``gate_replay_margin`` nats per token, and it must prefer ``gate_min_replay_accuracy``
+of them; and it may lose no more than ``gate_max_regressions`` of the regression set's cases
+(every approved correction, every liked answer) by more than ``gate_regression_margin`` nats
+per token against the reference. No case is no evidence against.
+
 Every evaluation is tagged on the candidate (``gate.candidate_loss``, ``gate.champion_loss``,
-``gate.champion``) and every decision too (``promotion`` and ``promotion.*``, by
-``rollout.record_promotion``).
+``gate.champion``, ``gate.replay_*``, ``gate.regression_*``) and every decision too
+(``promotion`` and ``promotion.*``, by ``rollout.record_promotion``).
 """
 
 from __future__ import annotations
 
 import calendar
+import dataclasses
 import math
 import time
 from dataclasses import dataclass, field
@@ -68,6 +77,129 @@ def offline_gate(
     return verdict(False, f"eval loss {candidate_loss:.4f} is not below {needed:.4f}")
 
 
+@dataclass(frozen=True)
+class CaseScores:
+    """The candidate and its reference on the replay and regression cases (what ``evaluate`` tags).
+
+    A replayed pair's *margin* is the correction's log-probability per token minus the corrected
+    answer's (per token: a longer correction is not held back by its length); a *win* is a
+    positive margin.
+    """
+
+    replay_cases: int = 0
+    candidate_wins: int = 0
+    reference_wins: int = 0
+    candidate_margin: float = 0.0  # mean margin over the replayed pairs
+    reference_margin: float = 0.0
+    regression_cases: int = 0
+    regressions: tuple[str, ...] = ()  # ids of the cases the candidate lost beyond the margin
+    worst_loss: float = 0.0  # the most nats per token a case lost (0 when none lost any)
+    regression_set: str = ""  # the stored version scored
+
+    def as_tags(self) -> dict[str, str]:
+        return {
+            "gate.replay_cases": str(self.replay_cases), "gate.replay_wins": str(self.candidate_wins),
+            "gate.replay_champion_wins": str(self.reference_wins), "gate.replay_margin": f"{self.candidate_margin:.4f}",
+            "gate.replay_champion_margin": f"{self.reference_margin:.4f}",
+            "gate.regression_cases": str(self.regression_cases), "gate.regressions": str(len(self.regressions)),
+            "gate.regression_ids": ",".join(self.regressions)[:4000], "gate.regression_worst": f"{self.worst_loss:.4f}",
+            "gate.regression_set": self.regression_set,
+        }  # fmt: skip
+
+    @classmethod
+    def from_tags(cls, tags: dict[str, str]) -> CaseScores | None:
+        """The scores tagged on a version (margins as tagged, to 4 places); None when it was evaluated without them."""
+        try:
+            ids = tuple(filter(None, tags["gate.regression_ids"].split(",")))
+            scores = cls(int(tags["gate.replay_cases"]), int(tags["gate.replay_wins"]),
+                         int(tags["gate.replay_champion_wins"]), float(tags["gate.replay_margin"]),
+                         float(tags["gate.replay_champion_margin"]), int(tags["gate.regression_cases"]), ids,
+                         float(tags["gate.regression_worst"]), tags.get("gate.regression_set", ""))  # fmt: skip
+        except (KeyError, ValueError):
+            return None
+        return scores if int(tags["gate.regressions"]) == len(ids) else None
+
+
+@dataclass(frozen=True)
+class CasePolicy:
+    """Thresholds on the cases users gave (settings ``gate_*``)."""
+
+    min_replay_accuracy: float = 0.0
+    replay_margin: float = 0.1  # nats per token the mean replay margin may trail the reference's
+    regression_margin: float = 0.1  # nats per token a regression case may lose
+    max_regressions: int = 0
+
+    @classmethod
+    def from_settings(cls, settings: Settings) -> CasePolicy:
+        return cls(settings.gate_min_replay_accuracy, settings.gate_replay_margin, settings.gate_regression_margin,
+                   settings.gate_max_regressions)  # fmt: skip
+
+
+def case_gate(scores: CaseScores | None, policy: CasePolicy, reference: str = "the champion") -> tuple[bool, str]:
+    """Whether the candidate passes the replay and regression cases, and why (see the module docstring)."""
+    if scores is None:
+        return False, "no replay/regression scores on the candidate: re-run evaluate"
+    replay = "no replayed correction"
+    if scores.replay_cases:
+        n, wins = scores.replay_cases, scores.candidate_wins
+        replay = (f"prefers {wins} of {n} replayed corrections by {scores.candidate_margin:+.3f} nats/token "
+                  f"({reference}: {scores.reference_wins}, {scores.reference_margin:+.3f})")  # fmt: skip
+        if wins < math.ceil(policy.min_replay_accuracy * n - 1e-9):
+            return False, f"{replay}: fewer than {policy.min_replay_accuracy:.0%}"
+        if scores.candidate_margin < scores.reference_margin - policy.replay_margin:
+            return False, f"{replay}: trails {reference} by more than {policy.replay_margin:g} nats/token"
+    lost = len(scores.regressions)
+    regression = (f"{lost} of {scores.regression_cases} regression case(s) less likely by more than "
+                  f"{policy.regression_margin:g} nats/token (worst {scores.worst_loss:.3f})")  # fmt: skip
+    if lost > policy.max_regressions:
+        which = ", ".join(scores.regressions[:5])
+        return False, f"{replay}; {regression}, more than the {policy.max_regressions} allowed: {which}"
+    return True, f"{replay}; {regression}"
+
+
+def score_cases(candidate: str, reference: str, replay: list[dict], regression: list[dict], margin: float,
+                seq_len: int, settings: Settings, regression_set: str = "") -> CaseScores:  # fmt: skip
+    """Score ``candidate`` and ``reference`` on the replay pairs and regression cases (``ray_app.regression``)."""
+    from training.evaluate import completion_scores
+
+    items = [(case["messages"], case[side]) for case in replay for side in ("chosen", "rejected")]
+    items += [(case["messages"], case["completion"]) for case in regression]
+    if not items:
+        return CaseScores(regression_set=regression_set)
+    ours, theirs = (completion_scores(model, items, seq_len, settings) for model in (candidate, reference))
+
+    def margins(scores: list[tuple[float, int]]) -> list[float]:
+        per_token = [logp / max(tokens, 1) for logp, tokens in scores[: 2 * len(replay)]]
+        return [chosen - rejected for chosen, rejected in zip(per_token[::2], per_token[1::2], strict=True)]
+
+    def mean(values: list[float]) -> float:
+        return sum(values) / len(values) if values else 0.0
+
+    losses = {}
+    for case, (logp, tokens), (ref_logp, _) in zip(regression, ours[2 * len(replay):], theirs[2 * len(replay):],
+                                                   strict=True):  # fmt: skip
+        if tokens:
+            losses[case["id"]] = (ref_logp - logp) / tokens
+    lost = tuple(case_id for case_id, loss in losses.items() if loss > margin)
+    mine, its = margins(ours), margins(theirs)
+    return CaseScores(len(replay), sum(m > 0 for m in mine), sum(m > 0 for m in its), mean(mine), mean(its),
+                      len(losses), lost, max([0.0, *losses.values()]), regression_set)  # fmt: skip
+
+
+def replay_and_regression(name: str, candidate: str, reference: str, seq_len: int, settings: Settings) -> CaseScores:
+    """The chat's cases for ``name`` (the regression set grown first), scored on ``candidate`` and ``reference``."""
+    from ray_app.chat.feedback import read_feedback
+    from ray_app.chat.review import ReviewPolicy
+    from ray_app.regression import grow_regression_set, regression_cases, replay_cases, replay_since
+
+    records = read_feedback(settings.chat_database_url)
+    policy = ReviewPolicy.from_settings(settings)
+    replay = replay_cases(records, policy, replay_since(settings.gate_replay_days))
+    kept = grow_regression_set(name, regression_cases(records, policy), settings)
+    return score_cases(candidate, reference, replay, kept.cases, settings.gate_regression_margin, seq_len, settings,
+                       kept.uri)  # fmt: skip
+
+
 @dataclass
 class GateEvaluation:
     """Held-out losses of a candidate and its reference on the same data (what ``evaluate`` tags)."""
@@ -80,6 +212,7 @@ class GateEvaluation:
     reference_loss: float
     eval_data: list[str]
     samples: list[dict[str, Any]] = field(default_factory=list)
+    cases: CaseScores = field(default_factory=CaseScores)
 
 
 def champion_of(name: str, settings: Settings):
@@ -124,16 +257,20 @@ def evaluate(cfg, settings: Settings, version: str, known_losses: dict[str, floa
         report = evaluate_model(candidate_ref, cfg.eval_data, **kwargs)
         candidate_loss, samples = report.loss, report.samples
     reference_loss = known[reference] if reference in known else evaluate_model(reference, cfg.eval_data, **kwargs).loss
+    cases = replay_and_regression(name, candidate_ref, reference, cfg.seq_len, settings)
     mlflow = client(settings)
-    for key, value in ((GATE_CANDIDATE_LOSS, f"{candidate_loss:.6f}"), (GATE_CHAMPION_LOSS, f"{reference_loss:.6f}"),
-                       (GATE_CHAMPION, reference)):  # fmt: skip
+    tags = {GATE_CANDIDATE_LOSS: f"{candidate_loss:.6f}", GATE_CHAMPION_LOSS: f"{reference_loss:.6f}",
+            **cases.as_tags(), GATE_CHAMPION: reference}  # the reference last: decide() checks it  # fmt: skip
+    for key, value in tags.items():
         mlflow.set_model_version_tag(name, candidate.version, key, value)
     if candidate.run_id:
-        mlflow.log_metric(candidate.run_id, "gate_candidate_loss", candidate_loss)
-        mlflow.log_metric(candidate.run_id, "gate_champion_loss", reference_loss)
+        metrics = {"gate_candidate_loss": candidate_loss, "gate_champion_loss": reference_loss,
+                   "gate_replay_wins": cases.candidate_wins, "gate_regressions": len(cases.regressions)}  # fmt: skip
+        for key, value in metrics.items():
+            mlflow.log_metric(candidate.run_id, key, value)
     champion_version = champion.version if champion else None
     return GateEvaluation(name, candidate.version, candidate_loss, reference, champion_version, reference_loss,
-                          list(cfg.eval_data), samples)  # fmt: skip
+                          list(cfg.eval_data), samples, cases)  # fmt: skip
 
 
 def decide(
@@ -168,6 +305,8 @@ def decide(
         raise PromotionError(f"the champion changed since the evaluation ({tags.get(GATE_CHAMPION, '')} -> "
                              f"{current}); re-run evaluate")  # fmt: skip
     gate = offline_gate(_float(tags.get(GATE_CANDIDATE_LOSS)), _float(tags.get(GATE_CHAMPION_LOSS)), margin, current)
+    passed, why = case_gate(CaseScores.from_tags(tags), CasePolicy.from_settings(settings), current)
+    gate = dataclasses.replace(gate, promoted=gate.promoted and passed, reason=f"{gate.reason}; {why}")
     if not gate.promoted:
         record_promotion(name, version, previous, "rejected", gate.reason, settings, actor=actor)
         return {"name": name, "version": version, "promoted": False, "reason": gate.reason, "previous": previous}

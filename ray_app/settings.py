@@ -246,6 +246,24 @@ class Settings(BaseSettings):
     promotion_min_improvement: float = Field(
         default=0.01, ge=0, lt=1, description="fraction the candidate's eval loss must be below the champion's"
     )
+    gate_replay_days: float = Field(
+        default=30.0, gt=0, description="corrections approved this recently form the gate's replay set"
+    )
+    gate_min_replay_accuracy: float = Field(
+        default=0.0,
+        ge=0,
+        le=1,
+        description="share of the replayed corrections the candidate must prefer",
+    )
+    gate_replay_margin: float = Field(
+        default=0.1,
+        ge=0,
+        description="nats per token the candidate's preference for replayed corrections may trail the champion's",
+    )
+    gate_regression_margin: float = Field(
+        default=0.1, ge=0, description="nats per token a regression case may lose against the champion"
+    )
+    gate_max_regressions: int = Field(default=0, ge=0, description="regression cases a candidate may lose beyond it")
     canary_share: float = Field(
         default=0.1, gt=0, lt=1, description="`llmops promote --canary`: share of conversations the challenger answers"
     )

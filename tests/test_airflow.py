@@ -268,7 +268,9 @@ def test_retrain_dag_exports_feedback_trains_on_ray_promotes_a_better_model_and_
     write_feedback(chat_db, model_version=f"{MODEL}/0", ratings=[
         ("What does Ray Serve do?", "Ray Serve serves models over HTTP.", 1, None),
         ("Where are checkpoints stored?", "In the S3 store.", 1, "nice"),
-        ("Who moves the champion alias?", "Nobody.", 0, "correction: The promote step of the retraining DAG."),
+        # As long as its correction: the gate's replay compares them per token.
+        ("Who moves the champion alias?", "Nobody ever moves it; it stays put.", 0,
+         "correction: The promote step of the retraining DAG."),
         ("What is MLflow?", "A database.", 0, "wrong"),
         ("Is Ray fast?", "It depends.", 0, "correction: Always, on every input."),  # never approved
     ])  # fmt: skip
@@ -279,7 +281,8 @@ def test_retrain_dag_exports_feedback_trains_on_ray_promotes_a_better_model_and_
 
     # 1. Enough new feedback, a candidate better than the base model: trained, promoted, rolled out.
     run_id, states, done = trigger("2026-03-01")
-    assert set(states.values()) == {"success"}, (states, done.stdout[-4000:], done.stderr[-4000:])
+    gate = airflow.xcom("retrain_chat_model", run_id, "promote")  # the gate's reason, when it said no
+    assert set(states.values()) == {"success"}, (states, gate, done.stdout[-4000:], done.stderr[-4000:])
     export = airflow.xcom("retrain_chat_model", run_id, "export_feedback")
     assert export["new_examples"] == 3 and export["ratings"] == 5, export
     # unreviewed: two thumbs-up (SFT) and a thumbs-down (preference data only)
@@ -289,7 +292,7 @@ def test_retrain_dag_exports_feedback_trains_on_ray_promotes_a_better_model_and_
         lines = [json.loads(line) for line in stream.read().decode().splitlines()]
     answers = [record["messages"][-1]["content"] for record in lines]
     assert "Ray Serve serves models over HTTP." in answers and "The promote step of the retraining DAG." in answers
-    assert "A database." not in answers and "Nobody." not in answers
+    assert "A database." not in answers and "Nobody ever moves it; it stays put." not in answers
     assert "Always, on every input." not in answers and "It depends." not in answers  # pending: not trained
     assert len(lines) == export["base_examples"] + 3
     train = airflow.xcom("retrain_chat_model", run_id, "train")

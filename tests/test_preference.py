@@ -78,7 +78,7 @@ def test_sequence_log_probs_count_only_the_labelled_tokens():
     import torch
 
     from training.data import IGNORE_INDEX
-    from training.dpo import sequence_logps
+    from training.scoring import sequence_logps
 
     logits = torch.randn(2, 5, 11)
     labels = torch.tensor([[IGNORE_INDEX, IGNORE_INDEX, 3, 4, IGNORE_INDEX], [IGNORE_INDEX, 1, 2, 3, 4]])
@@ -97,7 +97,7 @@ def test_only_the_completion_is_scored_and_a_long_prompt_loses_its_oldest_tokens
     from transformers import AutoTokenizer
 
     from training.data import IGNORE_INDEX
-    from training.dpo import completion_tokens
+    from training.scoring import completion_tokens
 
     tokenizer = AutoTokenizer.from_pretrained(build_tiny_chat_model(tmp_path / "tiny", hidden=32, layers=1))
     prompt = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Name a fruit."}]
@@ -117,7 +117,8 @@ def test_left_padded_completion_scores_equal_each_sequence_scored_alone(tmp_path
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from training.dpo import completion_logps, completion_tokens, sequence_logps, tokenize_preferences
+    from training.dpo import tokenize_preferences
+    from training.scoring import completion_logps, completion_tokens, sequence_logps
 
     folder = build_tiny_chat_model(tmp_path / "tiny", hidden=32, layers=1)
     pairs = preference_pairs(range(2))[:3]

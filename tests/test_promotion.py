@@ -187,3 +187,131 @@ def test_the_canary_policy_comes_from_settings_latency_allowance_included(monkey
     monkeypatch.setenv("LLMOPS_CANARY_WINDOW_S", "90000")  # more than a day: the DAG's task could not wait for it
     with pytest.raises(SettingsError, match="canary_window_s"):
         load_settings()
+
+
+# --- the cases users gave: replayed corrections and the regression set -------------------
+def _scores(replay=(0, 0, 0, 0.0, 0.0), regression_cases=0, lost=()):
+    from ray_app.promotion import CaseScores
+
+    return CaseScores(*replay, regression_cases, tuple(lost), 0.5 if lost else 0.0, "s3://b/regression/x/v0001")
+
+
+@pytest.mark.parametrize(
+    ("scores", "policy", "passed", "why"),
+    [
+        (_scores(), {}, True, "no replayed correction; 0 of 0 regression case(s)"),  # no cases: nothing against it
+        (_scores((4, 3, 3, 0.2, 0.2), 5), {}, True,
+         "prefers 3 of 4 replayed corrections by +0.200 nats/token (models:/chat/3: 3, +0.200)"),  # a tie passes
+        (_scores((4, 2, 3, 0.11, 0.2), 5), {}, True, "prefers 2 of 4"),  # trails by less than the margin
+        (_scores((4, 2, 3, 0.09, 0.2), 5), {}, False, "trails models:/chat/3 by more than 0.1 nats/token"),
+        (_scores((4, 2, 3, 0.0, 0.2), 5), {"replay_margin": 0.25}, True, "prefers 2 of 4"),
+        (_scores((4, 2, 0, 0.5, -1.0), 5), {"min_replay_accuracy": 0.75}, False, ": fewer than 75%"),
+        (_scores((4, 3, 0, 0.5, -1.0), 5), {"min_replay_accuracy": 0.75}, True, "prefers 3 of 4"),
+        (_scores((0, 0, 0, 0.0, 0.0), 5, ["c1"]), {}, False,
+         "1 of 5 regression case(s) less likely by more than 0.1 nats/token (worst 0.500), more than the 0 allowed: "
+         "c1"),
+        (_scores((0, 0, 0, 0.0, 0.0), 5, ["c1"]), {"max_regressions": 1}, True, "1 of 5 regression case(s)"),
+        (None, {}, False, "no replay/regression scores on the candidate: re-run evaluate"),
+    ],
+)  # fmt: skip
+def test_the_case_gate_is_pinned(scores, policy, passed, why):
+    from ray_app.promotion import CasePolicy, CaseScores, case_gate
+
+    verdict = case_gate(scores, CasePolicy(**policy), "models:/chat/3")
+    assert verdict[0] is passed and why in verdict[1], verdict
+    if scores is not None:
+        assert CaseScores.from_tags(scores.as_tags()) == scores
+    assert CaseScores.from_tags({"gate.candidate_loss": "1.0"}) is None  # evaluated before the cases existed
+
+
+def _nudged(model_dir: Path, out: Path, conversation: list[dict], completion: str, direction: float) -> Path:
+    """A copy of ``model_dir`` trained a few steps to make ``completion`` more (+1) or less (-1) likely."""
+    import shutil
+
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from training.scoring import completion_tokens
+
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
+    ids, labels = completion_tokens(conversation, completion, tokenizer, 64)
+    optimizer = torch.optim.Adam(model.parameters(), lr=1e-2)
+    for _ in range(8):
+        loss = model(input_ids=torch.tensor([ids]), labels=torch.tensor([labels])).loss
+        (direction * loss).backward()
+        optimizer.step()
+        optimizer.zero_grad()
+    shutil.copytree(model_dir, out)
+    model.save_pretrained(out)
+    return out
+
+
+def test_the_gate_replays_approved_corrections_and_rejects_a_candidate_that_makes_one_less_likely(
+    mlflow_server: Settings, tmp_path
+):
+    """Ratings written through Chainlit's data layer; the champion and two candidates in the S3 server:
+    one trained away from an approved correction (rejected, with the case named, though its loss
+    wins), one trained towards it (promoted). The regression set is stored versioned and only grows."""
+    from conftest import write_feedback
+    from mlflow import MlflowClient
+    from tiny_model import build_tiny_chat_model
+
+    from ray_app.chat.review import APPROVED, ReviewPolicy, candidates
+    from ray_app.chat.review import decide as review
+    from ray_app.promotion import evaluate
+    from ray_app.registry import register_model_version
+    from ray_app.regression import latest_regression_set
+    from ray_app.storage import open_store
+    from training.config import SFTConfig
+
+    name = f"gate-cases-{uuid.uuid4().hex[:6]}"
+    chat_db = f"sqlite+aiosqlite:///{tmp_path / 'chat' / 'chat.db'}"
+    settings = mlflow_server.model_copy(update={"store_uri": f"s3://{name}/store", "chat_database_url": chat_db})
+    write_feedback(chat_db, model_version=f"{name}/1", ratings=[
+        ("Who moves the champion alias?", "Nobody.", 0, "correction: The promote step."),
+        ("What serves models?", "Ray Serve.", 1, None),
+    ])  # fmt: skip
+    [fix] = candidates(chat_db, ReviewPolicy(), "pending")
+    review(chat_db, fix, APPROVED, "rita")
+    question = [{"role": "user", "content": "Who moves the champion alias?"}]
+    base = build_tiny_chat_model(tmp_path / "champion", seed=3)
+    store = open_store(settings=settings)
+    store.ensure()
+    models = {"1": base, "2": _nudged(base, tmp_path / "worse", question, "The promote step.", -1.0),
+              "3": _nudged(base, tmp_path / "better", question, "The promote step.", +1.0)}  # fmt: skip
+    for version, folder in models.items():
+        store.upload_dir(folder, f"models/{version}", progress=False)
+        register_model_version(name, store.uri(f"models/{version}"), None, settings=settings)
+    client = MlflowClient(settings.mlflow_tracking_uri)
+    client.set_registered_model_alias(name, "champion", "1")
+    cfg = SFTConfig.model_construct(registered_model=name, model=str(base), eval_data=[__file__], seq_len=64,
+                                    sample_prompts=[], max_new_tokens=4)  # fmt: skip
+    wins = {f"models:/{name}/{v}": 1.0 for v in ("2", "3")} | {f"models:/{name}/1": 2.0}  # the loss gate passes
+
+    worse = evaluate(cfg, settings, "2", known_losses=wins)
+    assert (worse.cases.replay_cases, worse.cases.candidate_wins, worse.cases.regression_cases) == (1, 0, 2)
+    assert worse.cases.regressions and worse.cases.regressions[0].startswith(fix.feedback_id), worse.cases
+    rejected = decide(cfg, settings, "2", 0.0, actor="test", rollout=False)
+    assert rejected["promoted"] is False and "eval loss 1.0000 < 2.0000" in rejected["reason"], rejected
+    assert "prefers 0 of 1 replayed corrections" in rejected["reason"] or "regression case" in rejected["reason"]
+    tags = client.get_model_version(name, "2").tags
+    assert tags["promotion"] == "rejected" and tags["gate.replay_cases"] == "1" and tags["gate.regressions"] != "0"
+    version, kept = latest_regression_set(name, settings)
+    assert version == 1 and tags["gate.regression_set"].endswith(f"regression/{name}/v0001"), tags
+    assert sorted(case["completion"] for case in kept) == ["Ray Serve.", "The promote step."]
+
+    # Outside the replay window the correction is still a regression case: rejected for that alone.
+    old = settings.model_copy(update={"gate_replay_days": 1e-9})
+    evaluate(cfg, old, "2", known_losses=wins)
+    alone = decide(cfg, old, "2", 0.0, actor="test", rollout=False)
+    assert alone["promoted"] is False and "no replayed correction; " in alone["reason"], alone
+    assert "of 2 regression case(s) less likely" in alone["reason"] and fix.feedback_id in alone["reason"]
+
+    write_feedback(chat_db, [("Is Ray fast?", "Yes.", 1, None)], model_version=f"{name}/1")
+    better = evaluate(cfg, settings, "3", known_losses=wins)
+    assert (better.cases.candidate_wins, better.cases.regressions) == (1, ()), better.cases
+    assert latest_regression_set(name, settings)[0] == 2 and better.cases.regression_cases == 3  # it only grew
+    promoted = decide(cfg, settings, "3", 0.0, actor="test", rollout=False)
+    assert promoted["promoted"] is True and "prefers 1 of 1 replayed corrections" in promoted["reason"], promoted
+    assert client.get_model_version_by_alias(name, "champion").version == "3"

@@ -51,6 +51,7 @@ from pydantic import Field, model_validator
 from training import runtime
 from training.config import SFTConfig, load_config
 from training.data import IGNORE_INDEX, ROLES, DatasetError
+from training.scoring import completion_logps, completion_tokens
 
 PAIR_SIDES = ("chosen", "rejected")
 MAX_WEIGHT = 100.0  # an example may count for at most this many
@@ -92,31 +93,6 @@ class PreferenceResult(runtime.TrainResult):
 # --------------------------------------------------------------------------------------
 # The objectives: plain torch, unit-tested on their own.
 # --------------------------------------------------------------------------------------
-def sequence_logps(logits, labels):
-    """Summed log-probability of each row's labelled tokens (labels already aligned with ``logits``' inputs)."""
-    import torch
-
-    target = labels[:, 1:]
-    mask = target != IGNORE_INDEX
-    logprobs = torch.log_softmax(logits[:, :-1].float(), dim=-1)
-    picked = torch.gather(logprobs, 2, target.clamp(min=0).unsqueeze(-1)).squeeze(-1)
-    return (picked * mask).sum(dim=-1)
-
-
-def completion_logps(model, ids, mask, labels):
-    """Summed log-probs of each row's labelled tokens under ``model``, from left-padded rows.
-
-    The completions end every row, so only the logits of the last positions (from the one before
-    the first labelled token) are computed: the vocabulary projection, most of a small model's
-    cost, runs on the completion alone. Left padding changes no real token's logits (rotary
-    positions are relative; the pads are masked).
-    """
-    labelled = (labels != IGNORE_INDEX).any(dim=0).nonzero()
-    keep = labels.shape[1] - int(labelled.min()) + 1 if len(labelled) else 2
-    logits = model(input_ids=ids, attention_mask=mask, logits_to_keep=keep).logits
-    return sequence_logps(logits, labels[:, -keep:])
-
-
 def weighted_mean(losses, weights=None):
     """The batch's loss: each example's loss times its weight (1 when ``weights`` is None), averaged."""
     return losses.mean() if weights is None else (losses * weights.to(losses.dtype)).mean()
@@ -216,24 +192,6 @@ def parse_preference(text: str, objective: str) -> dict[str, Any]:
     prompt = [{"role": m["role"], "content": m["content"]} for m in messages]
     return {"messages": prompt, **{key: record[key] for key in keys}, "desirable": record.get("desirable", True),
             "weight": float(weight)}  # fmt: skip
-
-
-def completion_tokens(prompt: list[dict[str, str]], completion: str, tokenizer, seq_len: int):
-    """``(input_ids, labels)`` of ``completion`` answering ``prompt``: only the completion is labelled.
-
-    A sequence longer than ``seq_len`` loses the prompt's oldest tokens first (at most half of
-    ``seq_len`` is kept for a long completion, whose end is cut).
-    """
-
-    def ids(conversation: list[dict[str, str]], generation_prompt: bool) -> list[int]:
-        out = tokenizer.apply_chat_template(conversation, tokenize=True, add_generation_prompt=generation_prompt)
-        return list(out["input_ids"] if isinstance(out, dict) or hasattr(out, "input_ids") else out)
-
-    head = ids(prompt, True)
-    answer = ids([*prompt, {"role": "assistant", "content": completion}], False)[len(head) :]
-    answer = answer[: max(seq_len - min(len(head), seq_len // 2), 1)]
-    head = head[len(head) - min(len(head), seq_len - len(answer)) :]
-    return head + answer, [IGNORE_INDEX] * len(head) + answer
 
 
 def tokenize_preferences(batch: dict[str, np.ndarray], model_dir: str, seq_len: int, objective: str):
@@ -412,31 +370,20 @@ def _step_metrics(worker, window: dict[str, list[float]], tokens: int, elapsed: 
 # --------------------------------------------------------------------------------------
 def preference_accuracy(model_ref: str, uris: list[str], seq_len: int, settings) -> float:
     """How often ``model_ref`` finds the chosen completion of a held-out pair more likely than the rejected one."""
-    import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    from ray_app.models import resolve_model
     from training.data import read_text_lines
+    from training.evaluate import completion_scores
 
-    folder = resolve_model(model_ref, settings)
-    tokenizer = AutoTokenizer.from_pretrained(folder)
-    model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
-    wins = pairs = 0
+    pairs = []
     for _file, _number, line in read_text_lines(uris, settings):
         try:
-            record = parse_preference(line, "dpo")
+            pairs.append(parse_preference(line, "dpo"))
         except ValueError:
             continue
-        scores = []
-        for side in PAIR_SIDES:
-            ids, labels = completion_tokens(record["messages"], record[side], tokenizer, seq_len)
-            with torch.no_grad():
-                logps = completion_logps(model, torch.tensor([ids]), torch.ones(1, len(ids)), torch.tensor([labels]))
-            scores.append(float(logps[0]))
-        wins, pairs = wins + (scores[0] > scores[1]), pairs + 1
     if not pairs:
         raise DatasetError(f"no preference pair in {', '.join(uris)} to measure preference accuracy on")
-    return wins / pairs
+    items = [(pair["messages"], pair[side]) for pair in pairs for side in PAIR_SIDES]
+    scores = [logp for logp, _tokens in completion_scores(model_ref, items, seq_len, settings)]
+    return sum(chosen > rejected for chosen, rejected in zip(scores[::2], scores[1::2], strict=True)) / len(pairs)
 
 
 def run(cfg: PreferenceConfig, settings=None) -> PreferenceResult:

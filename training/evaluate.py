@@ -124,3 +124,30 @@ def evaluate_model(
         examples=len(examples),
         samples=generate_answers(model, tokenizer, list(prompts), max_new_tokens),
     )
+
+
+def completion_scores(
+    model_ref: str, items: list[tuple[list[dict[str, str]], str]], seq_len: int, settings: Settings | None = None
+) -> list[tuple[float, int]]:
+    """``(summed log-prob, tokens)`` of each completion answering its conversation, under ``model_ref``.
+
+    Only the completion's tokens are scored (``training.scoring.completion_tokens``): what the
+    preference metrics and the promotion gate's replay and regression cases compare.
+    """
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from ray_app.models import resolve_model
+    from training.data import IGNORE_INDEX
+    from training.scoring import completion_logps, completion_tokens
+
+    folder = resolve_model(model_ref, settings or get_settings())
+    tokenizer = AutoTokenizer.from_pretrained(folder)
+    model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
+    scores = []
+    for messages, completion in items:
+        ids, labels = completion_tokens(messages, completion, tokenizer, seq_len)
+        with torch.no_grad():
+            logps = completion_logps(model, torch.tensor([ids]), torch.ones(1, len(ids)), torch.tensor([labels]))
+        scores.append((float(logps[0]), sum(1 for label in labels[1:] if label != IGNORE_INDEX)))
+    return scores

@@ -164,12 +164,14 @@ def _registered_name(cfg) -> str:
 
 
 def evaluate(cfg, settings: Settings, version: str) -> dict[str, Any]:
-    """Held-out loss of candidate ``version`` and of the current champion (or the base model when none)."""
+    """Held-out loss of candidate ``version`` and of the current champion (or the base model when none), and
+    both scored on the chat's replay and regression cases."""
     result = promotion.evaluate(cfg, settings, version)
     return {
         "name": result.name, "candidate_version": result.candidate_version, "candidate_loss": result.candidate_loss,
         "champion_version": result.champion_version, "champion_ref": result.reference,
         "champion_loss": result.reference_loss, "eval_data": result.eval_data, "candidate_samples": result.samples,
+        "cases": dataclasses.asdict(result.cases),  # replayed corrections and the regression set
     }  # fmt: skip
 
 

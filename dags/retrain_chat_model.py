@@ -7,9 +7,14 @@ Every step that touches data or models is a Ray job (``RayJobOperator``, connect
 store, MLflow or the chat database. Each job prints its result, which becomes the task's XCom:
 
 - export_feedback: thumbs-up answers and approved ``correction:`` comments since the last training,
-  merged with the recipe's base data into ``<store>/datasets/retrain/<date>/<run>/train.jsonl``;
-  the run is skipped (not failed) when there are fewer than ``min_new_examples`` new ones.
-- train: ``python -m training.sft`` with the run's config; registers version N (alias challenger).
+  merged with the recipe's base data into ``<store>/datasets/retrain/<date>/<run>/train.jsonl``,
+  and beside it the preference pairs and rated answers from the same ratings; it chooses the
+  objective, and the run is skipped (not failed) when that objective has fewer than
+  ``min_new_examples`` new examples.
+- train: the recipe export chose (``objective``: ``auto`` = DPO on the preference pairs when enough
+  are new, else SFT; or ``sft``/``dpo``/``kto``): ``python -m training.sft`` with ``config``, or
+  ``python -m training.dpo`` with ``preference_config`` starting from the champion whose answers
+  were rated; registers version N (alias challenger) with its lineage tags.
 - evaluate: held-out loss of version N and of the current champion, tagged on version N.
 - promote: the offline gate (``ray_app.promotion``): N wins only if its loss is lower by
   ``min_improvement`` (a fraction). A winner is served as a **canary** beside the champion to
@@ -47,15 +52,25 @@ def _slug(value: object) -> str:
     return re.sub(r"[^A-Za-z0-9_-]+", "-", str(value)).strip("-")[:80]
 
 
+def _recipe(name: object) -> str:
+    """The training module for an export's ``recipe``: ``dpo`` (DPO and KTO), anything else ``sft``."""
+    return "dpo" if name == "dpo" else "sft"
+
+
 def _day(run_after: object) -> str:
     return run_after.strftime("%Y-%m-%d") if hasattr(run_after, "strftime") else str(run_after)[:10]
 
 
 PIPELINE = "python -m ray_app.orchestration.pipeline"
-FROM_EXPORT = (
-    "{% for o in ti.xcom_pull(task_ids='export_feedback')['train_overrides'] %} --set {{ o | shq }}{% endfor %}"
+OVERRIDES = "{% for o in params.overrides %} --set {{ o | shq }}{% endfor %}"
+RECIPE = "--config {{ params.config | shq }}" + OVERRIDES
+# The train step runs what export_feedback chose: SFT with `config`, or DPO/KTO with `preference_config`.
+TRAIN = (
+    "{% set export = ti.xcom_pull(task_ids='export_feedback') %}{% set recipe = export['recipe'] | recipe %}"
+    "python -m training.{{ recipe }} --config {{ (params.preference_config if recipe == 'dpo' else params.config)"
+    " | shq }}" + OVERRIDES + "{% for o in export['train_overrides'] %} --set {{ o | shq }}{% endfor %}"
+    " --set run_name=retrain-{{ run_id | slug }}"
 )
-RECIPE = "--config {{ params.config | shq }}{% for o in params.overrides %} --set {{ o | shq }}{% endfor %}"
 MARGIN = "{{ params.min_improvement }}"
 VERSION = "{{ ti.xcom_pull(task_ids='train')['registered_version'] }}"
 WINDOW = "{{ params.canary_window_s }}"
@@ -72,6 +87,16 @@ with DAG(
     params={
         "config": Param(settings.retrain_config, type="string", description="training recipe (YAML)"),
         "overrides": Param([], type="array", description="recipe overrides, key=value (as --set)"),
+        "preference_config": Param(
+            settings.retrain_preference_config,
+            type="string",
+            description="DPO/KTO recipe (YAML), when the export chooses one",
+        ),
+        "objective": Param(
+            settings.retrain_objective,
+            enum=["auto", "sft", "dpo", "kto"],
+            description="what to train; auto: DPO when enough preference pairs are new, else SFT",
+        ),
         "min_new_examples": Param(settings.retrain_min_new_examples, type="integer", minimum=0),
         "min_improvement": Param(settings.promotion_min_improvement, type="number", minimum=0, maximum=1),
         "canary_share": Param(
@@ -89,14 +114,15 @@ with DAG(
             description="how long a canary is judged before it may be promoted",
         ),
     },
-    user_defined_filters={"shq": shlex.quote, "slug": _slug, "day": _day},
+    user_defined_filters={"shq": shlex.quote, "slug": _slug, "day": _day, "recipe": _recipe},
     tags=["ray", "mlflow", "retraining"],
     doc_md=__doc__,
 ) as dag:
     export_feedback = RayJobOperator(
         task_id="export_feedback",
         entrypoint=(f"{PIPELINE} export-feedback {RECIPE} --run-key {{{{ run_id | slug }}}} "
-                    "--date {{ dag_run.run_after | day }} --min-new-examples {{ params.min_new_examples }}"),
+                    "--date {{ dag_run.run_after | day }} --min-new-examples {{ params.min_new_examples }} "
+                    "--objective {{ params.objective | shq }}"),
     )  # fmt: skip
 
     @task.short_circuit
@@ -109,14 +135,13 @@ with DAG(
             print(f"skipping this run: {export.get('reason')}")
             return False
         print(f"{export['new_examples']} new example(s), {export['feedback_examples']} in all")
+        print(f"training: {export.get('objective', 'sft')} ({export.get('objective_reason', '')})")
         print(f"training data: {export['dataset_uri']}")
         return True
 
     train = RayJobOperator(
         task_id="train",
-        entrypoint=(
-            f"python -m training.sft {RECIPE}{FROM_EXPORT} --set run_name=retrain-{{{{ run_id | slug }}}}"
-        ),
+        entrypoint=TRAIN,
         execution_timeout=timedelta(hours=12),
     )  # fmt: skip
 

@@ -53,24 +53,32 @@ class GateDecision:
 
 
 def offline_gate(
-    candidate_loss: float | None, reference_loss: float | None, margin: float, reference: str = "the champion"
-) -> GateDecision:
+    candidate_loss: float | None, reference_loss: float | None, margin: float, reference: str = "the champion",
+    tolerance: float | None = None,
+) -> GateDecision:  # fmt: skip
     """Whether a candidate with ``candidate_loss`` replaces ``reference`` (held-out losses on the same data).
 
     Promoted only if ``candidate_loss < reference_loss * (1 - margin)``: ties and missing or
-    non-finite losses are rejected. ``margin`` is a fraction in [0, 1).
+    non-finite losses are rejected. ``margin`` is a fraction in [0, 1). With ``tolerance`` (a
+    preference candidate, whose objective is not the held-out loss) the loss need only stay
+    within ``reference_loss * (1 + tolerance)``; what it learned is judged on the cases instead.
     """
     if not (isinstance(margin, int | float) and 0 <= margin < 1):
         raise ValueError(f"promotion_min_improvement: {margin!r} is not a fraction in [0, 1)")
 
     def verdict(promoted: bool, why: str) -> GateDecision:
-        reason = f"{why} (vs {reference}, margin {margin:g})"
-        return GateDecision(promoted, reason, candidate_loss, reference_loss, margin)
+        rule = f"margin {margin:g}" if tolerance is None else f"preference candidate, tolerance {tolerance:g}"
+        return GateDecision(promoted, f"{why} (vs {reference}, {rule})", candidate_loss, reference_loss, margin)
 
     if candidate_loss is None or not math.isfinite(candidate_loss):
         return verdict(False, f"the candidate has no usable held-out loss ({candidate_loss})")
     if reference_loss is None or not math.isfinite(reference_loss):
         return verdict(False, f"{reference} has no usable held-out loss ({reference_loss}) to compare with")
+    if tolerance is not None:
+        allowed = reference_loss * (1 + tolerance)
+        if candidate_loss <= allowed:
+            return verdict(True, f"eval loss {candidate_loss:.4f} <= {allowed:.4f}")
+        return verdict(False, f"eval loss {candidate_loss:.4f} is above {allowed:.4f}")
     needed = reference_loss * (1 - margin)
     if candidate_loss < needed:
         return verdict(True, f"eval loss {candidate_loss:.4f} < {needed:.4f}")
@@ -155,6 +163,28 @@ def case_gate(scores: CaseScores | None, policy: CasePolicy, reference: str = "t
         which = ", ".join(scores.regressions[:5])
         return False, f"{replay}; {regression}, more than the {policy.max_regressions} allowed: {which}"
     return True, f"{replay}; {regression}"
+
+
+PREFERENCE_OBJECTIVES = ("dpo", "kto")
+
+
+def preference_learned(scores: CaseScores | None, tags: dict[str, str], reference: str) -> tuple[bool, str]:
+    """A DPO/KTO candidate must show it learned the preferences: a higher mean margin than ``reference``
+    on the replayed corrections; with none replayed, a held-out preference accuracy above its base's
+    (``training.*preference_accuracy``, tagged by ``training.dpo``)."""
+    if scores is not None and scores.replay_cases:
+        if scores.candidate_margin > scores.reference_margin:
+            return True, f"learned: the replayed corrections gained over {reference}"
+        return False, (f"a preference candidate must prefer the replayed corrections more than {reference} "
+                       f"({scores.candidate_margin:+.3f} vs {scores.reference_margin:+.3f} nats/token)")  # fmt: skip
+    before, after = (
+        _float(tags.get("training.base_preference_accuracy")),
+        _float(tags.get("training.preference_accuracy")),
+    )
+    if before is not None and after is not None and after > before:
+        return True, f"learned: held-out preference accuracy {before:.2f} -> {after:.2f}"
+    return False, ("a preference candidate with no replayed correction needs a held-out preference accuracy "
+                   f"above its base's ({before} -> {after})")  # fmt: skip
 
 
 def score_cases(candidate: str, reference: str, replay: list[dict], regression: list[dict], margin: float,
@@ -304,9 +334,7 @@ def decide(
     if tags.get(GATE_CHAMPION, "") != current:
         raise PromotionError(f"the champion changed since the evaluation ({tags.get(GATE_CHAMPION, '')} -> "
                              f"{current}); re-run evaluate")  # fmt: skip
-    gate = offline_gate(_float(tags.get(GATE_CANDIDATE_LOSS)), _float(tags.get(GATE_CHAMPION_LOSS)), margin, current)
-    passed, why = case_gate(CaseScores.from_tags(tags), CasePolicy.from_settings(settings), current)
-    gate = dataclasses.replace(gate, promoted=gate.promoted and passed, reason=f"{gate.reason}; {why}")
+    gate = _full_gate(tags, margin, current, settings)
     if not gate.promoted:
         record_promotion(name, version, previous, "rejected", gate.reason, settings, actor=actor)
         return {"name": name, "version": version, "promoted": False, "reason": gate.reason, "previous": previous}
@@ -321,6 +349,21 @@ def decide(
     promotion = promote(name, settings, version=version, rollout=rollout, actor=actor)
     return {"name": name, "version": version, "promoted": True, "reason": reason, "previous": previous,
             "rolled_apps": promotion.rolled_apps}  # fmt: skip
+
+
+def _full_gate(tags: dict[str, str], margin: float, reference: str, settings: Settings) -> GateDecision:
+    """The offline gate on an evaluated version's tags: its loss, the cases users gave and, for a
+    preference candidate (``training.objective`` dpo/kto), what it learned."""
+    preference = tags.get("training.objective", "sft") in PREFERENCE_OBJECTIVES
+    tolerance = settings.gate_preference_loss_tolerance if preference else None
+    candidate, champion = _float(tags.get(GATE_CANDIDATE_LOSS)), _float(tags.get(GATE_CHAMPION_LOSS))
+    gate = offline_gate(candidate, champion, margin, reference, tolerance)
+    scores = CaseScores.from_tags(tags)
+    passed, why = case_gate(scores, CasePolicy.from_settings(settings), reference)
+    if preference and passed:
+        passed, learned = preference_learned(scores, tags, reference)
+        why = f"{why}; {learned}"
+    return dataclasses.replace(gate, promoted=gate.promoted and passed, reason=f"{gate.reason}; {why}")
 
 
 def _canary_for(name: str, version: str, share: float, settings: Settings, actor: str) -> tuple[dict | None, str]:

@@ -241,10 +241,24 @@ class Settings(BaseSettings):
         default="training/configs/smollm2_135m_sft.yaml", description="recipe the DAG trains with (path on the cluster)"
     )
     retrain_min_new_examples: int = Field(default=20, ge=0, description="fewer new feedback examples -> run skipped")
+    retrain_objective: Literal["auto", "sft", "dpo", "kto"] = Field(
+        default="auto",
+        description="what the DAG trains: auto = DPO when there are enough new preference pairs, else SFT",
+    )
+    retrain_preference_config: str = Field(
+        default="training/configs/tiny_dpo_cpu.yaml", description="recipe the DAG trains DPO/KTO with"
+    )
 
     # --- promotion (ray_app.promotion: the demo, `llmops promote --gate` and the DAG) -----
     promotion_min_improvement: float = Field(
         default=0.01, ge=0, lt=1, description="fraction the candidate's eval loss must be below the champion's"
+    )
+    gate_preference_loss_tolerance: float = Field(
+        default=0.02,
+        ge=0,
+        lt=1,
+        description="a DPO/KTO candidate's eval loss may exceed the champion's by this "
+        "fraction (it must show what it learned on the replayed corrections instead)",
     )
     gate_replay_days: float = Field(
         default=30.0, gt=0, description="corrections approved this recently form the gate's replay set"

@@ -19,6 +19,7 @@ import socket
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 import uuid
 from collections.abc import Iterator
@@ -464,3 +465,46 @@ def write_feedback(
         asyncio.run(write())
     finally:
         os.chdir(cwd)
+
+
+# --- watching a training run (to break something at the right moment) -------------------
+def run_id_of(settings: Settings, experiment: str, run_name: str) -> str:
+    """The MLflow run id of ``run_name`` in ``experiment``; "" until it exists."""
+    from mlflow import MlflowClient
+
+    client = MlflowClient(settings.mlflow_tracking_uri)
+    found = client.get_experiment_by_name(experiment)
+    if found is None:
+        return ""
+    runs = client.search_runs([found.experiment_id], filter_string=f"attributes.run_name = '{run_name}'")
+    return runs[0].info.run_id if runs else ""
+
+
+def logged_steps(settings: Settings, run_id: str, metric: str = "train_loss") -> list[int]:
+    """The steps at which ``metric`` was logged, sorted (a step logged twice shows twice)."""
+    from mlflow import MlflowClient
+
+    return sorted(point.step for point in MlflowClient(settings.mlflow_tracking_uri).get_metric_history(run_id, metric))
+
+
+def after_a_checkpoint(settings: Settings, store, experiment: str, run_name: str, min_step: int,
+                       act) -> threading.Thread:  # fmt: skip
+    """Watch a run from a thread; once a checkpoint of it is in the store and training logged step
+    ``min_step`` or later (by then Ray Train registered that checkpoint), call ``act(step, alive_workers)``
+    until it returns True."""
+    from ray.util.state import list_actors
+
+    def watch() -> None:
+        deadline = time.monotonic() + 600
+        while time.monotonic() < deadline:
+            run_id = run_id_of(settings, experiment, run_name)
+            step = max(logged_steps(settings, run_id), default=0) if run_id else 0
+            saved = any(info.key.endswith("trainer_state.json") for info in store.list(f"checkpoints/{run_name}"))
+            workers = list_actors(filters=[("class_name", "=", "RayTrainWorker"), ("state", "=", "ALIVE")])
+            if saved and step >= min_step and act(step, workers):
+                return
+            time.sleep(0.2)
+
+    thread = threading.Thread(target=watch, daemon=True)
+    thread.start()
+    return thread

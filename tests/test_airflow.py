@@ -304,11 +304,28 @@ def test_retrain_dag_exports_feedback_trains_on_ray_promotes_a_better_model_and_
     assert version.tags["promotion"] == "promoted" and version.tags["feedback_until"] == export["feedback_until"]
     assert airflow.xcom("retrain_chat_model", run_id, "rollout")["version"] == "1"
 
-    # 2. The champion is served; new feedback; a candidate trained longer wins the gate and becomes a
-    #    canary beside it (the alias stays). Nobody rates its answers in its window: rolled back.
-    run_id = a_winner_is_judged_as_a_canary_and_rolled_back(airflow, ray_cluster, serve_http_port, trigger, chat_db)
+    # 2. The champion is served; new ratings make preference pairs, so the DAG trains DPO from the champion;
+    #    the result wins the gate on what it learned and becomes a canary beside it (the alias stays).
+    #    Nobody rates its answers in its window: rolled back.
+    preference_config = tmp_path / "retrain-dpo.yaml"
+    # A gentle rate: at 1e-3 (3e-4) the result made two liked answers 0.2 (0.14) nats/token less likely
+    # and the gate's regression set rejected it (seen while writing this test).
+    preference_config.write_text(yaml.safe_dump({
+        **yaml.safe_load((REPO / "training" / "configs" / "tiny_dpo_cpu.yaml").read_text()),
+        "model": str(tiny), "train_data": str(data / "chat_preferences.jsonl"), "eval_data": None, "num_workers": 1,
+        "seq_len": 64, "learning_rate": 1.0e-4, "beta": 0.5, "warmup_steps": 0, "checkpoint_every": 12,
+        "registered_model": "not-this-one", "experiment": "retrain-dag-test",
+    }))  # fmt: skip
+    run_id = a_winner_is_judged_as_a_canary_and_rolled_back(airflow, ray_cluster, serve_http_port, trigger, chat_db,
+                                                            preference_config)  # fmt: skip
     export = airflow.xcom("retrain_chat_model", run_id, "export_feedback")
     assert export["new_examples"] == 2 and export["since"] == version.tags["feedback_until"], export
+    assert export["objective"] == "dpo" and export["preferences"]["new_pairs"] == 2, export
+    dpo = mlflow.get_model_version(MODEL, "2").tags  # its lineage: what it learned from, and from which version
+    assert dpo["training.objective"] == "dpo" and dpo["base_model"] == f"models:/{MODEL}/1", dpo
+    assert dpo["training.dataset"] == export["preference_data_uri"] and dpo["feedback_until"] > version.tags[
+        "feedback_until"]  # fmt: skip
+    assert json.loads(dpo["training.feedback"])["pairs_from_thumbs"] == 2, dpo
     # Each step's Ray job counted how it ended: two runs, one promotion, one canary rolled back.
     steps_counted_in_prometheus(prometheus, MODEL, {
         ("export-feedback", "exported"): 2, ("evaluate", "evaluated"): 2, ("promote", "promoted"): 1,
@@ -316,7 +333,8 @@ def test_retrain_dag_exports_feedback_trains_on_ray_promotes_a_better_model_and_
     })  # fmt: skip
 
 
-def a_winner_is_judged_as_a_canary_and_rolled_back(airflow, ray_cluster, serve_http_port, trigger, chat_db) -> str:
+def a_winner_is_judged_as_a_canary_and_rolled_back(airflow, ray_cluster, serve_http_port, trigger, chat_db,
+                                                    preference_config) -> str:  # fmt: skip
     """With an app serving the champion (v1), a DAG run's winner (v2) is served beside it as a canary
     to half of the conversations, judged by the rollout task every few seconds while it waits
     deferred, and rolled back when its window ends without ratings: the champion serves alone."""
@@ -335,9 +353,12 @@ def a_winner_is_judged_as_a_canary_and_rolled_back(airflow, ray_cluster, serve_h
     write_feedback(chat_db, model_version=f"{MODEL}/1", ratings=[
         ("What runs the chat?", "Chainlit runs the chat.", 1, None),
         ("What is DeepSpeed for?", "Sharding optimizer state.", 1, None),
+        ("What runs the chat?", "Nothing runs the chat today.", 0, None),  # two pairs with the answers above
+        ("What is DeepSpeed for?", "It is for nothing at all.", 0, "wrong"),
     ])  # fmt: skip
     try:
-        run_id, states, done = trigger("2026-03-03", overrides=["max_steps=12"], canary_share=0.5, canary_window_s=25)
+        run_id, states, done = trigger("2026-03-03", overrides=["max_steps=12"], canary_share=0.5, canary_window_s=25,
+                                       preference_config=str(preference_config))  # fmt: skip
         args = running_config(serving)["applications"][0]["args"]
     finally:
         shutdown(serving)
@@ -348,6 +369,7 @@ def a_winner_is_judged_as_a_canary_and_rolled_back(airflow, ray_cluster, serve_h
     assert decision["promoted"] is False and decision["canary"] == {
         "version": "2", "share": 0.5, "sticky_by": "conversation", "apps": ["chat"]}, decision  # fmt: skip
     assert "canary for 50% of conversations" in decision["reason"] and f"canary started: {decision['reason']}" in output
+    assert "preference candidate" in decision["reason"] and "learned: " in decision["reason"], decision
     verdict = airflow.xcom("retrain_chat_model", run_id, "rollout")
     assert verdict["decision"] == "rolled_back" and "window over with 0 rating(s)" in verdict["reason"], verdict
     assert f"canary {MODEL} v2: wait:" in output, output[-4000:]  # judged while the window ran
@@ -446,6 +468,24 @@ def test_export_takes_only_reviewed_or_trusted_corrections_and_skips_when_too_li
         ("B4.", True),
     ]
     assert export_json["preference_data_uri"] == exported["preference_data_uri"]
+    assert exported["objective"] == "sft" and exported["recipe"] == "sft", exported  # 2 new pairs: fewer than 3
+    lineage = json.loads(exported["train_overrides"][1].removeprefix("version_tags="))
+    assert lineage["training.objective"] == "sft" and lineage["training.dataset"] == exported["dataset_uri"]
+    counts = {"feedback_examples": 3, "base_examples": exported["base_examples"]}
+    assert json.loads(lineage["training.feedback"]) == counts, lineage
+
+    # Chosen by config: DPO on the pairs, KTO on the rated answers; each with its own count of what is new.
+    dpo = export_feedback(cfg, settings, "run-c", "2026-03-04", min_new_examples=2, objective="dpo")
+    assert (dpo["objective"], dpo["recipe"], dpo["skip"]) == ("dpo", "dpo", False), dpo
+    assert dpo["train_overrides"][0] == f"train_data={dpo['preference_data_uri']}" and "objective=dpo" in dpo[
+        "train_overrides"]  # fmt: skip
+    assert json.loads(json.loads(dpo["train_overrides"][1].removeprefix("version_tags="))["training.feedback"])[
+        "pairs_from_corrections"] == 2  # fmt: skip
+    assert export_feedback(cfg, settings, "run-d", "2026-03-04", 3, objective="dpo")["reason"] == (
+        "2 new preference pair(s), fewer than the 3 needed")  # fmt: skip
+    kto = export_feedback(cfg, settings, "run-e", "2026-03-04", min_new_examples=6, objective="kto")
+    assert kto["train_overrides"][0] == f"train_data={kto['thumbs_data_uri']}" and kto["recipe"] == "dpo", kto
+    assert export_feedback(cfg, settings, "run-f", "2026-03-04", 2, objective="auto")["objective"] == "dpo"
 
     # The author edits an approved correction (Chainlit allows it): it waits for review again.
     engine = sa.create_engine(sync_url(url))
@@ -480,7 +520,8 @@ def test_export_without_a_chat_database_or_feedback_and_with_its_services_down(t
     assert skipped["skip"] is True and skipped["ratings"] == 0 and "no chat database" in skipped["note"], skipped
     exported = export_feedback(cfg, settings, "run-b", "2026-03-05", min_new_examples=0)
     assert exported["skip"] is False and exported["new_examples"] == 0 and exported["feedback_until"] == "", exported
-    assert exported["train_overrides"][1] == "version_tags={}"
+    lineage = json.loads(exported["train_overrides"][1].removeprefix("version_tags="))
+    assert "feedback_until" not in lineage and lineage["training.dataset"] == exported["dataset_uri"], lineage
     lines = (tmp_path / "store" / "datasets/retrain/2026-03-05/run-b/train.jsonl").read_text().splitlines()
     assert len(lines) == exported["base_examples"] > 0
     assert not database.exists() and not database.parent.exists(), "reading feedback must not create the database"

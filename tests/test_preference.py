@@ -10,6 +10,7 @@ import random
 from pathlib import Path
 
 import pytest
+from conftest import logged_steps
 from tiny_model import build_tiny_chat_model
 
 from training.config import ConfigError, load_config
@@ -205,6 +206,19 @@ def test_chat_ratings_become_pairs_and_thumbs_weighed_by_the_version_that_answer
     assert preference_data(ratings, ReviewPolicy(), None, 0.0).dropped == 0  # no champion: every example counts
 
 
+def test_the_reference_scorer_runs_on_a_gpu_in_the_trainings_precision_when_the_config_says_so():
+    from training.dpo import scorer_options
+
+    gpu = load_config(None, [], schema=PreferenceConfig, train_data=[__file__], use_gpu=True, precision="bf16")
+    options = scorer_options(gpu, "/models/m")
+    assert options["num_gpus"] == 1 and "num_cpus" not in options
+    assert options["fn_constructor_kwargs"] == {"model_dir": "/models/m", "sides": ("chosen", "rejected"),
+                                                "device": "cuda", "precision": "bf16"}  # fmt: skip
+    cpu = scorer_options(load_config(None, [], schema=PreferenceConfig, train_data=[__file__], objective="kto"), "m")
+    assert cpu["num_cpus"] == 1 and cpu["fn_constructor_kwargs"]["device"] == "cpu"
+    assert cpu["fn_constructor_kwargs"]["sides"] == ("completion",)
+
+
 def test_bad_preference_records_and_configs_are_named():
     from training.dpo import parse_preference
 
@@ -252,8 +266,14 @@ def mean(values: list[float]) -> float:
 
 def test_full_dpo_on_two_workers_learns_which_answer_users_prefer_and_registers_a_challenger(cluster, tmp_path):
     """Full fine-tuning under ZeRO-2: the reference log-probs come from Ray Data batch inference
-    before training; held-out preference accuracy goes from a coin toss to >= 90%, the reward
-    margin grows, every step is logged once, the result is registered as challenger."""
+    before training; a worker SIGKILLed after the step-20 checkpoint: the run resumes from it;
+    held-out preference accuracy goes from a coin toss to >= 90%, the reward margin grows, every
+    step is logged once, the result is registered as challenger."""
+    import os
+    import signal
+    import time
+
+    from conftest import after_a_checkpoint
     from mlflow import MlflowClient
 
     from ray_app.registry import get_version
@@ -264,7 +284,27 @@ def test_full_dpo_on_two_workers_learns_which_answer_users_prefer_and_registers_
     broken = ("{not json", json.dumps({"messages": [{"role": "user", "content": "hi"}], "chosen": "a"}))
     train = write_jsonl(tmp_path / "pairs.jsonl", preference_pairs(range(10)), broken)
     held = write_jsonl(tmp_path / "held.jsonl", preference_pairs(range(100, 104)))
-    result = run(preference_config(model, train, eval_data=[str(held)]), cluster)
+    run_name, killed = f"dpo-kill-{int(time.time())}", {}
+
+    def kill_a_worker(step: int, workers: list) -> bool:
+        if len(workers) < 2 or killed:
+            return False
+        killed.update(step=step, pid=workers[0].pid)
+        os.kill(workers[0].pid, signal.SIGKILL)
+        return True
+
+    store = open_store(settings=cluster)
+    store.ensure()
+    # Six steps after the step-20 checkpoint: Ray Train has registered it by then, also on a loaded machine.
+    watcher = after_a_checkpoint(cluster, store, "tests-preference", run_name, 26, kill_a_worker)
+    result = run(preference_config(model, train, eval_data=[str(held)], run_name=run_name, max_failures=1), cluster)
+    watcher.join(timeout=5)
+
+    assert 26 <= killed.get("step", 0) < 40, f"no worker was killed between the checkpoint and the end: {killed}"
+    client = MlflowClient(cluster.mlflow_tracking_uri)
+    resumed = [point.value for point in client.get_metric_history(result.mlflow_run_id, "resumed_from_step")]
+    assert resumed == [20], (resumed, killed, logged_steps(cluster, result.mlflow_run_id))
+    assert logged_steps(cluster, result.mlflow_run_id) == list(range(1, 41)), "every step logged once"
 
     margins = metric_history(cluster, result.mlflow_run_id, "reward_margin")
     accuracy = metric_history(cluster, result.mlflow_run_id, "reward_accuracy")

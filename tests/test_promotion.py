@@ -315,3 +315,21 @@ def test_the_gate_replays_approved_corrections_and_rejects_a_candidate_that_make
     promoted = decide(cfg, settings, "3", 0.0, actor="test", rollout=False)
     assert promoted["promoted"] is True and "prefers 1 of 1 replayed corrections" in promoted["reason"], promoted
     assert client.get_model_version_by_alias(name, "champion").version == "3"
+
+
+def test_a_preference_candidate_may_keep_the_loss_but_must_show_what_it_learned():
+    from ray_app.promotion import offline_gate, preference_learned
+
+    kept = offline_gate(2.03, 2.0, 0.01, "models:/chat/3", tolerance=0.02)
+    assert kept.promoted and "eval loss 2.0300 <= 2.0400 (vs models:/chat/3, preference candidate, tolerance 0.02)" in (
+        kept.reason
+    )
+    assert not offline_gate(2.05, 2.0, 0.01, tolerance=0.02).promoted
+    assert not offline_gate(math.nan, 2.0, 0.01, tolerance=0.02).promoted  # missing evidence still loses
+    gained, same = _scores((2, 1, 0, 0.3, -0.2)), _scores((2, 1, 1, 0.1, 0.1))
+    assert preference_learned(gained, {}, "v3") == (True, "learned: the replayed corrections gained over v3")
+    assert preference_learned(same, {}, "v3")[0] is False  # a tie taught nothing
+    accuracy = {"training.base_preference_accuracy": "0.5000", "training.preference_accuracy": "0.9000"}
+    assert preference_learned(_scores(), accuracy, "v3") == (True, "learned: held-out preference accuracy 0.50 -> 0.90")
+    assert preference_learned(_scores(), {**accuracy, "training.preference_accuracy": "0.5"}, "v3")[0] is False
+    assert "needs a held-out preference accuracy" in preference_learned(_scores(), {}, "v3")[1]

@@ -8,8 +8,9 @@ import threading
 import time
 from pathlib import Path
 
+import conftest
 import pytest
-from conftest import draw_dashboard
+from conftest import after_a_checkpoint, draw_dashboard
 from tiny_model import build_tiny_chat_model, warm_up_on_chat_data
 
 from ray_app.settings import Settings
@@ -79,14 +80,7 @@ def loss_history(settings: Settings, run_id: str) -> list[tuple[int, float]]:
 
 
 def run_id_of(settings: Settings, run_name: str) -> str:
-    from mlflow import MlflowClient
-
-    client = MlflowClient(settings.mlflow_tracking_uri)
-    experiment = client.get_experiment_by_name("tests-sft")
-    if experiment is None:
-        return ""
-    runs = client.search_runs([experiment.experiment_id], filter_string=f"attributes.run_name = '{run_name}'")
-    return runs[0].info.run_id if runs else ""
+    return conftest.run_id_of(settings, "tests-sft", run_name)
 
 
 def assert_loss_falls(history: list[tuple[int, float]], factor: float = 0.5) -> None:
@@ -307,25 +301,9 @@ def test_zero_stage_and_method_variants_train_and_consolidate(
 
 
 def after_the_first_checkpoint(cluster: Settings, store, run_name: str, act) -> threading.Thread:
-    """Watch a run from a thread; once its step-10 checkpoint is in the store and training reached
-    step 13 (by then Ray Train registered that checkpoint), call ``act(step, alive_workers)``
-    until it returns True."""
-    from ray.util.state import list_actors
-
-    def watch() -> None:
-        deadline = time.monotonic() + 600
-        while time.monotonic() < deadline:
-            run_id = run_id_of(cluster, run_name)
-            step = max((step for step, _ in loss_history(cluster, run_id)), default=0) if run_id else 0
-            saved = any(info.key.endswith("trainer_state.json") for info in store.list(f"checkpoints/{run_name}"))
-            workers = list_actors(filters=[("class_name", "=", "RayTrainWorker"), ("state", "=", "ALIVE")])
-            if saved and step >= 13 and act(step, workers):
-                return
-            time.sleep(0.2)
-
-    thread = threading.Thread(target=watch, daemon=True)
-    thread.start()
-    return thread
+    """Once the step-10 checkpoint of ``run_name`` is in the store and training reached step 13,
+    call ``act(step, alive_workers)`` until it returns True (``conftest.after_a_checkpoint``)."""
+    return after_a_checkpoint(cluster, store, "tests-sft", run_name, 13, act)
 
 
 def test_losing_a_whole_node_mid_run_resumes_on_the_survivors_from_the_s3_checkpoint(

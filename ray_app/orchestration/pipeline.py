@@ -1,7 +1,8 @@
 """The retraining DAG's steps, as Ray job entrypoints (they run on the cluster, next to the data).
 
     python -m ray_app.orchestration.pipeline export-feedback --config C [--set k=v] --run-key K --date D
-    python -m training.sft --config C [--set k=v] ...                       # train (the recipe itself)
+                                                       [--objective auto|sft|dpo|kto]
+    python -m training.sft --config C [--set k=v] ...         # train: the recipe export chose (or training.dpo)
     python -m ray_app.orchestration.pipeline evaluate --config C [--set k=v] --version V
     python -m ray_app.orchestration.pipeline promote  --config C [--set k=v] --version V [--min-improvement M]
                                                        [--canary-share S]
@@ -16,6 +17,11 @@ returns as the task's XCom.
 and a thumbs-down answer whose comment starts with ``correction:`` - the text after the
 prefix replaces the answer - once a reviewer approved it or its author is trusted (the policy
 is ``ray_app.chat.review``). Other comments are kept out (a complaint is not an answer).
+The same ratings, thumbs-down included, become preference pairs and rated answers
+(``ray_app.chat.preferences``); the export picks SFT, DPO or KTO (:func:`choose_objective`) and
+the train step runs that recipe, starting DPO/KTO from the champion whose answers were rated.
+Every version records its lineage: ``training.objective``, ``training.dataset``,
+``training.feedback`` (counts by kind) and ``feedback_until``.
 
 **"New" feedback** is feedback answered (or approved) after the newest ``feedback_until`` tag
 among the registered model's versions: each trained version records up to when its data
@@ -84,11 +90,30 @@ def chat_preferences(records, policy, name: str | None, settings: Settings):
     return preference_data(records, policy, current, settings.preference_other_version_weight), current
 
 
-def export_feedback(cfg, settings: Settings, run_key: str, date: str, min_new_examples: int) -> dict[str, Any]:
-    """Write base data + every usable feedback example to ``datasets/retrain/DATE/RUN_KEY/`` in the store.
+OBJECTIVES = ("auto", "sft", "dpo", "kto")
+# What each objective trains on: the export's key for its file, and what its examples are called.
+TRAINS_ON = {"sft": ("dataset_uri", "feedback example(s)"), "dpo": ("preference_data_uri", "preference pair(s)"),
+             "kto": ("thumbs_data_uri", "rated answer(s)")}  # fmt: skip
+
+
+def choose_objective(requested: str, new: dict[str, int], minimum: int) -> tuple[str, str]:
+    """(objective, why): ``requested``; for ``auto``, DPO when the new preference pairs reach ``minimum``
+    (at least one), else SFT."""
+    if requested != "auto":
+        return requested, f"{requested} as configured"
+    if new["dpo"] and new["dpo"] >= minimum:
+        return "dpo", f"auto: {new['dpo']} new preference pair(s), at least {minimum}"
+    return "sft", f"auto: {new['dpo']} new preference pair(s), fewer than {max(minimum, 1)}"
+
+
+def export_feedback(cfg, settings: Settings, run_key: str, date: str, min_new_examples: int,
+                    objective: str = "auto") -> dict[str, Any]:  # fmt: skip
+    """Write base data + every usable feedback example to ``datasets/retrain/DATE/RUN_KEY/`` in the store,
+    and choose what the train step runs (``objective``: see :func:`choose_objective`).
 
     Beside ``train.jsonl`` (SFT): ``preferences.jsonl`` (DPO pairs) and ``thumbs.jsonl`` (KTO)
-    from the same reviewed ratings, when there are any.
+    from the same reviewed ratings, when there are any. The run is skipped when the chosen
+    objective has fewer than ``min_new_examples`` new examples.
     """
     from ray_app.chat.feedback import chat_database_missing, database_label, read_feedback
     from ray_app.chat.review import ReviewPolicy
@@ -97,33 +122,55 @@ def export_feedback(cfg, settings: Settings, run_key: str, date: str, min_new_ex
     records = read_feedback(settings.chat_database_url)
     policy = ReviewPolicy.from_settings(settings)
     examples = feedback_examples(records, policy)
-    new = [example for ready, example in examples if watermark is None or ready > watermark]
     preferences, current = chat_preferences(records, policy, cfg.registered_model, settings)
-    fresh = preferences.new_since(watermark).counts()
+    fresh = preferences.new_since(watermark)
+    new = {"sft": sum(1 for ready, _ in examples if watermark is None or ready > watermark),
+           "dpo": len(fresh.pairs), "kto": len(fresh.thumbs)}  # fmt: skip
+    chosen, why = choose_objective(objective, new, min_new_examples)
     summary: dict[str, Any] = {
-        "ratings": len(records), "feedback_examples": len(examples), "new_examples": len(new),
+        "ratings": len(records), "feedback_examples": len(examples), "new_examples": new["sft"],
         "since": watermark, "min_new_examples": min_new_examples, "review": policy.counts(records),
-        "preferences": {**preferences.counts(), "new_pairs": fresh["pairs"], "new_thumbs": fresh["thumbs"],
+        "preferences": {**preferences.counts(), "new_pairs": new["dpo"], "new_thumbs": new["kto"],
                         "current_version": current},
+        "objective": chosen, "objective_reason": why,
     }  # fmt: skip
     if chat_database_missing(settings.chat_database_url):
         summary["note"] = f"no chat database at {database_label(settings.chat_database_url)} yet: no feedback"
         print(summary["note"], flush=True)
-    if len(new) < min_new_examples:
+    usable = {"sft": examples, "dpo": preferences.pairs, "kto": preferences.thumbs}[chosen]
+    if new[chosen] < min_new_examples or (chosen != "sft" and not usable):
         since = f" since {watermark}" if watermark else ""
-        reason = f"{len(new)} new feedback example(s){since}, fewer than the {min_new_examples} needed"
+        reason = f"{new[chosen]} new {TRAINS_ON[chosen][1]}{since}, fewer than the {max(min_new_examples, 1)} needed"
         return {**summary, "skip": True, "reason": reason}
     # No feedback at all (min_new_examples 0: retrain on the recipe's data) keeps the watermark where it was.
-    # The watermark is what the SFT step trains on (the DAG trains SFT): the preference files are exported beside.
-    summary["feedback_until"] = max((ready for ready, _ in examples), default=watermark or "")
+    ready = [when for when, _ in examples] if chosen == "sft" else [example["ready_at"] for example in usable]
+    summary["feedback_until"] = max(ready, default=watermark or "")
     uris = _write_export(cfg, settings, f"datasets/retrain/{date}/{run_key}", [e for _, e in examples], preferences,
                          summary)  # fmt: skip
-    version_tags = {FEEDBACK_UNTIL_TAG: summary["feedback_until"]} if summary["feedback_until"] else {}
-    return {
-        **summary, "skip": False, **uris,
-        # What the train step passes to the recipe: the merged data, and the watermark to record.
-        "train_overrides": [f"train_data={summary['dataset_uri']}", "version_tags=" + json.dumps(version_tags)],
-    }  # fmt: skip
+    return {**summary, "skip": False, **uris, **_training_plan(chosen, summary, uris, cfg.registered_model, current)}
+
+
+def _training_plan(objective: str, summary: dict[str, Any], uris: dict[str, str], name: str | None,
+                   current: str | None) -> dict:  # fmt: skip
+    """The recipe module the train step runs and its overrides: the data, the lineage tags of the version it
+    registers, and for DPO/KTO the registered model this step read (one name for every step) and the
+    champion's version to start from (its answers are the on-policy ones)."""
+    data = summary["dataset_uri"] if objective == "sft" else uris[TRAINS_ON[objective][0]]
+    if objective == "sft":
+        counts = {"feedback_examples": summary["feedback_examples"], "base_examples": summary["base_examples"]}
+    else:
+        counts = {k: v for k, v in summary["preferences"].items() if k != "current_version"}
+    tags = {"training.objective": objective, "training.dataset": data,
+            "training.feedback": json.dumps(counts, sort_keys=True)}  # fmt: skip
+    if summary["feedback_until"]:
+        tags[FEEDBACK_UNTIL_TAG] = summary["feedback_until"]
+    # What the train step passes to the recipe: the data, and the lineage (with the watermark) to record.
+    overrides = [f"train_data={data}", "version_tags=" + json.dumps(tags)]
+    if objective != "sft":
+        overrides += [f"objective={objective}", f"registered_model={name}"] if name else [f"objective={objective}"]
+        if current:
+            overrides.append(f"model=models:/{current}")
+    return {"recipe": "sft" if objective == "sft" else "dpo", "train_overrides": overrides}
 
 
 def _write_export(cfg, settings: Settings, prefix: str, examples: list[dict], preferences, meta: dict) -> dict:
@@ -238,6 +285,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--run-key", default="manual", help="export-feedback: names the dataset folder")
     parser.add_argument("--date", default=time.strftime("%Y-%m-%d", time.gmtime()), help="export-feedback: YYYY-MM-DD")
     parser.add_argument("--min-new-examples", type=int, default=1)
+    parser.add_argument("--objective", choices=OBJECTIVES, default=None,
+                        help="export-feedback: what to train (default: retrain_objective)")  # fmt: skip
     parser.add_argument("--version", help="evaluate/promote/rollout: the candidate's registry version")
     parser.add_argument(
         "--min-improvement",
@@ -275,7 +324,8 @@ def main(argv: list[str] | None = None) -> int:
 def run_step(args: argparse.Namespace, cfg) -> dict[str, Any]:
     settings = get_settings()
     if args.step == "export-feedback":
-        return export_feedback(cfg, settings, args.run_key, args.date, args.min_new_examples)
+        objective = args.objective or settings.retrain_objective
+        return export_feedback(cfg, settings, args.run_key, args.date, args.min_new_examples, objective)
     if args.step == "evaluate":
         return evaluate(cfg, settings, args.version)
     if args.step == "promote":

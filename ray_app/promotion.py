@@ -85,6 +85,9 @@ def offline_gate(
     return verdict(False, f"eval loss {candidate_loss:.4f} is not below {needed:.4f}")
 
 
+MAX_LOST_IDS = 20  # the lost regression cases named on a version (all are counted)
+
+
 @dataclass(frozen=True)
 class CaseScores:
     """The candidate and its reference on the replay and regression cases (what ``evaluate`` tags).
@@ -100,7 +103,8 @@ class CaseScores:
     candidate_margin: float = 0.0  # mean margin over the replayed pairs
     reference_margin: float = 0.0
     regression_cases: int = 0
-    regressions: tuple[str, ...] = ()  # ids of the cases the candidate lost beyond the margin
+    lost: int = 0  # regression cases the candidate lost beyond the margin
+    regressions: tuple[str, ...] = ()  # the first MAX_LOST_IDS of their ids (a tag holds only so many)
     worst_loss: float = 0.0  # the most nats per token a case lost (0 when none lost any)
     regression_set: str = ""  # the stored version scored
 
@@ -109,8 +113,8 @@ class CaseScores:
             "gate.replay_cases": str(self.replay_cases), "gate.replay_wins": str(self.candidate_wins),
             "gate.replay_champion_wins": str(self.reference_wins), "gate.replay_margin": f"{self.candidate_margin:.4f}",
             "gate.replay_champion_margin": f"{self.reference_margin:.4f}",
-            "gate.regression_cases": str(self.regression_cases), "gate.regressions": str(len(self.regressions)),
-            "gate.regression_ids": ",".join(self.regressions)[:4000], "gate.regression_worst": f"{self.worst_loss:.4f}",
+            "gate.regression_cases": str(self.regression_cases), "gate.regressions": str(self.lost),
+            "gate.regression_ids": ",".join(self.regressions), "gate.regression_worst": f"{self.worst_loss:.4f}",
             "gate.regression_set": self.regression_set,
         }  # fmt: skip
 
@@ -121,11 +125,12 @@ class CaseScores:
             ids = tuple(filter(None, tags["gate.regression_ids"].split(",")))
             scores = cls(int(tags["gate.replay_cases"]), int(tags["gate.replay_wins"]),
                          int(tags["gate.replay_champion_wins"]), float(tags["gate.replay_margin"]),
-                         float(tags["gate.replay_champion_margin"]), int(tags["gate.regression_cases"]), ids,
-                         float(tags["gate.regression_worst"]), tags.get("gate.regression_set", ""))  # fmt: skip
+                         float(tags["gate.replay_champion_margin"]), int(tags["gate.regression_cases"]),
+                         int(tags["gate.regressions"]), ids, float(tags["gate.regression_worst"]),
+                         tags.get("gate.regression_set", ""))  # fmt: skip
         except (KeyError, ValueError):
             return None
-        return scores if int(tags["gate.regressions"]) == len(ids) else None
+        return scores if len(ids) == min(scores.lost, MAX_LOST_IDS) else None
 
 
 @dataclass(frozen=True)
@@ -156,7 +161,7 @@ def case_gate(scores: CaseScores | None, policy: CasePolicy, reference: str = "t
             return False, f"{replay}: fewer than {policy.min_replay_accuracy:.0%}"
         if scores.candidate_margin < scores.reference_margin - policy.replay_margin:
             return False, f"{replay}: trails {reference} by more than {policy.replay_margin:g} nats/token"
-    lost = len(scores.regressions)
+    lost = scores.lost
     regression = (f"{lost} of {scores.regression_cases} regression case(s) less likely by more than "
                   f"{policy.regression_margin:g} nats/token (worst {scores.worst_loss:.3f})")  # fmt: skip
     if lost > policy.max_regressions:
@@ -210,10 +215,11 @@ def score_cases(candidate: str, reference: str, replay: list[dict], regression: 
                                                    strict=True):  # fmt: skip
         if tokens:
             losses[case["id"]] = (ref_logp - logp) / tokens
-    lost = tuple(case_id for case_id, loss in losses.items() if loss > margin)
+    lost = [case_id for case_id, loss in losses.items() if loss > margin]
     mine, its = margins(ours), margins(theirs)
     return CaseScores(len(replay), sum(m > 0 for m in mine), sum(m > 0 for m in its), mean(mine), mean(its),
-                      len(losses), lost, max([0.0, *losses.values()]), regression_set)  # fmt: skip
+                      len(losses), len(lost), tuple(lost[:MAX_LOST_IDS]), max([0.0, *losses.values()]),
+                      regression_set)  # fmt: skip
 
 
 def replay_and_regression(name: str, candidate: str, reference: str, seq_len: int, settings: Settings) -> CaseScores:
@@ -295,7 +301,7 @@ def evaluate(cfg, settings: Settings, version: str, known_losses: dict[str, floa
         mlflow.set_model_version_tag(name, candidate.version, key, value)
     if candidate.run_id:
         metrics = {"gate_candidate_loss": candidate_loss, "gate_champion_loss": reference_loss,
-                   "gate_replay_wins": cases.candidate_wins, "gate_regressions": len(cases.regressions)}  # fmt: skip
+                   "gate_replay_wins": cases.candidate_wins, "gate_regressions": cases.lost}  # fmt: skip
         for key, value in metrics.items():
             mlflow.log_metric(candidate.run_id, key, value)
     champion_version = champion.version if champion else None

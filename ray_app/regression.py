@@ -24,6 +24,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ray_app.chat.feedback import FeedbackRecord
+from ray_app.chat.preferences import correction_pair, trainable
 from ray_app.chat.review import CORRECTION, THUMBS_UP, ReviewPolicy, correction, digest, kind, ready_at
 from ray_app.settings import Settings
 
@@ -41,18 +42,13 @@ class RegressionSet:
     added: int
 
 
-def _usable(records: list[FeedbackRecord], policy: ReviewPolicy) -> list[FeedbackRecord]:
-    return [r for r in records if policy.trains(r) and r.conversation and r.conversation[-1]["role"] == "user"]
-
-
 def replay_cases(records: list[FeedbackRecord], policy: ReviewPolicy, since: str) -> list[dict]:
-    """The replay set: pairs from the corrections the ``policy`` lets train that became usable after ``since``."""
+    """The replay set: the pairs of the corrections the ``policy`` lets train that became usable after ``since``."""
     cases = []
-    for record in _usable(records, policy):
-        corrected = correction(record)
-        if kind(record) == CORRECTION and corrected != record.answer and ready_at(record) > since:
-            cases.append({"id": record.feedback_id, "messages": record.conversation, "chosen": corrected,
-                          "rejected": record.answer, "model_version": record.model_version})  # fmt: skip
+    for record in trainable(records, policy):
+        pair = correction_pair(record)
+        if pair is not None and ready_at(record) > since:
+            cases.append({**pair, "id": record.feedback_id, "model_version": record.model_version})
     return cases
 
 
@@ -63,7 +59,7 @@ def regression_cases(records: list[FeedbackRecord], policy: ReviewPolicy) -> lis
     (the old one stays: it was right when it was approved).
     """
     cases = []
-    for record in _usable(records, policy):
+    for record in trainable(records, policy):
         what = kind(record)
         if what not in (CORRECTION, THUMBS_UP):
             continue

@@ -193,7 +193,9 @@ def test_the_canary_policy_comes_from_settings_latency_allowance_included(monkey
 def _scores(replay=(0, 0, 0, 0.0, 0.0), regression_cases=0, lost=()):
     from ray_app.promotion import CaseScores
 
-    return CaseScores(*replay, regression_cases, tuple(lost), 0.5 if lost else 0.0, "s3://b/regression/x/v0001")
+    return CaseScores(
+        *replay, regression_cases, len(lost), tuple(lost), 0.5 if lost else 0.0, "s3://b/regression/x/v0001"
+    )
 
 
 @pytest.mark.parametrize(
@@ -333,3 +335,13 @@ def test_a_preference_candidate_may_keep_the_loss_but_must_show_what_it_learned(
     assert preference_learned(_scores(), accuracy, "v3") == (True, "learned: held-out preference accuracy 0.50 -> 0.90")
     assert preference_learned(_scores(), {**accuracy, "training.preference_accuracy": "0.5"}, "v3")[0] is False
     assert "needs a held-out preference accuracy" in preference_learned(_scores(), {}, "v3")[1]
+
+
+def test_a_candidate_that_loses_many_regression_cases_is_counted_whole_though_only_some_are_named():
+    from ray_app.promotion import MAX_LOST_IDS, CasePolicy, CaseScores, case_gate
+
+    named = tuple(f"{uuid.uuid4()}:{i:012d}" for i in range(MAX_LOST_IDS))
+    scores = CaseScores(regression_cases=300, lost=250, regressions=named, worst_loss=0.7)
+    assert CaseScores.from_tags(scores.as_tags()) == scores
+    passed, why = case_gate(scores, CasePolicy(max_regressions=240))
+    assert not passed and why.startswith("no replayed correction; 250 of 300 regression case(s)"), why

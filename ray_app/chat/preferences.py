@@ -61,7 +61,7 @@ def preference_data(
     records: list[FeedbackRecord], policy: ReviewPolicy, current_version: str | None, other_version_weight: float
 ) -> PreferenceData:
     """Pairs and thumbs from the ``records`` the review ``policy`` lets train (see the module docstring)."""
-    usable = [r for r in records if policy.trains(r) and r.conversation and r.conversation[-1]["role"] == "user"]
+    usable = trainable(records, policy)
     data = PreferenceData()
 
     def keep(into: list[dict], example: dict, sources: list[FeedbackRecord]) -> None:
@@ -76,14 +76,28 @@ def preference_data(
     for record in usable:
         what = kind(record)
         if what == CORRECTION:
-            corrected = correction(record)
-            if corrected != record.answer:
-                keep(data.pairs, _pair(record, corrected, record.answer, CORRECTION), [record])
-            keep(data.thumbs, _thumb(record, corrected, True), [record])
+            pair = correction_pair(record)
+            if pair is not None:
+                keep(data.pairs, pair, [record])
+            keep(data.thumbs, _thumb(record, correction(record), True), [record])
         keep(data.thumbs, _thumb(record, record.answer, what == THUMBS_UP), [record])
     for liked, disliked in _thumb_pairs(usable):
         keep(data.pairs, _pair(liked, liked.answer, disliked.answer, "thumbs"), [liked, disliked])
     return data
+
+
+def trainable(records: list[FeedbackRecord], policy: ReviewPolicy) -> list[FeedbackRecord]:
+    """The ratings the review ``policy`` lets train whose conversation ends with the user's turn they answer."""
+    return [r for r in records if policy.trains(r) and r.conversation and r.conversation[-1]["role"] == "user"]
+
+
+def correction_pair(record: FeedbackRecord) -> dict | None:
+    """The pair a correction makes (the correction over the answer it corrects); None when it is no
+    correction or corrects nothing (the same text)."""
+    corrected = correction(record)
+    if corrected is None or corrected == record.answer:
+        return None
+    return _pair(record, corrected, record.answer, CORRECTION)
 
 
 def _pair(record: FeedbackRecord, chosen: str, rejected: str, source: str) -> dict:
@@ -95,11 +109,12 @@ def _thumb(record: FeedbackRecord, completion: str, desirable: bool) -> dict:
 
 
 def _thumb_pairs(records: list[FeedbackRecord]) -> list[tuple[FeedbackRecord, FeedbackRecord]]:
-    """(thumbs-up, thumbs-down) answers to the same conversation so far, with different texts."""
+    """(thumbs-up, thumbs-down) answers to the same conversation so far (of :func:`trainable` ratings),
+    with different texts."""
     by_prompt: dict[str, dict[str, list[FeedbackRecord]]] = {}
     for record in records:
         what = kind(record)
-        if what in (THUMBS_UP, THUMBS_DOWN) and record.conversation:
+        if what in (THUMBS_UP, THUMBS_DOWN):
             key = json.dumps(record.conversation, sort_keys=True)
             by_prompt.setdefault(key, {THUMBS_UP: [], THUMBS_DOWN: []})[what].append(record)
     pairs = []

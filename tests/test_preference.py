@@ -34,6 +34,31 @@ def preference_pairs(numbers: range) -> list[dict]:
     return pairs
 
 
+# The same answers opened warmly or curtly: a style users prefer whatever the question. LoRA on the
+# random tiny model learns it in a few steps; the topic pairs above, which need the question routed
+# to its answer, it does not learn (measured: rank 16, attention or all linear layers, lr 1e-2..1e-1).
+WARM = ("Sure", "Certainly", "Happy", "Great", "Hello", "Thanks")  # one token each, as are the curt ones
+CURT = ("No", "Whatever", "Fine", "Ok", "Look", "Obviously")
+
+
+def style_pairs(numbers: range) -> list[dict]:
+    rng, pairs = random.Random(numbers.start), []
+    for number in numbers:
+        for topic, answer in ANSWERS.items():
+            question = [{"role": "user", "content": f"Question {number}: name a {topic}."}]
+            for warm, curt in zip(rng.sample(WARM, len(WARM)), rng.sample(CURT, len(CURT)), strict=True):
+                pairs.append({"messages": question, "chosen": f"{warm}, {answer}.", "rejected": f"{curt}, {answer}.",
+                              "model_version": "tiny-pref/1"})  # fmt: skip
+    rng.shuffle(pairs)
+    return pairs
+
+
+def thumbs_of(pairs: list[dict]) -> list[dict]:
+    """Each pair's two answers as unpaired thumbs: the chosen one up, the rejected one down."""
+    return [{"messages": pair["messages"], "completion": pair[side], "desirable": side == "chosen"}
+            for pair in pairs for side in ("chosen", "rejected")]  # fmt: skip
+
+
 def write_jsonl(path: Path, records: list[dict], extra_lines: tuple[str, ...] = ()) -> Path:
     path.write_text("\n".join([*(json.dumps(record) for record in records), *extra_lines]) + "\n")
     return path
@@ -243,9 +268,12 @@ def test_bad_preference_records_and_configs_are_named():
 
 
 # --- DPO and KTO on Ray Train + DeepSpeed ------------------------------------------------
+BETA = 0.5
+
+
 def preference_config(model: Path, data: Path, **values) -> PreferenceConfig:
     base = dict(model=str(model), train_data=[str(data)], num_workers=2, deepspeed="zero2.json", method="full",
-                max_steps=40, learning_rate=5e-3, beta=0.5, lr_schedule="cosine", warmup_steps=0, seq_len=32,
+                max_steps=40, learning_rate=5e-3, beta=BETA, lr_schedule="cosine", warmup_steps=0, seq_len=32,
                 micro_batch_size=4, checkpoint_every=20, experiment="tests-preference",
                 registered_model="tiny-pref")  # fmt: skip
     return load_config(None, [], schema=PreferenceConfig, **{**base, **values})
@@ -332,8 +360,7 @@ def test_kto_on_unpaired_thumbs_learns_which_answers_are_liked(cluster, tmp_path
     from training.dpo import run
 
     model = build_tiny_chat_model(tmp_path / "tiny", hidden=128, layers=2)
-    thumbs = [{"messages": pair["messages"], "completion": answer, "desirable": answer == pair["chosen"]}
-              for pair in preference_pairs(range(10)) for answer in (pair["chosen"], pair["rejected"])]  # fmt: skip
+    thumbs = thumbs_of(preference_pairs(range(10)))
     data = write_jsonl(tmp_path / "thumbs.jsonl", thumbs)
     held = write_jsonl(tmp_path / "held.jsonl", preference_pairs(range(100, 104)))
     values = {"objective": "kto", "desirable_weight": 3.0, "max_steps": 60, "checkpoint_every": 60,
@@ -350,22 +377,45 @@ def test_kto_on_unpaired_thumbs_learns_which_answers_are_liked(cluster, tmp_path
     assert result.preference_accuracy > result.base_preference_accuracy + 0.1, result
 
 
-def test_dpo_with_lora_uses_the_policy_with_its_adapters_off_as_reference(cluster, tmp_path):
+@pytest.mark.parametrize("objective", ["dpo", "kto"])
+def test_lora_learns_the_answer_style_users_prefer_with_its_adapters_off_as_reference(cluster, tmp_path, objective):
     """LoRA needs no reference copy: at the first step the policy (zero-initialised adapters) and the
-    reference (adapters off) give the same log-probs, so the margin is 0 and the loss log 2; the
-    adapters then move the policy away from it, and the published folder has them merged."""
+    reference (adapters off) give the same log-probs, so DPO's margin is 0 and its loss log 2 (KTO's
+    rewards 0). The adapters learn the warm openings users prefer: held-out questions go from a coin
+    toss to >= 90%; liked answers end above the reference and disliked ones below it (KTO's reference
+    point is its KL estimate: the batch's mean log-ratio); the published folder has the adapters merged."""
     from ray_app.models import resolve_model
     from training.dpo import run
 
     model = build_tiny_chat_model(tmp_path / "tiny", hidden=128, layers=2)
-    data = write_jsonl(tmp_path / "pairs.jsonl", preference_pairs(range(4)))
-    values = {"method": "lora", "learning_rate": 3e-2, "max_steps": 8, "checkpoint_every": 8, "registered_model": None,
+    pairs = style_pairs(range(6))
+    if objective == "dpo":
+        data = write_jsonl(tmp_path / "pairs.jsonl", pairs)
+    else:
+        data = write_jsonl(tmp_path / "thumbs.jsonl", thumbs_of(pairs))
+    held = write_jsonl(tmp_path / "held.jsonl", style_pairs(range(100, 104)))
+    steps = 16 if objective == "dpo" else 32
+    values = {"objective": objective, "method": "lora", "learning_rate": 1e-2, "max_steps": steps,
+              "checkpoint_every": steps, "registered_model": None, "eval_data": [str(held)],
               "lora": {"rank": 16, "alpha": 32, "dropout": 0.0}}  # fmt: skip
     result = run(preference_config(model, data, **values), cluster)
 
-    margins = metric_history(cluster, result.mlflow_run_id, "reward_margin")
-    losses = metric_history(cluster, result.mlflow_run_id, "train_loss")
-    assert margins[0] == 0.0 and losses[0] == pytest.approx(math.log(2), abs=1e-6), (margins, losses)
-    assert any(abs(margin) > 1e-3 for margin in margins[1:]), margins
+    liked = metric_history(cluster, result.mlflow_run_id, "chosen_reward")
+    disliked = metric_history(cluster, result.mlflow_run_id, "rejected_reward")
+    assert {value for value in (liked[0], disliked[0]) if math.isfinite(value)} == {0.0}, (liked, disliked)
+    if objective == "dpo":
+        losses = metric_history(cluster, result.mlflow_run_id, "train_loss")
+        assert losses[0] == pytest.approx(math.log(2), abs=1e-6), losses
+    assert 0.3 <= result.base_preference_accuracy <= 0.7, result.base_preference_accuracy
+    assert result.preference_accuracy >= 0.9, (result, liked, disliked)
+    if objective == "dpo":  # rewards are beta times the log-ratio to the reference
+        assert mean(liked[-4:]) > 0.1 and mean(disliked[-4:]) < -0.1, (liked, disliked)
+    else:  # KTO's reference point is the batch's mean log-ratio (kl): liked answers end above it, disliked below
+        kl = metric_history(cluster, result.mlflow_run_id, "kl")[-8:]
+        liked_ratio, disliked_ratio = mean(liked[-8:]) / BETA, mean(disliked[-8:]) / BETA
+        assert liked_ratio > 0 and disliked_ratio + 0.2 < mean(kl) < liked_ratio - 0.2, (liked, disliked, kl)
+    liked_logp = metric_history(cluster, result.mlflow_run_id, "chosen_logp")
+    disliked_logp = metric_history(cluster, result.mlflow_run_id, "rejected_logp")
+    assert mean(liked_logp[-4:]) - mean(disliked_logp[-4:]) > mean(liked_logp[:2]) - mean(disliked_logp[:2]) + 0.5
     folder = resolve_model(result.model_uri, cluster)
     assert (folder / "model.safetensors").is_file() and not list(folder.glob("adapter_*"))

@@ -489,9 +489,10 @@ def logged_steps(settings: Settings, run_id: str, metric: str = "train_loss") ->
 
 def after_a_checkpoint(settings: Settings, store, experiment: str, run_name: str, min_step: int,
                        act) -> threading.Thread:  # fmt: skip
-    """Watch a run from a thread; once a checkpoint of it is in the store and training logged step
-    ``min_step`` or later (by then Ray Train registered that checkpoint), call ``act(step, alive_workers)``
-    until it returns True."""
+    """Watch a run from a thread; once a checkpoint of it is in the store, Ray Train's controller has
+    registered it (its checkpoint manager's snapshot, what ``ray.train.Result.from_path`` reads, is
+    in the store: a worker killed before the controller polled its report loses the checkpoint) and
+    training logged step ``min_step`` or later, call ``act(step, alive_workers)`` until it returns True."""
     from ray.util.state import list_actors
 
     def watch() -> None:
@@ -499,7 +500,9 @@ def after_a_checkpoint(settings: Settings, store, experiment: str, run_name: str
         while time.monotonic() < deadline:
             run_id = run_id_of(settings, experiment, run_name)
             step = max(logged_steps(settings, run_id), default=0) if run_id else 0
-            saved = any(info.key.endswith("trainer_state.json") for info in store.list(f"checkpoints/{run_name}"))
+            keys = [info.key for info in store.list(f"checkpoints/{run_name}")]
+            saved = any(key.endswith("trainer_state.json") for key in keys)
+            saved = saved and any(key.endswith("/checkpoint_manager_snapshot.json") for key in keys)
             workers = list_actors(filters=[("class_name", "=", "RayTrainWorker"), ("state", "=", "ALIVE")])
             if saved and step >= min_step and act(step, workers):
                 return

@@ -1,15 +1,15 @@
-"""Training throughput: a plain PyTorch loop vs the recipe on Ray Train + DeepSpeed, side by side.
+"""Training throughput in fp32 and in bf16 (AMX): a plain PyTorch loop vs the recipe on Ray Train + DeepSpeed.
 
-    .venv/bin/python benchmarks/train_throughput.py [--model default] [--steps 6] [--seq-len 256] [--micro-batch 4]
+    .venv/bin/python benchmarks/train_throughput.py [--model default] [--steps 4] [--seq-len 256] [--micro-batch 8]
 
-(a) a plain single-process PyTorch loop (AdamW, same batch and sequence length, all cores),
-(a2) the same loop with torch's fused AdamW (the optimizer kernel the recipe uses on CPU),
-(b) the recipe with 1 worker (all cores), (c) 2 workers ZeRO-2, (d) 2 workers ZeRO-3.
-Tokens/s is the median over steps after each run's first (warm-up) step; (a), (a2) and (b) run
-twice (first, then again in reverse order after (d)) and pool their steps, because this VM's
-speed drifts; the JSON keeps each run's median. Model FLOPs utilisation
-is 6 * params * tokens/s against a measured fp32 GEMM peak of this CPU. Prints a table and
-writes JSON to benchmarks/results/train_throughput.json. Not run by CI.
+Each in fp32 and in bf16 (``precision: bf16``: on CPU, ``torch.autocast`` over fp32 weights, gradients
+and all-reduces): (a) a plain single-process PyTorch loop (torch's fused AdamW, the optimizer kernel
+the recipe uses on CPU, all cores); (b) the recipe with 1 worker (all cores); (c) 2 workers ZeRO-2;
+(d) 2 workers ZeRO-3 (bf16 only). Tokens/s is the median over steps after each run's first
+(warm-up) step; every variant runs twice, the second time in reverse order, and the steps are
+pooled, because this VM's speed drifts. Model FLOPs utilisation is 6 * params * tokens/s against
+the measured bf16 GEMM peak of this CPU (its peak; the fp32 peak is reported beside it). Prints a
+table; writes benchmarks/results/train_throughput.json and .png. Not run by CI.
 """
 
 from __future__ import annotations
@@ -27,11 +27,12 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 
-def gemm_peak_flops(size: int = 2048, repeats: int = 5) -> float:
-    """Best observed fp32 matmul FLOP/s with the current torch thread count."""
+def gemm_peak_flops(dtype: str = "fp32", size: int = 2048, repeats: int = 5) -> float:
+    """Best observed matmul FLOP/s in ``dtype`` (fp32 or bf16) with the current torch thread count."""
     import torch
 
-    a, b = torch.randn(size, size), torch.randn(size, size)
+    kind = torch.bfloat16 if dtype == "bf16" else torch.float32
+    a, b = torch.randn(size, size, dtype=kind), torch.randn(size, size, dtype=kind)
     torch.mm(a, b)
     best = 0.0
     for _ in range(repeats):
@@ -41,15 +42,17 @@ def gemm_peak_flops(size: int = 2048, repeats: int = 5) -> float:
     return best
 
 
-def plain_loop(model_dir: Path, rows, steps: int, micro_batch: int, fused: bool = False) -> list[float]:
-    """(a): the same model and batches in one process, no Ray, no DeepSpeed (torch's default AdamW,
-    or with ``fused`` its fused CPU kernel, which the recipe uses)."""
+def plain_loop(model_dir: Path, rows, steps: int, micro_batch: int, bf16: bool = False) -> list[float]:
+    """(a): the same model and batches in one process, no Ray, no DeepSpeed, torch's fused AdamW
+    (the recipe's optimizer on CPU); with ``bf16`` the forward under bf16 autocast, as the recipe's."""
     import torch
     from transformers import AutoModelForCausalLM
 
+    from training.runtime import autocast
+
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
     model.config.use_cache = False
-    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-5, fused=fused)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-5, fused=True)
     rates = []
     for step in range(steps):
         batch = [rows[(step * micro_batch + i) % len(rows)] for i in range(micro_batch)]  # always full
@@ -57,7 +60,8 @@ def plain_loop(model_dir: Path, rows, steps: int, micro_batch: int, fused: bool 
         mask = torch.tensor([row["attention_mask"] for row in batch])
         labels = torch.tensor([row["labels"] for row in batch])
         start = time.perf_counter()
-        loss = model(input_ids=ids, attention_mask=mask, labels=labels).loss
+        with autocast(bf16):
+            loss = model(input_ids=ids, attention_mask=mask, labels=labels).loss
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         optimizer.step()
@@ -80,17 +84,40 @@ def recipe_rates(settings, model_dir: Path, data: str, **values) -> list[float]:
     return [point.value for point in sorted(history, key=lambda p: p.step)]
 
 
+def runners(settings, model_dir: Path, rows, args, cores: int) -> dict:
+    """The variants, by name: each a closure returning its tokens/s per step."""
+    common = {"seq_len": args.seq_len, "micro_batch_size": args.micro_batch, "max_steps": args.steps,
+              "learning_rate": 1e-5, "lr_schedule": "constant", "pack": True}  # fmt: skip
+    one = {"num_workers": 1, "cpus_per_worker": cores, "torch_threads": cores}
+    out = {}
+    for precision in ("fp32", "bf16"):
+        out[f"a_plain_pytorch_{precision}"] = lambda p=precision: plain_loop(
+            model_dir, rows, args.steps, args.micro_batch, bf16=p == "bf16"
+        )
+        out[f"b_recipe_1worker_{precision}"] = lambda p=precision: recipe_rates(
+            settings, model_dir, args.data, precision=p, **one, **common
+        )
+        out[f"c_recipe_2workers_zero2_{precision}"] = lambda p=precision: recipe_rates(
+            settings, model_dir, args.data, num_workers=2, deepspeed="zero2.json", precision=p, **common
+        )
+    out["d_recipe_2workers_zero3_bf16"] = lambda: recipe_rates(
+        settings, model_dir, args.data, num_workers=2, deepspeed="zero3.json", precision="bf16", **common
+    )
+    return out
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", default="default")
-    parser.add_argument("--steps", type=int, default=6)
+    parser.add_argument("--steps", type=int, default=4)
     parser.add_argument("--seq-len", type=int, default=256)
-    parser.add_argument("--micro-batch", type=int, default=4)
+    parser.add_argument("--micro-batch", type=int, default=8)
     parser.add_argument("--data", default=str(ROOT / "training" / "data" / "chat_sft.jsonl"))
     args = parser.parse_args()
 
     import ray
     import torch
+    from transformers import AutoModelForCausalLM
 
     from ray_app import credentials
     from ray_app.models import resolve_model
@@ -106,55 +133,63 @@ def main() -> int:
     cores = int(ray.cluster_resources()["CPU"])
     rows_ds, _ = prepare_dataset([args.data], str(model_dir), args.seq_len, True, settings)
     rows = rows_ds.take_all()
-    params = sum(
-        p.numel() for p in __import__("transformers").AutoModelForCausalLM.from_pretrained(model_dir).parameters()
-    )
+    params = sum(p.numel() for p in AutoModelForCausalLM.from_pretrained(model_dir).parameters())
 
     torch.set_num_threads(cores)
-    peak = gemm_peak_flops()
-    common = {"seq_len": args.seq_len, "micro_batch_size": args.micro_batch, "max_steps": args.steps,
-              "learning_rate": 1e-5, "lr_schedule": "constant", "pack": True}  # fmt: skip
-    runners = {
-        "a_plain_pytorch_1proc": lambda: plain_loop(model_dir, rows, args.steps, args.micro_batch),
-        "a2_plain_pytorch_fused_adamw": lambda: plain_loop(model_dir, rows, args.steps, args.micro_batch, fused=True),
-        "b_recipe_1worker": lambda: recipe_rates(
-            settings, model_dir, args.data, num_workers=1, cpus_per_worker=cores, torch_threads=cores, **common
-        ),
-        "c_recipe_2workers_zero2": lambda: recipe_rates(
-            settings, model_dir, args.data, num_workers=2, deepspeed="zero2.json", **common
-        ),
-        "d_recipe_2workers_zero3": lambda: recipe_rates(
-            settings, model_dir, args.data, num_workers=2, deepspeed="zero3.json", **common
-        ),
-    }
-    # This VM's speed drifts by +-20% over minutes: (a), (a2) and (b) run again in reverse order
-    # after the rest; each run's first (warm-up) step is dropped and the repeats' steps pooled.
-    order = [*runners, "b_recipe_1worker", "a2_plain_pytorch_fused_adamw", "a_plain_pytorch_1proc"]
+    peaks = {dtype: gemm_peak_flops(dtype) for dtype in ("fp32", "bf16")}
+    variants = runners(settings, model_dir, rows, args, cores)
+    # This VM's speed drifts by +-20% over minutes: every variant runs again in reverse order;
+    # each run's first (warm-up) step is dropped and the two runs' steps pooled.
     runs: dict[str, list[list[float]]] = {}
-    for name in order:
-        runs.setdefault(name, []).append(runners[name]())
+    for name in [*variants, *reversed(variants)]:
+        runs.setdefault(name, []).append(variants[name]())
     results = {}
     for name, repeats in runs.items():
         warm = [rates[1:] or rates for rates in repeats]
-        steady = [rate for rates in warm for rate in rates]
-        tokens_per_s = statistics.median(steady)
-        results[name] = {"tokens_per_s": tokens_per_s, "mfu": 6 * params * tokens_per_s / peak,
-                         "steps": len(steady), "runs": [statistics.median(rates) for rates in warm]}  # fmt: skip
-    base = results["a_plain_pytorch_1proc"]["tokens_per_s"]
-    print(f"model {model_dir.name}: {params / 1e6:.1f} M params, seq {args.seq_len}, micro-batch {args.micro_batch}, "
-          f"{cores} cores, fp32 GEMM peak {peak / 1e9:.1f} GFLOP/s")  # fmt: skip
-    fused = results["a2_plain_pytorch_fused_adamw"]["tokens_per_s"]
-    print(f"{'run':<30}{'tokens/s':>10}{'vs (a)':>9}{'vs (a2)':>9}{'MFU':>8}")
+        tokens_per_s = statistics.median(rate for rates in warm for rate in rates)
+        mfu, medians = 6 * params * tokens_per_s / peaks["bf16"], [statistics.median(rates) for rates in warm]
+        results[name] = {"tokens_per_s": tokens_per_s, "mfu": mfu, "steps": sum(map(len, warm)), "runs": medians}
+    report(results, params, peaks, args, cores, model_dir.name)
+    return 0
+
+
+def report(results: dict, params: int, peaks: dict, args, cores: int, model: str) -> None:
+    """The table (each variant against the plain fp32 loop and against its own fp32 twin), JSON and PNG."""
+    fp32, bf16 = peaks["fp32"] / 1e9, peaks["bf16"] / 1e9
+    print(f"model {model}: {params / 1e6:.1f} M params, seq {args.seq_len}, micro-batch {args.micro_batch}, "
+          f"{cores} cores, GEMM peak fp32 {fp32:.0f} / bf16 {bf16:.0f} GFLOP/s")  # fmt: skip
+    base = results["a_plain_pytorch_fp32"]["tokens_per_s"]
+    print(f"{'run':<32}{'tokens/s':>10}{'vs (a) fp32':>13}{'vs its fp32':>13}{'MFU (bf16 peak)':>17}")
     for name, row in results.items():
-        rate = row["tokens_per_s"]
-        print(f"{name:<30}{rate:>10.1f}{rate / base:>9.2f}{rate / fused:>9.2f}{row['mfu']:>8.1%}")
+        rate, twin = row["tokens_per_s"], results.get(name.replace("_bf16", "_fp32"), {}).get("tokens_per_s")
+        row["vs_fp32"] = rate / twin if twin and name.endswith("_bf16") else None
+        versus = f"{row['vs_fp32']:.2f}" if row["vs_fp32"] else "-"
+        print(f"{name:<32}{rate:>10.1f}{rate / base:>13.2f}{versus:>13}{row['mfu']:>17.1%}")
     out = ROOT / "benchmarks" / "results" / "train_throughput.json"
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps({"model": str(model_dir.name), "params": params, "peak_flops": peak, "cores": cores,
+    out.write_text(json.dumps({"model": model, "params": params, "peak_flops": peaks, "cores": cores,
                                "seq_len": args.seq_len, "micro_batch": args.micro_batch, "results": results},
                               indent=2))  # fmt: skip
-    print(f"wrote {out}")
-    return 0
+    chart(out.with_suffix(".png"), results)
+    print(f"wrote {out} and {out.with_suffix('.png')}")
+
+
+def chart(path: Path, results: dict) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    names = list(results)
+    fig, ax = plt.subplots(figsize=(9, 4))
+    colours = ["#d62728" if name.endswith("bf16") else "#7f7f7f" for name in names]
+    ax.barh(names, [results[name]["tokens_per_s"] for name in names], color=colours)
+    ax.invert_yaxis()
+    ax.set_xlabel("trained tokens/s (median of steps; grey fp32, red bf16 autocast)")
+    ax.set_title("Training throughput on this CPU")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
 
 
 if __name__ == "__main__":

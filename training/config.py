@@ -54,7 +54,11 @@ class SFTConfig(BaseModel):
     placement_strategy: Literal["PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"] = Field(
         default="PACK", description="where Ray puts the workers: PACK fills a node first, SPREAD uses many nodes"
     )
-    precision: Literal["fp32", "bf16", "fp16"] = "fp32"
+    precision: Literal["fp32", "bf16", "fp16"] = Field(
+        default="fp32",
+        description="bf16 on a GPU: DeepSpeed's bf16 mode; bf16 on CPU: torch.autocast (AVX-512 BF16/AMX), "
+        "fp32 weights, gradients and all-reduces; fp16 needs a GPU",
+    )
     torch_threads: int | None = Field(default=None, ge=1)
 
     # how long and how fast
@@ -93,8 +97,8 @@ class SFTConfig(BaseModel):
 
     @model_validator(mode="after")
     def _check(self) -> SFTConfig:
-        if self.precision != "fp32" and not self.use_gpu:
-            raise ValueError(f"precision: {self.precision} needs use_gpu: true; CPU training runs in fp32")
+        if self.precision == "fp16" and not self.use_gpu:
+            raise ValueError("precision: fp16 needs use_gpu: true; on CPU use bf16 (autocast) or fp32")
         deepspeed_path(self.deepspeed)  # raises if missing
         if self.eval_every and not self.eval_data:
             raise ValueError("eval_every: needs eval_data (the held-out set to evaluate during training)")
@@ -103,6 +107,17 @@ class SFTConfig(BaseModel):
                 raise ValueError(f"dataset not found: {uri}")
         return self
 
+    @property
+    def cpu_autocast(self) -> bool:
+        """bf16 on CPU: the weights, gradients, optimizer and all-reduces stay fp32 (gloo has no bf16
+        all-reduce) and the matmuls of the forward and backward run in bf16 under ``torch.autocast``."""
+        return self.precision == "bf16" and not self.use_gpu
+
+    @property
+    def weights_dtype(self) -> str:
+        """The dtype the model's weights are loaded in: fp32 under CPU autocast, else ``precision``."""
+        return "fp32" if self.cpu_autocast else self.precision
+
     def deepspeed_config(self) -> dict[str, Any]:
         """The DeepSpeed JSON with this run's batch sizes, clipping and precision filled in."""
         config = json.loads(deepspeed_path(self.deepspeed).read_text())
@@ -110,7 +125,7 @@ class SFTConfig(BaseModel):
         config["gradient_accumulation_steps"] = self.grad_accum
         config.pop("train_batch_size", None)  # DeepSpeed derives it from the two above and the world size
         config["gradient_clipping"] = self.max_grad_norm
-        config["bf16"] = {"enabled": self.precision == "bf16"}
+        config["bf16"] = {"enabled": self.precision == "bf16" and not self.cpu_autocast}
         config["fp16"] = {"enabled": self.precision == "fp16"}
         optimizer = config.setdefault("optimizer", {"type": "AdamW", "params": {}})
         params = optimizer.setdefault("params", {})

@@ -235,22 +235,24 @@ def tokenize_preferences(batch: dict[str, np.ndarray], model_dir: str, seq_len: 
 class ReferenceScorer:
     """Ray Data actor: the reference model's log-probs of each completion (``ref_{side}``), computed once.
 
-    On ``cuda`` (``use_gpu``: the actor asks for a GPU) in the training's precision, so that the
-    policy and its reference agree at the first step; on CPU in float32.
+    In the training's precision, so that the policy and its reference agree at the first step: on
+    ``cuda`` (``use_gpu``: the actor asks for a GPU) with weights in that dtype; on CPU with fp32
+    weights, under bf16 autocast when the training runs so.
     """
 
-    def __init__(self, model_dir: str, sides: tuple[str, ...], device: str = "cpu", precision: str = "fp32"):
+    def __init__(self, model_dir: str, sides: tuple[str, ...], device: str = "cpu", precision: str = "fp32",
+                 cpu_autocast: bool = False):  # fmt: skip
         import torch
         from transformers import AutoModelForCausalLM
 
         dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision, torch.float32)
-        self.sides, self.device = sides, device
+        self.sides, self.device, self.cpu_autocast = sides, device, cpu_autocast
         self.model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype).to(device).eval()
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         import torch
 
-        with torch.no_grad():
+        with torch.no_grad(), runtime.autocast(self.cpu_autocast):
             for side in self.sides:
                 ids, mask, labels = (torch.as_tensor(batch[f"{side}_{part}"], device=self.device)
                                      for part in ("ids", "mask", "labels"))  # fmt: skip
@@ -261,7 +263,8 @@ class ReferenceScorer:
 def scorer_options(cfg: PreferenceConfig, model_dir: str) -> dict[str, Any]:
     """How the ReferenceScorer actor runs: on a GPU in the training's precision when ``use_gpu``, else a CPU."""
     device = "cuda" if cfg.use_gpu else "cpu"
-    kwargs = {"model_dir": model_dir, "sides": cfg.sides, "device": device, "precision": cfg.precision}
+    kwargs = {"model_dir": model_dir, "sides": cfg.sides, "device": device, "precision": cfg.weights_dtype,
+              "cpu_autocast": cfg.cpu_autocast}  # fmt: skip
     return {"fn_constructor_kwargs": kwargs, **({"num_gpus": 1} if cfg.use_gpu else {"num_cpus": 1})}
 
 
@@ -317,7 +320,8 @@ def _policy_and_reference(engine, batch, sides: tuple[str, ...], lora: bool):
 
 
 def _step_loss(cfg: PreferenceConfig, engine, batch):
-    policy, reference, tokens = _policy_and_reference(engine, batch, cfg.sides, cfg.method == "lora")
+    with runtime.autocast(cfg.cpu_autocast):
+        policy, reference, tokens = _policy_and_reference(engine, batch, cfg.sides, cfg.method == "lora")
     weights = batch["weight"].to(engine.device) if "weight" in batch else None
     if cfg.objective == "dpo":
         loss, metrics = dpo_loss(policy[0], policy[1], reference[0], reference[1], cfg.beta, weights)

@@ -69,7 +69,7 @@ def build_model(cfg: SFTConfig, model_dir: str, ds_config: dict[str, Any]):
     if ds_config.get("zero_optimization", {}).get("stage") == 3:
         # Must exist (and stay referenced) before from_pretrained for zero.Init partitioning.
         keep_alive = HfDeepSpeedConfig(ds_config)
-    dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[cfg.precision]
+    dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[cfg.weights_dtype]
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype)
     model.config.use_cache = False
     if cfg.method == "lora":
@@ -287,13 +287,25 @@ def write_hf_folder(cfg: SFTConfig, model_dir: str, state_dict: dict[str, Any], 
     AutoTokenizer.from_pretrained(model_dir).save_pretrained(out)
 
 
-def periodic_eval(engine, examples: list[tuple[list[int], list[int]]]) -> dict[str, float]:
-    """Held-out loss on every rank (each sees all examples, so ZeRO-3's gathers line up)."""
+def autocast(cpu_bf16: bool):
+    """Where a forward runs (its backward follows what it recorded): under bf16 autocast on CPU when
+    ``cpu_bf16`` (a config's ``cpu_autocast``); otherwise as loaded (fp32, or bf16/fp16 on a GPU)."""
+    import contextlib
+
+    import torch
+
+    return torch.autocast("cpu", dtype=torch.bfloat16) if cpu_bf16 else contextlib.nullcontext()
+
+
+def periodic_eval(engine, examples: list[tuple[list[int], list[int]]], cfg: SFTConfig) -> dict[str, float]:
+    """Held-out loss on every rank (each sees all examples, so ZeRO-3's gathers line up), in the
+    training's precision."""
     from training.evaluate import heldout_nll, perplexity
 
     engine.eval()
     try:
-        nll, tokens = heldout_nll(engine, examples)
+        with autocast(cfg.cpu_autocast):
+            nll, tokens = heldout_nll(engine, examples)
     finally:
         engine.train()
     loss = nll / max(tokens, 1)

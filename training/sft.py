@@ -55,11 +55,12 @@ def train_loop(config: dict[str, Any]) -> None:
             if batch_in_epoch <= skip:
                 continue  # the data position of the checkpoint we resumed from
             device = engine.device
-            output = engine(
-                input_ids=batch["input_ids"].to(device),
-                attention_mask=batch["attention_mask"].to(device),
-                labels=batch["labels"].to(device),
-            )
+            with runtime.autocast(cfg.cpu_autocast):
+                output = engine(
+                    input_ids=batch["input_ids"].to(device),
+                    attention_mask=batch["attention_mask"].to(device),
+                    labels=batch["labels"].to(device),
+                )
             engine.backward(output.loss)
             engine.step()
             window_loss += float(output.loss.detach())
@@ -79,7 +80,7 @@ def train_loop(config: dict[str, Any]) -> None:
                 "epoch": float(epoch),
             }
             if cfg.eval_every and step % cfg.eval_every == 0 and step < total_steps:  # the last: the final eval
-                last_metrics |= runtime.periodic_eval(engine, config["eval_examples"])
+                last_metrics |= runtime.periodic_eval(engine, config["eval_examples"], cfg)
             tracker.log(last_metrics, step=step)
             window_loss, window_tokens, window_start = 0.0, 0, time.perf_counter()
             if step % cfg.checkpoint_every == 0 or step >= total_steps:

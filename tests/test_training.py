@@ -107,6 +107,15 @@ def test_eval_every_needs_eval_data(toy_data):
         load_config(None, ["eval_every=10"], train_data=[str(toy_data)])
 
 
+def test_data_too_small_for_one_batch_per_worker_is_named_before_training(toy_data):
+    from training.runtime import check_rows_fill_a_batch
+
+    cfg = load_config(None, ["num_workers=2", "micro_batch_size=8"], train_data=[str(toy_data)])
+    with pytest.raises(DatasetError, match="8 rows, 4 for each of num_workers: 2, fewer than micro_batch_size: 8"):
+        check_rows_fill_a_batch(cfg, 8)
+    check_rows_fill_a_batch(cfg, 16)  # one batch each
+
+
 def test_bf16_on_cpu_is_autocast_over_fp32_weights_and_fp16_needs_a_gpu(toy_data):
     cpu = load_config(None, ["precision=bf16"], train_data=[str(toy_data)])
     assert cpu.cpu_autocast and cpu.weights_dtype == "fp32"

@@ -416,6 +416,7 @@ def run(cfg: PreferenceConfig, settings=None) -> PreferenceResult:
     cfg, settings = setup.cfg, setup.settings
     model_dir = str(resolve_model(cfg.model, settings))
     train_ds, stats = prepare_preferences(cfg, model_dir, settings)
+    runtime.check_rows_fill_a_batch(cfg, stats["records"])
     data_params = {"data.records": stats["records"], "data.skipped": stats["skipped"], "data.objective": cfg.objective}
     with runtime.start_tracked_run(setup, cfg.objective, model_dir, data_params) as active:
         run_id = active.info.run_id

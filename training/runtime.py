@@ -21,6 +21,7 @@ from typing import Any
 
 from training import signing
 from training.config import SFTConfig
+from training.data import DatasetError
 from training.metrics import TrainingMetrics
 
 TRAINER_STATE = "trainer_state.json"
@@ -392,6 +393,18 @@ def setup(cfg: SFTConfig, settings, kind: str) -> Setup:
     check_resources(cfg)
     run_name = cfg.run_name or f"{kind}-{time.strftime('%Y%m%d-%H%M%S')}-{uuid.uuid4().hex[:6]}"
     return Setup(cfg.model_copy(update={"run_name": run_name}), settings, store, worker_env)
+
+
+def check_rows_fill_a_batch(cfg: SFTConfig, rows: int) -> None:
+    """Raise DatasetError unless every worker gets at least one full micro-batch an epoch: with fewer
+    rows than ``micro_batch_size`` each, no step could ever run (the loop would spin through epochs)."""
+    per_worker = rows // cfg.num_workers
+    if per_worker < cfg.micro_batch_size:
+        raise DatasetError(
+            f"the training data has {rows} rows, {per_worker} for each of num_workers: {cfg.num_workers}, "
+            f"fewer than micro_batch_size: {cfg.micro_batch_size}; no step could run "
+            "(add data, or lower micro_batch_size or num_workers)"
+        )
 
 
 def start_tracked_run(setup: Setup, kind: str, model_dir: str, data_params: dict[str, Any], parent_run_id=None):

@@ -167,6 +167,7 @@ def run(
         train_ds, train_stats = prepare_dataset(cfg.train_data, model_dir, cfg.seq_len, cfg.pack, settings)
     else:
         model_dir, train_ds, train_stats = prepared
+    runtime.check_rows_fill_a_batch(cfg, train_stats.rows)
     eval_uris = cfg.eval_data
     eval_examples = _eval_examples(cfg, model_dir, settings) if cfg.eval_every else []  # fails before any run
 

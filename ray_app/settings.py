@@ -86,6 +86,10 @@ class Settings(BaseSettings):
     home: Path = Field(default=Path("~/.llmops"), description="state dir: PIDs, logs, caches, local store")
     store_uri: str | None = Field(default=None, description="checkpoints/models: s3://bucket/prefix or a path")
     model_cache_dir: Path | None = Field(default=None, description="local copies of resolved models")
+    openvino_export_cli: Path | None = Field(
+        default=None,
+        description="optimum-cli exporting models for engine: openvino; default .venv-openvino's (make openvino-venv)",
+    )
 
     # --- S3 / MinIO ----------------------------------------------------------------------
     s3_endpoint_url: str | None = Field(

@@ -1453,12 +1453,17 @@ def test_a_replica_killed_mid_stream_ends_its_streams_with_an_error_event_and_th
 
 
 @pytest.mark.slow
-def test_llmops_serve_deploys_local_yaml_with_the_default_model_and_it_answers(serve_app):
-    """The CLI path (`llmops serve`, the dashboard's REST API) with SmolLM2-135M-Instruct.
+def test_llmops_serve_deploys_local_yaml_with_the_default_model_on_openvino_and_it_answers(serve_app, tmp_path):
+    """The CLI path (`llmops serve`, the dashboard's REST API) with SmolLM2-135M-Instruct on engine
+    openvino: the replica converts the model (int8 weights) with .venv-openvino's exporter, once.
 
     Runs last: the declarative deploy replaces the tiny app on the same Serve instance.
     """
     settings = serve_app.settings
+    config = yaml.safe_load((REPO / "serve_configs" / "local.yaml").read_text())
+    config["applications"][0]["args"]["engine"] = "openvino"
+    config_path = tmp_path / "local-openvino.yaml"
+    config_path.write_text(yaml.safe_dump(config))
     env = {
         **os.environ,
         "LLMOPS_HOME": str(settings.home),
@@ -1466,7 +1471,7 @@ def test_llmops_serve_deploys_local_yaml_with_the_default_model_and_it_answers(s
         "LLMOPS_SERVE_PORT": str(settings.serve_port),
     }
     done = subprocess.run(
-        [venv_bin("llmops"), "serve", "--config", str(REPO / "serve_configs" / "local.yaml"), "--model", "default"],
+        [venv_bin("llmops"), "serve", "--config", str(config_path), "--model", "default"],
         env=env,
         capture_output=True,
         text=True,
@@ -1479,6 +1484,14 @@ def test_llmops_serve_deploys_local_yaml_with_the_default_model_and_it_answers(s
     assert model.id == "SmolLM2-135M-Instruct"
     answer = client.chat.completions.create(model=model.id, messages=QUESTION, max_tokens=16, temperature=0)
     assert "Paris" in answer.choices[0].message.content
+    streamed = client.chat.completions.create(
+        model=model.id, messages=QUESTION, max_tokens=16, temperature=0, stream=True
+    )
+    assert "".join(chunk.choices[0].delta.content or "" for chunk in streamed if chunk.choices) == (
+        answer.choices[0].message.content
+    )
+    [converted] = (settings.model_cache_dir / "openvino").glob("SmolLM2-135M-Instruct.openvino-int8-*")
+    assert (converted / "openvino_model.xml").is_file()
 
 
 def test_the_serving_dashboard_draws_what_the_tests_above_served(serve_app, prometheus):

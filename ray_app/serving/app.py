@@ -20,17 +20,21 @@ import dataclasses
 import logging
 import time
 from collections.abc import AsyncIterator
+from pathlib import Path
 from typing import Any
 
 from ray import serve
 from ray.serve import Application
 
 from ray_app.credentials import as_serve_identity, kept_out_of_runtime_envs, serve_api_keys
+from ray_app.models import resolve_model
 from ray_app.serving.admission import Admission, DeadlineExceeded
-from ray_app.serving.config import ServeArgs, ServedModel, parse_args, pin_canary, pin_model
-from ray_app.serving.engine import Delta, GenerationRequest, SamplingParams
+from ray_app.serving.config import ServeArgs, ServeConfigError, ServedModel, parse_args, pin_canary, pin_model
+from ray_app.serving.engine import ContinuousBatcher, Delta, GenerationRequest, SamplingParams, TransformersEngine
 from ray_app.serving.ingress import OpenAIIngress, request_id
 from ray_app.serving.metrics import ReplicaMetrics
+from ray_app.serving.openvino_engine import OpenVINOBatcher, OpenVINOEngine
+from ray_app.serving.openvino_export import openvino_model
 from ray_app.serving.protocol import APIError, ChatCompletionRequest, CompletionRequest, hash_key
 from ray_app.settings import get_settings
 
@@ -58,23 +62,11 @@ class ChatServer:
         import ray
         import torch
 
-        from ray_app.models import resolve_model
-        from ray_app.serving.engine import ContinuousBatcher, TransformersEngine
-
         self.args, self.served = args, served
         device = args.device if args.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
         threads = args.torch_threads or max(1, int(ray.get_runtime_context().get_assigned_resources().get("CPU", 1)))
         started = time.monotonic()
-
-        def build() -> TransformersEngine:
-            # On the batcher's thread, where it decodes: all torch work of this process on one
-            # thread (see ContinuousBatcher). Resolving may convert the default model with torch.
-            model_dir = resolve_model(served.source, as_serve_identity(get_settings()))
-            return TransformersEngine(
-                model_dir, device=device, dtype=args.dtype, threads=threads, prepack=args.prepack_weights
-            )
-
-        self.batcher = ContinuousBatcher(build, args.max_batch_size, gather_s=args.batch_wait_timeout_s)
+        self.batcher = _batcher(args, served, device, threads)
         self.admission = Admission(
             capacity=args.max_batch_size + args.max_queued_requests,
             timeout_s=args.request_timeout_s,
@@ -200,6 +192,35 @@ class ChatServer:
             completion,
             finish,
         )
+
+
+def _batcher(args: ServeArgs, served: ServedModel, device: str, threads: int) -> ContinuousBatcher | OpenVINOBatcher:
+    """The replica's engine and decode loop for ``args.engine``, built on the loop's own thread.
+
+    On that thread all torch (or OpenVINO) work of the process runs (see ContinuousBatcher);
+    resolving may convert the default model with torch, and engine openvino converts the model to
+    its IR once (cached by content).
+    """
+
+    def model_dir() -> Path:
+        return resolve_model(served.source, as_serve_identity(get_settings()))
+
+    if args.engine == "openvino":
+        if device != "cpu":
+            raise ServeConfigError(f"engine openvino runs on CPU; device is {device!r} (use engine: vllm on GPUs)")
+
+        def build_openvino() -> OpenVINOEngine:
+            ir_dir = openvino_model(model_dir(), get_settings(), args.openvino_weights)
+            return OpenVINOEngine(ir_dir, threads, args.max_batch_size, args.kv_cache_gb, args.prefix_cache,
+                                  args.openvino_precision)  # fmt: skip
+
+        return OpenVINOBatcher(build_openvino, args.max_batch_size)
+
+    def build() -> TransformersEngine:
+        return TransformersEngine(model_dir(), device=device, dtype=args.dtype, threads=threads,
+                                  prepack=args.prepack_weights)  # fmt: skip
+
+    return ContinuousBatcher(build, args.max_batch_size, gather_s=args.batch_wait_timeout_s)
 
 
 def _key_hashes(args: ServeArgs) -> list[str]:

@@ -58,12 +58,28 @@ class ServeArgs(BaseModel):
     )
     served_model_name: str | None = Field(default=None, description="the `model` clients send; default derived")
     canary: CanaryArgs | None = Field(default=None, description="a challenger answering a share of conversations")
-    engine: Literal["transformers", "vllm"] = "transformers"
+    engine: Literal["transformers", "openvino", "vllm"] = Field(
+        default="transformers",
+        description="transformers: ours (any device); openvino: the fast CPU engine (the model is converted once, "
+        "make openvino-venv); vllm: GPUs",
+    )
     device: Literal["auto", "cpu", "cuda"] = "auto"
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
     torch_threads: int | None = Field(default=None, ge=1, description="default: the replica's num_cpus")
     prepack_weights: bool = Field(
         default=True, description="CPU float32: linear layers as oneDNN matmuls on weights packed once at load"
+    )
+    openvino_weights: Literal["int8", "int4", "fp16", "fp32"] = Field(
+        default="int8", description="engine: openvino: weight format of the converted model (weight-only quantization)"
+    )
+    openvino_precision: Literal["f32", "bf16", "auto"] = Field(
+        default="f32",
+        description="engine: openvino: activations' precision; f32 answers a request the same in any batch, "
+        "bf16/auto (bf16 on AMX CPUs) prefill faster",
+    )
+    kv_cache_gb: int = Field(default=1, ge=1, le=1024, description="engine: openvino: GB of KV blocks per replica")
+    prefix_cache: bool = Field(
+        default=True, description="engine: openvino: reuse a conversation's earlier KV for its next turn (LRU)"
     )
     max_batch_size: int = Field(default=8, ge=1, le=256)
     batch_wait_timeout_s: float = Field(default=0.05, ge=0.0, le=5.0)
@@ -102,6 +118,8 @@ class ServeArgs(BaseModel):
             raise ValueError(
                 f"default_max_tokens ({self.default_max_tokens}) exceeds max_tokens_limit ({self.max_tokens_limit})"
             )
+        if self.engine == "openvino" and self.device == "cuda":
+            raise ValueError("engine openvino runs on CPU: device cuda needs engine vllm (or transformers)")
         if self.model_version and not (self.model and _REGISTRY_REF.match(self.model)):
             raise ValueError("model_version is only meaningful with model: models:/NAME@ALIAS")
         if self.canary and not self.model_version:

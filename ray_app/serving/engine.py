@@ -81,7 +81,7 @@ class BatchStats:
 log = logging.getLogger(__name__)
 
 
-class _Row:
+class Row:
     """Decode state of one request inside a batch."""
 
     def __init__(
@@ -158,7 +158,69 @@ def prepack_linear_layers(model, batch_hint: int = 8) -> int:
     return len(linears)
 
 
-class TransformersEngine:
+class TextEngine:
+    """What every engine does with text: the model folder's tokenizer, prompts, and detokenizing a
+    row's tokens into the new text of each step (EOS, stop strings, the token budget, held-back
+    partial UTF-8 and stop-string prefixes)."""
+
+    def __init__(self, model_dir: Path, fallback_generation=None):
+        from transformers import AutoTokenizer, GenerationConfig
+
+        self.tokenizer = AutoTokenizer.from_pretrained(model_dir)
+        try:
+            generation = GenerationConfig.from_pretrained(model_dir)
+        except OSError:
+            generation = fallback_generation
+        eos = generation.eos_token_id if generation is not None and generation.eos_token_id is not None else None
+        self.eos_ids = set(eos if isinstance(eos, list) else [eos]) - {None}
+        if self.tokenizer.eos_token_id is not None:
+            self.eos_ids.add(self.tokenizer.eos_token_id)
+        self.pad_id = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else min(self.eos_ids)
+
+    # --- prompts --------------------------------------------------------------------------
+    def chat_prompt_ids(self, messages: list[dict[str, str]]) -> list[int]:
+        """Token ids of ``messages`` through the model's chat template, ready for the answer."""
+        text = self.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+        return self.tokenizer(text, add_special_tokens=False).input_ids
+
+    def text_prompt_ids(self, prompt: str) -> list[int]:
+        return self.tokenizer(prompt).input_ids
+
+    def advance(self, row: Row, token_id: int) -> Delta:
+        """Append ``token_id`` to ``row`` and return the text that became final."""
+        if row.failure is not None:
+            row.done = True
+            return Delta("", len(row.token_ids), "error")
+        params = row.request.params
+        finish = None
+        if token_id in self.eos_ids:
+            finish = "stop"
+        else:
+            row.token_ids.append(token_id)
+        text = self.tokenizer.decode(row.token_ids, skip_special_tokens=True)
+        for stop in params.stop:
+            at = text.find(stop, max(0, row.emitted - len(stop)))
+            if at != -1:
+                text, finish = text[:at], "stop"
+        if finish is None and len(row.token_ids) >= params.max_tokens:
+            finish = "length"
+        if finish is None:
+            finish = ended_early(row.request)
+        if finish is None:
+            # Hold back an incomplete UTF-8 sequence and anything that may be the start of a stop string.
+            hold = max((len(stop) - 1 for stop in params.stop), default=0)
+            end = len(text) - hold
+            while end > row.emitted and text[end - 1] == "\ufffd":
+                end -= 1
+        else:
+            end = len(text)
+            row.done = True
+        new_text = text[row.emitted : end] if end > row.emitted else ""
+        row.emitted = max(row.emitted, end)
+        return Delta(new_text, len(row.token_ids), finish)
+
+
+class TransformersEngine(TextEngine):
     """A Hugging Face causal LM in eval mode, generating for batches of requests.
 
     ``prepack`` (CPU, float32 only): run the linear layers on oneDNN-packed weights; turn it off
@@ -174,7 +236,7 @@ class TransformersEngine:
         prepack: bool = True,
     ):
         import torch
-        from transformers import AutoModelForCausalLM, AutoTokenizer, GenerationConfig
+        from transformers import AutoModelForCausalLM
 
         if threads:
             torch.set_num_threads(threads)
@@ -186,17 +248,8 @@ class TransformersEngine:
             "bfloat16": torch.bfloat16,
             "float16": torch.float16,
         }[dtype]
-        self.tokenizer = AutoTokenizer.from_pretrained(model_dir)
         self.model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch_dtype).to(self.device).eval()
-        try:
-            generation = GenerationConfig.from_pretrained(model_dir)
-        except OSError:
-            generation = self.model.generation_config
-        eos = generation.eos_token_id if generation.eos_token_id is not None else self.tokenizer.eos_token_id
-        self.eos_ids = set(eos if isinstance(eos, list) else [eos]) - {None}
-        if self.tokenizer.eos_token_id is not None:
-            self.eos_ids.add(self.tokenizer.eos_token_id)
-        self.pad_id = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else min(self.eos_ids)
+        super().__init__(model_dir, self.model.generation_config)
         self.context_length = int(getattr(self.model.config, "max_position_embeddings", 2048))
         # transformers 5.24 renamed the KV cache argument and output field `past_key_values` -> `cache`
         # (the CUDA check ran 5.17); the engine passes whichever the model's forward takes.
@@ -208,15 +261,6 @@ class TransformersEngine:
     @staticmethod
     def _cache_of(output):
         return output.cache if hasattr(output, "cache") else output.past_key_values
-
-    # --- prompts --------------------------------------------------------------------------
-    def chat_prompt_ids(self, messages: list[dict[str, str]]) -> list[int]:
-        """Token ids of ``messages`` through the model's chat template, ready for the answer."""
-        text = self.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
-        return self.tokenizer(text, add_special_tokens=False).input_ids
-
-    def text_prompt_ids(self, prompt: str) -> list[int]:
-        return self.tokenizer(prompt).input_ids
 
     # --- generation -----------------------------------------------------------------------
     def generate(self, requests: list[GenerationRequest]) -> Iterator[list[Delta | None]]:
@@ -230,7 +274,7 @@ class TransformersEngine:
         while batch is not None:
             step: list[Delta | None] = [None] * len(rows)
             for row, token_id in zip(batch.rows, batch.next_ids, strict=True):
-                step[position[id(row)]] = self._advance(row, token_id)
+                step[position[id(row)]] = self.advance(row, token_id)
             yield step
             keep = [line for line, row in enumerate(batch.rows) if not row.done]
             if not keep:
@@ -238,7 +282,7 @@ class TransformersEngine:
             batch.select(keep)
             batch = self.decode(batch)
 
-    def new_row(self, request: GenerationRequest, emit: Callable[[Delta | BaseException], None] | None = None) -> _Row:
+    def new_row(self, request: GenerationRequest, emit: Callable[[Delta | BaseException], None] | None = None) -> Row:
         import torch
 
         if not request.prompt_ids:
@@ -247,9 +291,9 @@ class TransformersEngine:
         generator = None
         if request.params.seed is not None:
             generator = torch.Generator(device=self.device).manual_seed(request.params.seed)
-        return _Row(request, generator, emit)
+        return Row(request, generator, emit)
 
-    def prefill(self, rows: list[_Row]) -> _Batch:
+    def prefill(self, rows: list[Row]) -> _Batch:
         """Run the prompts of ``rows`` left-padded to one width; sample each row's first token."""
         import torch
 
@@ -282,7 +326,7 @@ class TransformersEngine:
         batch.next_ids = self._sample_rows(out.logits[:, -1, :].float(), batch.rows)
         return batch
 
-    def _sample_rows(self, logits, rows: list[_Row]) -> list[int]:
+    def _sample_rows(self, logits, rows: list[Row]) -> list[int]:
         """The next token of each row; a row whose sampling raises is failed alone (its token is padding)."""
         next_ids = []
         for i, row in enumerate(rows):
@@ -294,7 +338,7 @@ class TransformersEngine:
                 next_ids.append(self.pad_id)
         return next_ids
 
-    def _sample(self, logits, row: _Row) -> int:
+    def _sample(self, logits, row: Row) -> int:
         import torch
 
         params = row.request.params
@@ -310,41 +354,8 @@ class TransformersEngine:
             probs = torch.zeros_like(probs).scatter_(0, order, sorted_probs)
         return int(torch.multinomial(probs, 1, generator=row.generator))
 
-    def _advance(self, row: _Row, token_id: int) -> Delta:
-        """Append ``token_id`` to ``row`` and return the text that became final."""
-        if row.failure is not None:
-            row.done = True
-            return Delta("", len(row.token_ids), "error")
-        params = row.request.params
-        finish = None
-        if token_id in self.eos_ids:
-            finish = "stop"
-        else:
-            row.token_ids.append(token_id)
-        text = self.tokenizer.decode(row.token_ids, skip_special_tokens=True)
-        for stop in params.stop:
-            at = text.find(stop, max(0, row.emitted - len(stop)))
-            if at != -1:
-                text, finish = text[:at], "stop"
-        if finish is None and len(row.token_ids) >= params.max_tokens:
-            finish = "length"
-        if finish is None:
-            finish = _ended_early(row.request)
-        if finish is None:
-            # Hold back an incomplete UTF-8 sequence and anything that may be the start of a stop string.
-            hold = max((len(stop) - 1 for stop in params.stop), default=0)
-            end = len(text) - hold
-            while end > row.emitted and text[end - 1] == "\ufffd":
-                end -= 1
-        else:
-            end = len(text)
-            row.done = True
-        new_text = text[row.emitted : end] if end > row.emitted else ""
-        row.emitted = max(row.emitted, end)
-        return Delta(new_text, len(row.token_ids), finish)
 
-
-def _ended_early(request: GenerationRequest) -> str | None:
+def ended_early(request: GenerationRequest) -> str | None:
     """Why ``request`` must stop now although it could go on: its client left, or its deadline passed."""
     if request.cancelled.is_set():
         return "cancelled"
@@ -356,7 +367,7 @@ def _ended_early(request: GenerationRequest) -> str | None:
 class _Batch:
     """The running batch of a ContinuousBatcher: rows, their KV cache, attention mask and next inputs."""
 
-    def __init__(self, rows: list[_Row], cache, attention, positions, next_ids: list[int]):
+    def __init__(self, rows: list[Row], cache, attention, positions, next_ids: list[int]):
         self.rows, self.cache, self.attention, self.positions, self.next_ids = (
             rows,
             cache,
@@ -406,21 +417,87 @@ class _Batch:
         self.next_ids += other.next_ids
 
 
-class ContinuousBatcher:
-    """Continuous batching over a TransformersEngine: one decode loop in a thread, requests join it.
+class DecodeLoop:
+    """What every engine's batcher shares: a loop on a thread of its own that builds the engine
+    there, a queue of waiting rows, counters, and the interface a replica drives.
 
     ``submit(request, emit)`` returns at once; ``emit`` is called from the loop's thread with
     each Delta (the last one has a ``finish_reason``) or with an exception if generation
-    failed. At most ``max_batch_size`` requests decode together; more wait their turn. When
-    the loop is idle, the first arrival waits ``gather_s`` for others to prefill with it.
-
-    ``engine`` may be a function that builds the engine: it is then called on the loop's thread
-    (the constructor waits for it and raises what it raised). A server should do this, so that
-    all torch work of the process runs on one thread. libgomp gives every thread that runs a
+    failed. ``engine`` may be a function that builds the engine: it is then called on the loop's
+    thread (the constructor waits for it and raises what it raised). A server should do this, so
+    that all of the process's model work runs on one thread. libgomp gives every thread that runs a
     parallel op a team of its own, and once the process holds more such threads than CPUs it
     stops spinning between parallel regions: a model loaded on one thread and decoded on
     another decoded ~15% slower, with the CPUs ~30% idle (measured on the benchmark machine).
+    Subclasses write ``_loop`` (and may check the built engine in ``_built``).
     """
+
+    thread_name = "decode-loop"
+
+    def __init__(self, engine, max_batch_size: int = 8):
+        self.max_batch_size = max_batch_size
+        self._waiting: queue.Queue[Row] = queue.Queue()
+        self.stats = BatchStats()  # written by the loop's thread only
+        self.running = 0  # rows in the batch being decoded (written by the loop's thread)
+        self._stopped = threading.Event()
+        build = engine if callable(engine) else (lambda: engine)
+        started: queue.Queue[BaseException | None] = queue.Queue()
+        self._thread = threading.Thread(target=self._run, args=(build, started), name=self.thread_name, daemon=True)
+        self._thread.start()
+        failure = started.get()
+        if failure is not None:
+            raise failure
+
+    def _run(self, build: Callable, started: queue.Queue) -> None:
+        try:
+            self.engine = build()
+            self._built()
+        except BaseException as exc:  # the constructor raises it
+            started.put(exc)
+            return
+        started.put(None)
+        self._loop()
+
+    def _built(self) -> None:
+        """Called on the loop's thread once the engine is built; raise to refuse it."""
+
+    def _loop(self) -> None:
+        raise NotImplementedError
+
+    def new_row(self, request: GenerationRequest, emit: Callable[[Delta | BaseException], None]) -> Row:
+        if not request.prompt_ids:
+            raise ValueError("a generation request needs at least one prompt token")
+        return Row(request, None, emit)
+
+    def submit(self, request: GenerationRequest, emit: Callable[[Delta | BaseException], None]) -> None:
+        self._waiting.put(self.new_row(request, emit))
+
+    def stop(self) -> None:
+        self._stopped.set()
+        self._thread.join(timeout=10)
+
+    def occupancy(self) -> tuple[int, int]:
+        """(requests waiting for a row, rows decoding): what a replica reports as its queue and batch."""
+        return self._waiting.qsize(), self.running
+
+    def _ended_in_queue(self, row: Row) -> bool:
+        """True (and the row is told why) if its client left or its deadline passed while it waited."""
+        reason = ended_early(row.request)
+        if reason is None:
+            return False
+        self.stats.cancelled_rows += 1
+        row.emit(Delta("", 0, reason))
+        return True
+
+
+class ContinuousBatcher(DecodeLoop):
+    """Continuous batching over a TransformersEngine: one decode loop in a thread, requests join it.
+
+    At most ``max_batch_size`` requests decode together; more wait their turn. When the loop is
+    idle, the first arrival waits ``gather_s`` for others to prefill with it. (See DecodeLoop.)
+    """
+
+    thread_name = "continuous-batcher"
 
     def __init__(
         self,
@@ -428,28 +505,11 @@ class ContinuousBatcher:
         max_batch_size: int = 8,
         gather_s: float = 0.01,
     ):
-        self.max_batch_size, self.gather_s = max_batch_size, gather_s
-        self._waiting: queue.Queue[_Row] = queue.Queue()
-        self.stats = BatchStats()  # written by the loop's thread only
-        self.running = 0  # rows in the batch being decoded (written by the loop's thread)
-        self._stopped = threading.Event()
-        build = engine if callable(engine) else (lambda: engine)
-        started: queue.Queue[BaseException | None] = queue.Queue()
-        self._thread = threading.Thread(target=self._run, args=(build, started), name="continuous-batcher", daemon=True)
-        self._thread.start()
-        failure = started.get()
-        if failure is not None:
-            raise failure
+        self.gather_s = gather_s
+        super().__init__(engine, max_batch_size)
 
-    def _run(self, build: Callable[[], TransformersEngine], started: queue.Queue) -> None:
-        try:
-            self.engine = build()
-            self._supported = all(type(layer).__name__ == "DynamicLayer" for layer in self._probe_layers())
-        except BaseException as exc:  # the constructor raises it
-            started.put(exc)
-            return
-        started.put(None)
-        self._loop()
+    def _built(self) -> None:
+        self._supported = all(type(layer).__name__ == "DynamicLayer" for layer in self._probe_layers())
 
     def _probe_layers(self) -> list:
         from transformers import DynamicCache
@@ -459,16 +519,8 @@ class ContinuousBatcher:
         except Exception:  # an unusual cache layout: static batching only
             return [None]
 
-    def submit(self, request: GenerationRequest, emit: Callable[[Delta | BaseException], None]) -> None:
-        self._waiting.put(self.engine.new_row(request, emit))
-
-    def stop(self) -> None:
-        self._stopped.set()
-        self._thread.join(timeout=10)
-
-    def occupancy(self) -> tuple[int, int]:
-        """(requests waiting for a row, rows decoding): what a replica reports as its queue and batch."""
-        return self._waiting.qsize(), self.running
+    def new_row(self, request: GenerationRequest, emit: Callable[[Delta | BaseException], None]) -> Row:
+        return self.engine.new_row(request, emit)
 
     # --- the loop (its own thread) ---------------------------------------------------------
     def _loop(self) -> None:
@@ -503,7 +555,7 @@ class ContinuousBatcher:
                     row.emit(exc)
                 batch, self.running = None, 0
 
-    def _take(self, limit: int) -> list[_Row]:
+    def _take(self, limit: int) -> list[Row]:
         """Up to ``limit`` waiting rows; rows whose client left or whose deadline passed are dropped."""
         rows = []
         while len(rows) < limit:
@@ -516,15 +568,7 @@ class ContinuousBatcher:
             rows.append(row)
         return rows
 
-    def _ended_in_queue(self, row: _Row) -> bool:
-        reason = _ended_early(row.request)
-        if reason is None:
-            return False
-        self.stats.cancelled_rows += 1
-        row.emit(Delta("", 0, reason))
-        return True
-
-    def _prefill(self, rows: list[_Row]) -> _Batch | None:
+    def _prefill(self, rows: list[Row]) -> _Batch | None:
         """Prefill newcomers and emit their first tokens; None if all finished (or failed: they are told)."""
         self.stats.prefills += 1
         self.stats.prefill_rows += len(rows)
@@ -556,7 +600,7 @@ class ContinuousBatcher:
         keep = []
         for i, row in enumerate(batch.rows):
             try:
-                delta = self.engine._advance(row, batch.next_ids[i])
+                delta = self.engine.advance(row, batch.next_ids[i])
             except Exception as exc:
                 log.exception("detokenizing failed for one row; the rest of its batch goes on")
                 row.failure, row.done = exc, True

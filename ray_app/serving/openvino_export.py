@@ -1,0 +1,102 @@
+"""Convert a served model to OpenVINO IR once, and cache the result beside the other model copies.
+
+``engine: openvino`` serves an IR folder: optimum-intel's exporter (``optimum-cli export openvino``,
+run from its own venv, ``make openvino-venv``: it pins a transformers older than ours) turns the
+Hugging Face folder into a stateful IR with int8 (or int4, or float) weights and the OpenVINO
+tokenizers the pipeline needs. The result lands in the model cache under a name derived from the
+folder's contents (config and weights), so a version is converted once per machine, and a
+retrained model in the same folder is converted again. A half-written conversion never counts:
+it is renamed into place only when the exporter succeeded.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+import subprocess
+import time
+from pathlib import Path
+
+import ray_app
+from ray_app.models import cache_lock
+from ray_app.settings import Settings
+from ray_app.storage import staging_dir
+
+log = logging.getLogger(__name__)
+
+WEIGHT_FORMATS = ("int8", "int4", "fp16", "fp32")
+IR_FILES = ("openvino_model.xml", "openvino_model.bin", "openvino_tokenizer.xml", "openvino_detokenizer.xml")
+DEFAULT_CLI = Path(ray_app.__file__).resolve().parent.parent / ".venv-openvino" / "bin" / "optimum-cli"
+EXPORT_TIMEOUT_S = 1800
+DIGESTED = (".json", ".safetensors", ".jinja", ".model")  # what makes the model; not logs or locks
+
+
+class OpenVINOExportError(RuntimeError):
+    """The exporter is missing or failed; the message names what was tried."""
+
+
+def content_digest(model_dir: Path) -> str:
+    """A short digest of the folder's config, tokenizer and weights: a new model gets a new IR."""
+    digest = hashlib.sha256()
+    for path in sorted(model_dir.iterdir()):
+        if path.is_file() and (path.suffix in DIGESTED or path.name == "merges.txt"):
+            digest.update(path.name.encode())
+            with path.open("rb") as handle:
+                for block in iter(lambda: handle.read(1 << 22), b""):
+                    digest.update(block)
+    return digest.hexdigest()[:16]
+
+
+def export_cli(settings: Settings) -> Path:
+    cli = settings.openvino_export_cli or DEFAULT_CLI
+    if not Path(cli).is_file():
+        raise OpenVINOExportError(
+            f"engine: openvino needs optimum-intel's exporter and there is none at {cli}: run `make openvino-venv` "
+            "or set openvino_export_cli (LLMOPS_OPENVINO_EXPORT_CLI) to an optimum-cli with optimum-intel"
+        )
+    return Path(cli)
+
+
+def openvino_model(model_dir: Path, settings: Settings, weights: str = "int8") -> Path:
+    """The IR folder of ``model_dir`` with ``weights`` (see WEIGHT_FORMATS), converting it on first use."""
+    if weights not in WEIGHT_FORMATS:
+        raise OpenVINOExportError(f"openvino weights {weights!r}: expected one of {', '.join(WEIGHT_FORMATS)}")
+    cache_dir = settings.model_cache_dir
+    assert cache_dir is not None  # filled by the settings validator
+    name = f"{model_dir.name}.openvino-{weights}-{content_digest(model_dir)}"
+    target = cache_dir / "openvino" / name
+    if _is_complete(target):
+        return target
+    with cache_lock(target.parent, name):
+        if not _is_complete(target):
+            cli = export_cli(settings)
+            with staging_dir(target) as staging:
+                _export(cli, model_dir, staging, weights)
+    return target
+
+
+def _is_complete(folder: Path) -> bool:
+    return all((folder / name).is_file() for name in IR_FILES)
+
+
+def _export(cli: Path, model_dir: Path, out_dir: Path, weights: str) -> None:
+    argv = [str(cli), "export", "openvino", "--model", str(model_dir), "--task", "text-generation-with-past"]
+    argv += ["--weight-format", weights]
+    if weights == "int4":
+        # Group size must divide the hidden size (SmolLM2-135M's 576 is not a multiple of 128).
+        argv += ["--group-size", "64", "--ratio", "1.0"]
+    argv.append(str(out_dir))
+    # Nothing of ours goes to the exporter: no credentials, offline (the folder is all it needs).
+    env = {key: os.environ[key] for key in ("PATH", "HOME", "LANG", "TMPDIR") if key in os.environ}
+    env.update(HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", PYTHONWARNINGS="ignore", OMP_NUM_THREADS="2")
+    started = time.monotonic()
+    log.info("converting %s to OpenVINO IR (%s weights) into %s", model_dir, weights, out_dir)
+    try:
+        done = subprocess.run(argv, env=env, capture_output=True, text=True, timeout=EXPORT_TIMEOUT_S, check=False)
+    except subprocess.TimeoutExpired:
+        raise OpenVINOExportError(f"exporting {model_dir} to OpenVINO took over {EXPORT_TIMEOUT_S}s") from None
+    if done.returncode != 0 or not _is_complete(out_dir):
+        tail = "\n".join((done.stderr or done.stdout).strip().splitlines()[-15:])
+        raise OpenVINOExportError(f"{cli} could not export {model_dir} (exit {done.returncode}):\n{tail}")
+    log.info("converted %s to OpenVINO in %.1fs", model_dir, time.monotonic() - started)

@@ -1,0 +1,179 @@
+"""The OpenVINO engine (engine: openvino), in-process: a model converted by the real exporter
+(.venv-openvino's optimum-cli), answered by the real OpenVINO GenAI pipeline, checked against our
+transformers engine. Through Serve it is checked with the default model in test_serving.py."""
+
+from __future__ import annotations
+
+import queue
+import shutil
+import threading
+import time
+from pathlib import Path
+
+import pytest
+from tiny_model import build_tiny_chat_model
+
+from ray_app.serving.config import ServeConfigError, parse_args
+from ray_app.serving.engine import Delta, GenerationRequest, SamplingParams, TransformersEngine
+from ray_app.serving.openvino_engine import OpenVINOBatcher, OpenVINOEngine
+from ray_app.serving.openvino_export import OpenVINOExportError, openvino_model
+from ray_app.settings import Settings
+
+PROMPTS = ("Hi", "Tell me a long story about the sea and its ships", "2+2?")
+
+
+def _sharpen(source: Path, folder: Path, seed: int) -> Path:
+    """A copy of the tiny model with large random weights: its greedy answers depend on every prompt token."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    model = AutoModelForCausalLM.from_pretrained(source)
+    torch.manual_seed(seed)
+    with torch.no_grad():
+        for parameter in model.parameters():
+            if parameter.dim() > 1:
+                parameter.normal_(0, 0.3)
+    model.save_pretrained(folder)
+    AutoTokenizer.from_pretrained(source).save_pretrained(folder)
+    return folder
+
+
+@pytest.fixture(scope="module")
+def sharp_dir(tmp_path_factory) -> Path:
+    tiny = build_tiny_chat_model(tmp_path_factory.mktemp("tiny-ov") / "model")
+    return _sharpen(tiny, tmp_path_factory.mktemp("sharp-ov") / "model", seed=3)
+
+
+@pytest.fixture(scope="module")
+def ov_settings(tmp_path_factory) -> Settings:
+    return Settings(home=tmp_path_factory.mktemp("ov-home"))
+
+
+@pytest.fixture(scope="module")
+def batcher(sharp_dir: Path, ov_settings: Settings):
+    # fp32 weights and f32 activations: the same arithmetic as torch's, so greedy answers can be compared.
+    ir_dir = openvino_model(sharp_dir, ov_settings, "fp32")
+    batcher = OpenVINOBatcher(lambda: OpenVINOEngine(ir_dir, threads=1, max_batch_size=4, precision="f32"), 4)
+    yield batcher
+    batcher.stop()
+
+
+class Answer:
+    """What one submitted request produced: its deltas as they arrived."""
+
+    def __init__(self, batcher: OpenVINOBatcher, request: GenerationRequest):
+        self.request, self.items = request, queue.Queue()
+        batcher.submit(request, self.items.put)
+
+    def result(self, on_first=None, timeout: float = 60) -> tuple[str, str, int]:
+        text, first = "", True
+        while True:
+            item = self.items.get(timeout=timeout)
+            if isinstance(item, BaseException):
+                raise item
+            assert isinstance(item, Delta)
+            if first and on_first is not None:
+                on_first()
+            first = False
+            text += item.text
+            if item.finish_reason:
+                return text, item.finish_reason, item.completion_tokens
+
+
+def _ask(batcher: OpenVINOBatcher, prompt: list[int], **params) -> tuple[str, str, int]:
+    return Answer(batcher, GenerationRequest(prompt, SamplingParams(**params))).result()
+
+
+def _reference(engine: TransformersEngine, prompt: list[int], budget: int) -> tuple[str, str, int]:
+    text, finish, tokens = "", "", 0
+    for [delta] in engine.generate([GenerationRequest(prompt, SamplingParams(max_tokens=budget, temperature=0))]):
+        if delta is not None:
+            text, finish, tokens = text + delta.text, delta.finish_reason or finish, delta.completion_tokens
+    return text, finish, tokens
+
+
+def test_greedy_answers_equal_the_transformers_engines_alone_and_in_a_full_batch(sharp_dir, batcher):
+    reference = TransformersEngine(sharp_dir, threads=1, prepack=False)
+    prompts = [reference.chat_prompt_ids([{"role": "user", "content": text}]) for text in PROMPTS]
+    budgets = [5, 17, 30]  # rows leave at different steps
+    expected = [_reference(reference, p, b) for p, b in zip(prompts, budgets, strict=True)]
+    assert len({text for text, _, _ in expected}) == len(PROMPTS), "the model tells the prompts apart"
+    alone = [_ask(batcher, p, max_tokens=b, temperature=0) for p, b in zip(prompts, budgets, strict=True)]
+    assert alone == expected
+    # Six at once into a pipeline of 4: two wait, then join the running batch as rows finish.
+    answers = [
+        Answer(batcher, GenerationRequest(prompts[i % 3], SamplingParams(max_tokens=budgets[i % 3], temperature=0)))
+        for i in range(6)
+    ]
+    assert [answer.result() for answer in answers] == [expected[i % 3] for i in range(6)]
+    assert batcher.stats.decode_rows > batcher.stats.decode_steps, "some steps decoded several rows"
+    assert batcher.occupancy() == (0, 0)
+
+
+def test_seeds_reproduce_samples_stop_strings_cut_and_cancelled_rows_leave(batcher):
+    prompt = batcher.engine.chat_prompt_ids([{"role": "user", "content": "What is the capital of France?"}])
+    params = {"max_tokens": 40, "temperature": 1.0, "top_p": 0.9}
+    first = _ask(batcher, prompt, seed=7, **params)
+    assert _ask(batcher, prompt, seed=7, **params) == first and len(first[0]) > 5
+    assert _ask(batcher, prompt, seed=8, **params) != first
+    assert _ask(batcher, prompt, **params) != _ask(batcher, prompt, **params), "unseeded requests draw their own"
+    stop = first[0][3:6]
+    cut = _ask(batcher, prompt, seed=7, stop=[stop], **params)
+    assert cut[:2] == (first[0][: first[0].find(stop)], "stop")
+
+    cancelled_before = batcher.stats.cancelled_rows
+    request = GenerationRequest(prompt, SamplingParams(max_tokens=400, temperature=1.0, seed=1))
+    _, finish, tokens = Answer(batcher, request).result(on_first=request.cancelled.set)
+    assert finish == "cancelled" and tokens < 400
+    late = GenerationRequest(prompt, SamplingParams(max_tokens=8, temperature=0), deadline=time.monotonic() - 1)
+    assert Answer(batcher, late).result() == ("", "deadline", 0)
+    assert batcher.stats.cancelled_rows == cancelled_before + 2
+    assert _ask(batcher, prompt, seed=7, **params) == first, "the pipeline goes on as before"
+
+
+def test_a_conversion_is_cached_by_content_and_a_missing_or_failing_exporter_is_named(
+    sharp_dir, ov_settings, batcher, tmp_path
+):
+    ir_dir = openvino_model(sharp_dir, ov_settings, "fp32")  # converted by the batcher fixture
+    assert ir_dir.parent == ov_settings.model_cache_dir / "openvino"
+    nowhere = tmp_path / "no-venv" / "optimum-cli"
+    no_exporter = ov_settings.model_copy(update={"openvino_export_cli": nowhere})
+    assert openvino_model(sharp_dir, no_exporter, "fp32") == ir_dir, "cached: no exporter needed"
+    assert (ir_dir / "openvino_model.xml").stat().st_mtime < time.time()
+
+    retrained = _sharpen(sharp_dir, tmp_path / "retrained", seed=4)  # same folder layout, other weights
+    with pytest.raises(OpenVINOExportError, match=str(nowhere)):
+        openvino_model(retrained, no_exporter, "fp32")
+    with pytest.raises(OpenVINOExportError, match="int3"):
+        openvino_model(retrained, ov_settings, "int3")
+
+    broken = tmp_path / "broken"
+    shutil.copytree(sharp_dir, broken)
+    (broken / "config.json").write_text('{"model_type": "no-such-architecture"}')
+    with pytest.raises(OpenVINOExportError, match=r"could not export .*broken \(exit") as failure:
+        openvino_model(broken, ov_settings, "int8")
+    assert "no-such-architecture" in str(failure.value), "the exporter's own reason is shown"
+    cached = sorted(path.name for path in (ov_settings.model_cache_dir / "openvino").iterdir() if path.is_dir())
+    assert cached == [ir_dir.name], "a failed conversion leaves nothing behind"
+
+
+def test_the_engine_is_chosen_by_config_and_openvino_on_a_gpu_is_refused_naming_the_fields():
+    assert parse_args({"engine": "openvino"}).openvino_weights == "int8"
+    with pytest.raises(ServeConfigError, match="engine openvino runs on CPU"):
+        parse_args({"engine": "openvino", "device": "cuda"})
+    with pytest.raises(ServeConfigError, match="'openvino_weights'"):
+        parse_args({"engine": "openvino", "openvino_weights": "int3"})
+
+
+def test_requests_from_many_threads_while_the_loop_runs(batcher):
+    """Replicas submit from the event loop's thread while the pipeline steps on its own."""
+    prompt = batcher.engine.chat_prompt_ids([{"role": "user", "content": "Hi"}])
+    expected = _ask(batcher, prompt, max_tokens=12, temperature=0)
+    results: list[tuple[str, str, int]] = []
+    threads = [threading.Thread(target=lambda: results.append(_ask(batcher, prompt, max_tokens=12, temperature=0)))
+               for _ in range(8)]  # fmt: skip
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout=120)
+    assert results == [expected] * 8

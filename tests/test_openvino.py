@@ -4,8 +4,11 @@ transformers engine. Through Serve it is checked with the default model in test_
 
 from __future__ import annotations
 
+import os
 import queue
 import shutil
+import signal
+import sys
 import threading
 import time
 from pathlib import Path
@@ -177,3 +180,37 @@ def test_requests_from_many_threads_while_the_loop_runs(batcher):
     for thread in threads:
         thread.join(timeout=120)
     assert results == [expected] * 8
+
+
+def test_the_pipeline_steps_in_a_child_process_and_never_loads_into_the_replicas(batcher):
+    """Its step() holds the GIL for a whole forward pass (measured: a Python thread beside it ran once
+    per step instead of every millisecond); in the replica's process that would stall the event
+    loop that streams answers. So the pipeline lives in a child process, and OpenVINO GenAI is
+    never imported here."""
+    prompt = batcher.engine.chat_prompt_ids([{"role": "user", "content": "Tell me a long story"}])
+    steps_before = batcher.stats.decode_steps
+    _ask(batcher, prompt, max_tokens=50, temperature=1.0, seed=3)
+    assert batcher.stats.decode_steps - steps_before >= 50
+    child = batcher.engine.process
+    assert child.pid != os.getpid() and child.poll() is None
+    assert "openvino_genai" not in sys.modules and "openvino" not in sys.modules
+
+
+def test_a_dead_pipeline_process_fails_its_requests_and_the_replica_turns_unhealthy(sharp_dir, ov_settings):
+    ir_dir = openvino_model(sharp_dir, ov_settings, "fp32")
+    doomed = OpenVINOBatcher(lambda: OpenVINOEngine(ir_dir, threads=1, precision="f32"), 2)
+    prompt = doomed.engine.chat_prompt_ids([{"role": "user", "content": "Hi"}])
+    request = GenerationRequest(prompt, SamplingParams(max_tokens=400, temperature=1.0, seed=1))
+    answer = Answer(doomed, request)
+    with pytest.raises(RuntimeError, match="pipeline process died"):
+        answer.result(on_first=lambda: os.kill(doomed.engine.process.pid, signal.SIGKILL))
+    deadline = time.monotonic() + 10
+    while doomed.alive() and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert not doomed.alive(), "the replica's health check sees the loop ended"
+    doomed.stop()
+
+    closed = OpenVINOBatcher(lambda: OpenVINOEngine(ir_dir, threads=1, precision="f32"), 2)
+    child = closed.engine.process
+    closed.stop()
+    assert child.poll() is not None, "the pipeline process ends with its replica's batcher"

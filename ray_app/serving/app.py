@@ -91,6 +91,11 @@ class ChatServer:
         admitted = {"active_requests": self.admission.active, "rejected_requests": self.admission.rejected}
         return {**dataclasses.asdict(self.batcher.stats), **admitted}
 
+    def check_health(self) -> None:
+        """Serve's periodic health check: a replica whose decode loop ended (its engine died) is replaced."""
+        if not self.batcher.alive():
+            raise RuntimeError("the replica's decode loop has ended")
+
     def __del__(self):
         for part in (getattr(self, "metrics", None), getattr(self, "batcher", None)):
             if part is not None:

@@ -480,6 +480,10 @@ class DecodeLoop:
         """(requests waiting for a row, rows decoding): what a replica reports as its queue and batch."""
         return self._waiting.qsize(), self.running
 
+    def alive(self) -> bool:
+        """False once the loop ended (stopped, or its engine died): the replica is then unhealthy."""
+        return self._thread.is_alive()
+
     def _ended_in_queue(self, row: Row) -> bool:
         """True (and the row is told why) if its client left or its deadline passed while it waited."""
         reason = ended_early(row.request)

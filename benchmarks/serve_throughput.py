@@ -1,19 +1,23 @@
-"""Serving throughput: `model.generate` in-process vs the Serve app over HTTP, side by side.
+"""Serving throughput: `model.generate`, llama.cpp and our engines in-process vs the Serve app over HTTP.
 
-    .venv/bin/python benchmarks/serve_throughput.py [--model default] [--tokens 128] [--clients 1,4,8,16]
+    .venv/bin/python benchmarks/serve_throughput.py [--engine openvino] [--tokens 128] [--clients 1,4,8,16]
 
 (a) Hugging Face `model.generate` (greedy, the same thread count as the replica), (a2) our
-engine (no HTTP, no Serve), both in one plain Python process of their own, and (b) one stream
-through Ray Serve (OpenAI API, SSE) read by this process: decode tokens/s and time to first
-token, medians of --repeats rounds in which the three take turns, each after a --settle pause
-(the Serve app is up and idle while (a) and (a2) run). The baselines do not run in this
-process: here only the HTTP client runs, so (b) is not measured next to a process that holds
-two more copies of the model and a warm torch thread pool. Then aggregate tokens/s through
-Serve with 1/4/8/16 concurrent streaming clients (each sends --rounds requests); the
-replica's own counters give the mean batch and the mean time of its decode steps. One replica
-with all cores, batching as in serve_configs/local.yaml. The loads go 1, 4, 8, 16, then 8 and
-1 again, and repeats are averaged: this VM's speed drifts by +-20% over minutes. Prints a
-table, writes benchmarks/results/serve_throughput.json and .png. Not run by CI.
+transformers engine and, with ``--engine openvino``, (a3) the OpenVINO engine (int8), all
+without HTTP in one plain Python process of their own; (p) llama.cpp on the GGUF file the
+project ships (llama-cpp-python in a benchmark-only venv, ``--llamacpp-python``; built with
+``CMAKE_ARGS=-DGGML_NATIVE=ON pip install llama-cpp-python==0.3.36`` into .venv-llamacpp, about 4
+minutes; skipped when missing); and (b) one stream through Ray Serve with ``--engine`` (OpenAI
+API, SSE) read by this process: decode tokens/s and time to first token, medians of --repeats
+rounds in which they take turns, each after a --settle pause (the Serve app is up and idle
+while the others run). The baselines do not run in this process: here only the HTTP client
+runs. Then a conversation's time to first token by turn (10 turns, the history growing), and
+aggregate tokens/s through Serve with 1/4/8/16 concurrent streaming clients (each sends
+--rounds requests); the replica's own counters give the mean batch and the mean time of its
+decode steps. One replica with all cores, batching as in serve_configs/local.yaml. The loads
+go 1, 4, 8, 16, then 8 and 1 again, and repeats are averaged: this VM's speed drifts by +-20%
+over minutes. Prints a table, writes benchmarks/results/serve_throughput[_ENGINE].json and
+.png. Not run by CI.
 """
 
 from __future__ import annotations
@@ -23,6 +27,7 @@ import concurrent.futures
 import json
 import os
 import statistics
+import subprocess
 import sys
 import tempfile
 import time
@@ -32,6 +37,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+Measured = tuple[float, float]  # (decode tokens/s, TTFT s)
 PROMPT = [{"role": "user", "content": "Write a long, detailed story about a lighthouse keeper and the sea."}]
 
 
@@ -177,6 +183,25 @@ def conversation_ttfts(base_url: str, key: str, model: str, turns: int = 10, tok
     return ttfts
 
 
+def llamacpp_runner(python: Path, threads: int, tokens: int) -> tuple[subprocess.Popen, Callable[[], Measured]]:
+    """(p): llama.cpp on the GGUF the project ships, in its own venv's process (benchmarks/llamacpp_peer.py)."""
+    from ray_app.models import default_gguf_path
+
+    argv = [str(python), str(ROOT / "benchmarks" / "llamacpp_peer.py"), str(default_gguf_path()), str(threads),
+            str(tokens), json.dumps(PROMPT)]  # fmt: skip
+    peer = subprocess.Popen(argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    if json.loads(peer.stdout.readline() or "null") != "ready":
+        raise RuntimeError(f"{python} could not run llama.cpp (exit {peer.poll()})")
+
+    def once() -> tuple[float, float]:
+        peer.stdin.write("go\n")
+        peer.stdin.flush()
+        rate, ttft = json.loads(peer.stdout.readline())
+        return rate, ttft
+
+    return peer, once
+
+
 def _free_port() -> int:
     import socket
 
@@ -197,6 +222,8 @@ def main() -> int:
     parser.add_argument("--max-batch-size", type=int, default=8)
     parser.add_argument("--engine", default="transformers", choices=("transformers", "openvino"),
                         help="the Serve app's engine (b); openvino also adds (a3), the engine in-process")  # fmt: skip
+    parser.add_argument("--llamacpp-python", type=Path, default=ROOT / ".venv-llamacpp" / "bin" / "python",
+                        help="a Python with llama-cpp-python for the peer row (p); skipped if missing")  # fmt: skip
     args = parser.parse_args()
 
     import ray
@@ -237,6 +264,11 @@ def main() -> int:
         return once
 
     single: dict[str, Callable[[], tuple[float, float]]] = {name: in_child(name) for name in conn.recv()}
+    peer = None
+    if args.llamacpp_python.is_file():
+        peer, single["p_llamacpp_same_gguf"] = llamacpp_runner(args.llamacpp_python, cores, args.tokens)
+    else:
+        print(f"no llama.cpp peer: {args.llamacpp_python} is missing (see benchmarks/README in the docstring)")
 
     credentials.apply_ray_client_env(settings)
     ray.init(num_cpus=cores, include_dashboard=False, runtime_env={"env_vars": settings.worker_env()})
@@ -275,6 +307,9 @@ def main() -> int:
             measured[name].append(once())
     conn.send(None)
     child.join(timeout=30)
+    if peer is not None:
+        peer.stdin.close()
+        peer.wait(timeout=30)
     results = {
         name: {
             "decode_tokens_per_s": statistics.median(rate for rate, _ in runs),
@@ -354,6 +389,7 @@ def main() -> int:
         "b_over_a_single_stream_median_of_rounds": per_round,
         "aggregate_8_over_1": load["8"]["aggregate_tokens_per_s"] / one if "8" in load else None,
         "conversation_ttft_s_by_turn": ttft_by_turn,
+        **peer_ratios(results, load),
         "ttft_last_turn_over_first": ttft_by_turn[-1] / ttft_by_turn[0],
     }
     out.write_text(json.dumps({"model": model_dir.name, "engine": args.engine, "cores": cores, "tokens": args.tokens,
@@ -366,6 +402,18 @@ def main() -> int:
     return 0
 
 
+def peer_ratios(single: dict[str, dict[str, float]], load: dict[str, dict[str, float]]) -> dict[str, float]:
+    """The issue's targets against llama.cpp's one stream, when the peer ran."""
+    if "p_llamacpp_same_gguf" not in single:
+        return {}
+    peer = single["p_llamacpp_same_gguf"]["decode_tokens_per_s"]
+    ratios = {"b_over_llamacpp_single_stream": single["b_serve_one_stream"]["decode_tokens_per_s"] / peer}
+    if "8" in load:
+        ratios["aggregate_8_over_llamacpp_single_stream"] = load["8"]["aggregate_tokens_per_s"] / peer
+    print("\n" + ", ".join(f"{name} {value:.2f}" for name, value in ratios.items()))
+    return ratios
+
+
 def chart(path: Path, single: dict[str, dict[str, float]], load: dict[str, dict[str, float]]) -> None:
     import matplotlib
 
@@ -374,7 +422,7 @@ def chart(path: Path, single: dict[str, dict[str, float]], load: dict[str, dict[
 
     fig, (left, right) = plt.subplots(1, 2, figsize=(10, 4))
     names = list(single)
-    colors = ["#888", "#aaa", "#bbb", "#1f77b4"][-len(names) :]
+    colors = ["#1f77b4" if n.startswith("b_") else "#d62728" if n.startswith("p_") else "#999" for n in names]
     left.bar(range(len(names)), [single[n]["decode_tokens_per_s"] for n in names], color=colors)
     left.set_xticks(range(len(names)), [n.split("_", 1)[0] for n in names])
     left.set_title("one stream: decode tokens/s")

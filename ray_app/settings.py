@@ -216,6 +216,9 @@ class Settings(BaseSettings):
     chat_serve_url: str | None = Field(default=None, description="OpenAI base URL the chat uses; default Serve's /v1")
     chat_api_key: SecretStr | None = Field(default=None, description="key for chat_serve_url; default the API key")
     chat_timeout_s: float = Field(default=60.0, gt=0, description="per answer; the user sees an error after it")
+    chat_wake_notice_s: float = Field(
+        default=2.0, gt=0, description="no first token by then: the chat checks whether the model is waking up"
+    )
     chat_busy_retry_s: float = Field(
         default=120.0, ge=0, description="how long the chat retries, with backoff, while Serve answers 503/429 (busy)"
     )

@@ -3,6 +3,7 @@ history and feedback in SQLite and in PostgreSQL."""
 
 from __future__ import annotations
 
+import copy
 import os
 import subprocess
 import threading
@@ -72,9 +73,9 @@ def test_schema_upgrade_creates_tables_then_adds_only_missing_columns(tmp_path):
 
 # --- services --------------------------------------------------------------------------------
 @pytest.fixture(scope="module")
-def chat_serve(ray_cluster: Settings, serve_http_port: int, tmp_path_factory) -> Iterator[Settings]:
-    """The Serve app (serve_configs/local.yaml) with a tiny model, deployed like `llmops serve` does."""
-    from ray_app.serving.rollout import deploy, load_serve_config, shutdown
+def chat_serve_config(ray_cluster: Settings, serve_http_port: int, tmp_path_factory) -> dict:
+    """serve_configs/local.yaml with a tiny model, as the chat tests deploy it."""
+    from ray_app.serving.rollout import load_serve_config
 
     settings = ray_cluster.model_copy(update={"serve_port": serve_http_port})
     model = build_tiny_chat_model(tmp_path_factory.mktemp("chat-model") / "tiny-chat-model")
@@ -83,7 +84,16 @@ def chat_serve(ray_cluster: Settings, serve_http_port: int, tmp_path_factory) ->
     config["applications"][0]["args"].update(
         {"max_tokens_limit": 128, "default_max_tokens": 32, "max_queued_requests": 0, "retry_after_s": 1}
     )
-    deploy(config, settings, wait_s=240)
+    return config
+
+
+@pytest.fixture(scope="module")
+def chat_serve(ray_cluster: Settings, serve_http_port: int, chat_serve_config: dict) -> Iterator[Settings]:
+    """The Serve app (serve_configs/local.yaml) with a tiny model, deployed like `llmops serve` does."""
+    from ray_app.serving.rollout import deploy, shutdown
+
+    settings = ray_cluster.model_copy(update={"serve_port": serve_http_port})
+    deploy(chat_serve_config, settings, wait_s=240)
     try:
         yield settings
     finally:
@@ -456,6 +466,43 @@ for route in app.router.routes:
 print(json.dumps({"chainlit": [chainlit_routes.get(key) for key in guard.SHADOWED],
                   "first": [served(ahead).get(key) for key in guard.SHADOWED]}))
 """
+
+
+def test_scaled_to_zero_the_chat_says_the_model_is_waking_up_and_the_answer_comes(
+    browser, chat_serve, chat_serve_config, tmp_path
+):
+    """min_replicas: 0: idle, the model deployment scales to zero; a question wakes it (Serve holds the
+    request until a replica is up) and the chat says so meanwhile instead of spinning or failing.
+    Runs after the other tests on chat_serve: it leaves the app at zero."""
+
+    from ray_app.serving.rollout import deploy
+
+    config = copy.deepcopy(chat_serve_config)
+    [server] = [d for d in config["applications"][0]["deployments"] if d["name"] == "ChatServer"]
+    server["autoscaling_config"].update(
+        {"min_replicas": 0, "downscale_delay_s": 2, "downscale_to_zero_delay_s": 2, "metrics_interval_s": 0.5,
+         "look_back_period_s": 1}
+    )  # fmt: skip
+    deploy(config, chat_serve, wait_s=240)
+    key = {"Authorization": f"Bearer {chat_serve.serve_api_keys()[0]}"}
+    replicas = f"{chat_serve.serve_url}/v1/replicas"
+    assert httpx.get(replicas, timeout=10).status_code == 401, "an authenticated route like the rest of /v1"
+    _wait(lambda: httpx.get(replicas, headers=key, timeout=10).json()["running"] == 0, 90, "zero replicas")
+    assert httpx.get(replicas, headers=key, timeout=10).json()["waking_up"] is True
+
+    database = f"sqlite+aiosqlite:///{tmp_path / 'chat.db'}"
+    with running_chat(chat_serve, database, tmp_path / "home", LLMOPS_CHAT_WAKE_NOTICE_S="0.5") as url:
+        page = login(browser, url)
+        asked = time.monotonic()
+        send(page, "Are you awake?")
+        assert _seen(page, "The model is waking up", 30), page.locator("body").inner_text()[-800:]
+        last_answer(page, "answered by", timeout_s=120)
+        cold_start_s = time.monotonic() - asked
+        assert not _seen(page, "The model is waking up", 2), "the notice goes once the answer comes"
+        body = page.locator("body").inner_text()
+        assert "Traceback" not in body and "not answering" not in body
+        page.context.close()
+    print(f"cold start from zero replicas to an answer in the chat: {cold_start_s:.1f}s")  # timed in benchmarks/
 
 
 def test_guard_shadows_the_chainlit_routes_it_replaces(tmp_path):

@@ -119,6 +119,12 @@ def test_seeds_reproduce_samples_stop_strings_cut_and_cancelled_rows_leave(batch
     first = _ask(batcher, prompt, seed=7, **params)
     assert _ask(batcher, prompt, seed=7, **params) == first and len(first[0]) > 5
     assert _ask(batcher, prompt, seed=8, **params) != first
+    negative = _ask(batcher, prompt, seed=-28771, **params)  # OpenAI's seed is any integer
+    assert negative == _ask(batcher, prompt, seed=-28771, **params) != first
+    assert _ask(batcher, prompt, seed=2**70 + 7, **params)[1] in ("length", "stop")
+    greedy = _ask(batcher, prompt, max_tokens=12, temperature=0)
+    for tiny in (5e-324, 1e-300):  # float32 zero in the pipeline: still the single most likely token
+        assert _ask(batcher, prompt, max_tokens=12, temperature=1.5, top_p=tiny, seed=1) == greedy
     assert _ask(batcher, prompt, **params) != _ask(batcher, prompt, **params), "unseeded requests draw their own"
     stop = first[0][3:6]
     cut = _ask(batcher, prompt, seed=7, stop=[stop], **params)

@@ -36,6 +36,7 @@ from ray_app.settings import Settings
 REPO = Path(__file__).resolve().parents[1]
 REGISTERED = "tiny-chat"
 QUESTION = [{"role": "user", "content": "What is the capital of France?"}]
+LONGEST = 4000  # the Serve test app's max_tokens_limit: the OpenVINO engine decodes it in seconds
 
 
 # --- the engine, in-process ------------------------------------------------------------------
@@ -614,7 +615,7 @@ def test_shipped_serve_configs_match_serves_schema_and_our_args():
         ServeDeploySchema.model_validate(config)
         [chat] = config["applications"]
         assert chat["import_path"] == "ray_app.serving.app:build_app"
-        assert parse_args(chat["args"]).engine == ("vllm" if name == "gpu.yaml" else "transformers")
+        assert parse_args(chat["args"]).engine == ("vllm" if name == "gpu.yaml" else "openvino")
     local = yaml.safe_load((REPO / "serve_configs" / "local.yaml").read_text())["applications"][0]
     [server] = [d for d in local["deployments"] if d["name"] == "ChatServer"]
     scaling = server["autoscaling_config"]
@@ -652,7 +653,9 @@ def registered_tiny_models(mlflow_server: Settings, ray_cluster: Settings, tmp_p
     store.ensure()
     versions = []
     for seed in (0, 1):
-        folder = build_tiny_chat_model(tmp_path_factory.mktemp(f"tiny-v{seed}") / "model", seed=seed)
+        # A long context: answers of thousands of tokens last long enough to be cut (the disconnect test).
+        folder = build_tiny_chat_model(tmp_path_factory.mktemp(f"tiny-v{seed}") / "model", seed=seed,
+                                       max_positions=LONGEST + 512)  # fmt: skip
         store.upload_dir(folder, f"serving-test/tiny-{seed}", progress=False)
         uri = store.uri(f"serving-test/tiny-{seed}")
         ref = register_model_version(
@@ -677,7 +680,7 @@ def serve_app(
     # The build step resolves the alias on the cluster: it needs the test MLflow server.
     chat["runtime_env"] = {"env_vars": {"MLFLOW_TRACKING_URI": str(mlflow_server.mlflow_tracking_uri)}}
     chat["args"].update(
-        {"max_tokens_limit": 448, "default_max_tokens": 32, "max_queued_requests": 8, "request_timeout_s": 30,
+        {"max_tokens_limit": LONGEST, "default_max_tokens": 32, "max_queued_requests": 8, "request_timeout_s": 30,
          "retry_after_s": 1}
     )  # fmt: skip
     [server] = [d for d in chat["deployments"] if d["name"] == "ChatServer"]
@@ -773,8 +776,13 @@ def test_requests_without_a_valid_key_or_with_bad_bodies_get_4xx_with_a_reason(s
         (serve_app.headers, {"model": REGISTERED}, 400, "messages"),
         (serve_app.headers, {**good, "temperature": 7}, 400, "temperature"),
         (serve_app.headers, {**good, "n": 3}, 400, "n=1"),
-        (serve_app.headers, {**good, "max_tokens": 5000}, 400, "limit of 448"),
-        (serve_app.headers, {**good, "messages": [{"role": "user", "content": "word " * 700}]}, 400, "context"),
+        (serve_app.headers, {**good, "max_tokens": LONGEST + 1}, 400, f"limit of {LONGEST}"),
+        (
+            serve_app.headers,
+            {**good, "messages": [{"role": "user", "content": "word " * (LONGEST + 600)}]},
+            400,
+            "context",
+        ),
     ]
     for headers, body, status, reason in cases:
         response = httpx.post(url, headers=headers, json=body, timeout=30)
@@ -1003,7 +1011,10 @@ def test_overload_sheds_with_503_retry_after_and_every_accepted_request_complete
     barrier = threading.Barrier(4 * capacity)
 
     def one(index: int) -> tuple[httpx.Response, float]:
-        body = {"model": REGISTERED, "messages": QUESTION, "max_tokens": 48, "temperature": 0, "stream": index % 2 == 1}
+        # Long answers, so the burst is still running when its last requests arrive: the OpenVINO
+        # engine finishes 48 tiny-model tokens before the ingress has relayed the whole burst.
+        body = {"model": REGISTERED, "messages": QUESTION, "max_tokens": 400, "temperature": 0,
+                "stream": index % 2 == 1}  # fmt: skip
         barrier.wait(timeout=30)
         started = time.monotonic()
         response = httpx.post(url, headers=serve_app.headers, json=body, timeout=120)
@@ -1029,7 +1040,7 @@ def test_a_client_that_disconnects_frees_its_batch_row(serve_app):
     def stats() -> dict:
         return httpx.get(stats_url, headers=serve_app.headers, timeout=30).json()
 
-    body = {"model": REGISTERED, "messages": QUESTION, "max_tokens": 448, "temperature": 0}  # ~2.5 s
+    body = {"model": REGISTERED, "messages": QUESTION, "max_tokens": LONGEST, "temperature": 0}  # seconds
     url = f"{serve_app.base_url}/v1/chat/completions"
     assert _ask(serve_app, 4).status_code == 200  # warm: a cold first request may be cut before it gets a row
     before = stats()
@@ -1043,7 +1054,7 @@ def test_a_client_that_disconnects_frees_its_batch_row(serve_app):
     _wait_for(lambda: stats()["cancelled_rows"] >= between["cancelled_rows"] + 1, 60, "the abandoned stream to go")
     after = stats()
     assert after["active_requests"] == 0, after
-    assert after["decode_rows"] - before["decode_rows"] < 2 * 448, "rows were dropped early, not decoded to the end"
+    assert after["decode_rows"] - before["decode_rows"] < LONGEST, "rows were dropped early, not decoded to the end"
 
 
 def _ask(serve_app: ServeApp, max_tokens: int, **extra) -> httpx.Response:
@@ -1453,17 +1464,13 @@ def test_a_replica_killed_mid_stream_ends_its_streams_with_an_error_event_and_th
 
 
 @pytest.mark.slow
-def test_llmops_serve_deploys_local_yaml_with_the_default_model_on_openvino_and_it_answers(serve_app, tmp_path):
+def test_llmops_serve_deploys_local_yaml_with_the_default_model_on_openvino_and_it_answers(serve_app):
     """The CLI path (`llmops serve`, the dashboard's REST API) with SmolLM2-135M-Instruct on engine
     openvino: the replica converts the model (int8 weights) with .venv-openvino's exporter, once.
 
     Runs last: the declarative deploy replaces the tiny app on the same Serve instance.
     """
     settings = serve_app.settings
-    config = yaml.safe_load((REPO / "serve_configs" / "local.yaml").read_text())
-    config["applications"][0]["args"]["engine"] = "openvino"
-    config_path = tmp_path / "local-openvino.yaml"
-    config_path.write_text(yaml.safe_dump(config))
     env = {
         **os.environ,
         "LLMOPS_HOME": str(settings.home),
@@ -1471,7 +1478,7 @@ def test_llmops_serve_deploys_local_yaml_with_the_default_model_on_openvino_and_
         "LLMOPS_SERVE_PORT": str(settings.serve_port),
     }
     done = subprocess.run(
-        [venv_bin("llmops"), "serve", "--config", str(config_path), "--model", "default"],
+        [venv_bin("llmops"), "serve", "--config", str(REPO / "serve_configs" / "local.yaml"), "--model", "default"],
         env=env,
         capture_output=True,
         text=True,

@@ -6,7 +6,9 @@ from __future__ import annotations
 from pathlib import Path
 
 
-def build_tiny_chat_model(folder: Path, hidden: int = 64, layers: int = 2, seed: int = 0) -> Path:
+def build_tiny_chat_model(
+    folder: Path, hidden: int = 64, layers: int = 2, seed: int = 0, max_positions: int = 512
+) -> Path:
     """Save a randomly initialised tiny Llama with a chat-template tokenizer into ``folder``."""
     import torch
     from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
@@ -27,7 +29,7 @@ def build_tiny_chat_model(folder: Path, hidden: int = 64, layers: int = 2, seed:
         num_hidden_layers=layers,
         num_attention_heads=4,
         num_key_value_heads=2,
-        max_position_embeddings=512,
+        max_position_embeddings=max_positions,
         bos_token_id=tokenizer.bos_token_id,
         eos_token_id=tokenizer.eos_token_id,
         pad_token_id=tokenizer.pad_token_id,

@@ -10,7 +10,8 @@
   under the answer; thumbs up/down + comment land in `feedbacks`, read back by
   `ray_app.chat.feedback` for retraining.
 - When Serve is down or slow, the user gets a one-line error and a Retry button; when it is
-  busy (503/429) the chat says so and retries with backoff (``BusyRetry``).
+  busy (503/429) the chat says so and retries with backoff (``BusyRetry``); when its model
+  replicas scaled to zero, the chat says the model is waking up while it starts (``WakeNotice``).
 - When the history database is down, the question is not sent: the user is told (naming the
   database) and keeps it for Retry; an answer that could not be saved gets "Retry saving"
   (``ray_app.chat.history``). Nothing is lost silently.
@@ -19,6 +20,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import random
 import re
 import time
@@ -62,6 +64,7 @@ chainlit_app.router.routes[0:0] = metrics_router(
 # Retries are ours (BusyRetry): the user sees why they wait.
 client = AsyncOpenAI(base_url=SERVE_URL, api_key=API_KEY, timeout=SETTINGS.chat_timeout_s, max_retries=0)
 BUSY_STATUSES = (429, 503)
+WAKING_UP_TEXT = "The model is waking up (it sleeps when nobody asks): your answer starts in a few seconds."
 BUSY_FIRST_WAIT_S, BUSY_MAX_WAIT_S = 1.0, 15.0
 
 
@@ -237,12 +240,54 @@ async def cut_off(msg: cl.Message, why: str) -> None:
 async def stream_into(msg: cl.Message, request: dict) -> str | None:
     """Stream one answer into ``msg``; returns the model version that wrote it."""
     version = None
-    stream = await client.chat.completions.create(stream=True, **request)
-    async for chunk in stream:
-        version = chunk.system_fingerprint or version
-        if chunk.choices and chunk.choices[0].delta.content:
-            await msg.stream_token(chunk.choices[0].delta.content)
+    waking = WakeNotice(SETTINGS.chat_wake_notice_s)
+    try:
+        stream = await client.chat.completions.create(stream=True, **request)
+        async for chunk in stream:
+            version = chunk.system_fingerprint or version
+            if chunk.choices and chunk.choices[0].delta.content:
+                await waking.done()
+                await msg.stream_token(chunk.choices[0].delta.content)
+    finally:
+        await waking.done()
     return version
+
+
+class WakeNotice:
+    """No token within ``after_s``: ask Serve (``/v1/replicas``) whether any model replica is up. If
+    none is (scaled to zero while idle, ``min_replicas: 0``), say the model is waking up, until
+    the first token arrives: the request itself is what wakes it, so it keeps waiting."""
+
+    def __init__(self, after_s: float):
+        self.notice: cl.Message | None = None
+        self._task: asyncio.Task | None = asyncio.create_task(self._watch(after_s))
+
+    async def _watch(self, after_s: float) -> None:
+        await asyncio.sleep(after_s)
+        if await model_waking_up():
+            self.notice = cl.Message(content=WAKING_UP_TEXT, author="system")
+            await self.notice.send()
+
+    async def done(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+            self._task = None
+        if self.notice is not None:
+            await self.notice.remove()
+            self.notice = None
+
+
+async def model_waking_up() -> bool:
+    """True when Serve says no model replica is running; False when it says some are, or cannot say."""
+    try:
+        async with httpx.AsyncClient(timeout=5) as http:
+            response = await http.get(f"{SERVE_URL}/replicas", headers={"Authorization": f"Bearer {API_KEY}"})
+            response.raise_for_status()
+            return bool(response.json()["waking_up"])
+    except (httpx.HTTPError, KeyError, ValueError):
+        return False
 
 
 class BusyRetry:

@@ -79,6 +79,19 @@ class OpenAIIngress:
             self._card = await self.server.model_card.remote()
         return self._card
 
+    def model_replicas(self) -> dict:
+        """Replica counts of the champion's deployment from Serve's controller (blocking; no replica is asked).
+
+        ``waking_up``: none is running, so a request waits for one to start (min_replicas: 0 scaled it
+        to zero while idle, or every replica is being replaced); the chat says so instead of spinning.
+        """
+        app_name = serve.get_replica_context().app_name
+        deployment = serve.status().applications[app_name].deployments[self.server.deployment_name]
+        states = {str(getattr(state, "value", state)): count for state, count in deployment.replica_states.items()}
+        running = states.get("RUNNING", 0)
+        return {"deployment": self.server.deployment_name, "running": running, "replica_states": states,
+                "waking_up": running == 0}  # fmt: skip
+
     # --- asking the model replicas ------------------------------------------------------------
     async def open(self, body: OpenAIRequest, server=None) -> tuple[dict, Delta, object]:
         """Start ``body`` on a replica of ``server`` (default: the champion's): (header, first delta, the rest).
@@ -256,6 +269,10 @@ def build_api(ingress: OpenAIIngress):
     @app.get("/v1/models")
     async def models():
         return {"object": "list", "data": [await ingress.model_card()]}
+
+    @app.get("/v1/replicas")
+    async def replicas():  # a ray-llmops extension: how many model replicas are up, without waking one
+        return await asyncio.to_thread(ingress.model_replicas)
 
     @app.get("/v1/stats")
     async def stats():  # a ray-llmops extension: one model replica's decode loop and admission counters

@@ -83,9 +83,13 @@ def sampling_options(request: GenerationRequest, eos_ids: set[int]) -> dict:
     params = request.params
     options: dict = {"max_new_tokens": params.max_tokens, "stop_token_ids": sorted(eos_ids), "do_sample": False}
     if params.temperature >= GREEDY_BELOW:
-        # The pipeline's default seed is one constant: unseeded requests draw their own.
-        seed = params.seed if params.seed is not None else random.getrandbits(32)
-        options.update(do_sample=True, temperature=params.temperature, top_p=params.top_p, rng_seed=seed)
+        # The pipeline's default seed is one constant: unseeded requests draw their own. Its seed is
+        # unsigned 64-bit; OpenAI's is any integer (negative ones too): the same seed, the same draw.
+        seed = params.seed % (1 << 64) if params.seed is not None else random.getrandbits(32)
+        # top_p is float32 in the pipeline: one below 1e-30 would underflow to 0, which it refuses;
+        # 1e-30 keeps only the most likely token, as any tiny top_p does in the transformers engine.
+        top_p = max(params.top_p, 1e-30)
+        options.update(do_sample=True, temperature=params.temperature, top_p=top_p, rng_seed=seed)
     return options
 
 

@@ -19,7 +19,7 @@ from tiny_model import build_tiny_chat_model
 from ray_app.serving.config import ServeConfigError, parse_args
 from ray_app.serving.engine import Delta, GenerationRequest, SamplingParams, TransformersEngine
 from ray_app.serving.openvino_engine import OpenVINOBatcher, OpenVINOEngine
-from ray_app.serving.openvino_export import OpenVINOExportError, openvino_model
+from ray_app.serving.openvino_export import OpenVINOExportError, content_digest, openvino_model, remembered_digest
 from ray_app.settings import Settings
 
 PROMPTS = ("Hi", "Tell me a long story about the sea and its ships", "2+2?")
@@ -153,6 +153,11 @@ def test_a_conversion_is_cached_by_content_and_a_missing_or_failing_exporter_is_
     retrained = _sharpen(sharp_dir, tmp_path / "retrained", seed=4)  # same folder layout, other weights
     with pytest.raises(OpenVINOExportError, match=str(nowhere)):
         openvino_model(retrained, no_exporter, "fp32")
+    memo = ov_settings.model_cache_dir / "openvino" / "digests.json"
+    first = remembered_digest(retrained, memo)
+    assert first == content_digest(retrained) and str(retrained.resolve()) in memo.read_text()
+    _sharpen(sharp_dir, retrained, seed=5)  # retrained again into the same folder: the memo must not answer
+    assert remembered_digest(retrained, memo) == content_digest(retrained) != first
     with pytest.raises(OpenVINOExportError, match="int3"):
         openvino_model(retrained, ov_settings, "int3")
 

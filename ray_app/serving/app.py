@@ -29,7 +29,7 @@ from ray.serve import Application
 from ray_app.credentials import as_serve_identity, kept_out_of_runtime_envs, serve_api_keys
 from ray_app.models import resolve_model
 from ray_app.serving.admission import Admission, DeadlineExceeded
-from ray_app.serving.config import ServeArgs, ServeConfigError, ServedModel, parse_args, pin_canary, pin_model
+from ray_app.serving.config import ServeArgs, ServedModel, parse_args, pin_canary, pin_model
 from ray_app.serving.engine import ContinuousBatcher, Delta, GenerationRequest, SamplingParams, TransformersEngine
 from ray_app.serving.ingress import OpenAIIngress, request_id
 from ray_app.serving.metrics import ReplicaMetrics
@@ -60,10 +60,9 @@ class ChatServer:
 
     def __init__(self, args: ServeArgs, served: ServedModel):
         import ray
-        import torch
 
         self.args, self.served = args, served
-        device = args.device if args.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
+        device = _device(args)
         threads = args.torch_threads or max(1, int(ray.get_runtime_context().get_assigned_resources().get("CPU", 1)))
         started = time.monotonic()
         self.batcher = _batcher(args, served, device, threads)
@@ -199,6 +198,17 @@ class ChatServer:
         )
 
 
+def _device(args: ServeArgs) -> str:
+    """The replica's device: engine openvino is CPU only (no torch import: a cold start saves it)."""
+    if args.engine == "openvino":
+        return "cpu"  # device: cuda with it is refused when the args are parsed
+    if args.device != "auto":
+        return args.device
+    import torch
+
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
 def _batcher(args: ServeArgs, served: ServedModel, device: str, threads: int) -> ContinuousBatcher | OpenVINOBatcher:
     """The replica's engine and decode loop for ``args.engine``, built on the loop's own thread.
 
@@ -211,8 +221,6 @@ def _batcher(args: ServeArgs, served: ServedModel, device: str, threads: int) ->
         return resolve_model(served.source, as_serve_identity(get_settings()))
 
     if args.engine == "openvino":
-        if device != "cpu":
-            raise ServeConfigError(f"engine openvino runs on CPU; device is {device!r} (use engine: vllm on GPUs)")
 
         def build_openvino() -> OpenVINOEngine:
             ir_dir = openvino_model(model_dir(), get_settings(), args.openvino_weights)

@@ -26,7 +26,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from serve_throughput import _free_port, stream_once  # noqa: E402 (this folder, once ROOT is on the path)
+from charts import bar_chart  # noqa: E402 (this folder, on the path as the script's own)
+from serve_throughput import _free_port, stream_once  # noqa: E402
 
 ENGINES = ("openvino", "transformers")
 ZERO = {"min_replicas": 0, "max_replicas": 1, "initial_replicas": 0, "downscale_delay_s": 2,
@@ -117,21 +118,10 @@ def main() -> int:
 
 
 def chart(path: Path, rows: dict[str, dict]) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, axis = plt.subplots(figsize=(6, 3.5))
     engines = list(rows)
-    axis.bar(range(len(engines)), [rows[e]["cold_ttft_s"] for e in engines], color=["#1f77b4", "#999"])
-    axis.axhline(10, color="#d62728", linestyle="--", label="target 10 s")
-    axis.set_xticks(range(len(engines)), engines)
-    axis.set_ylabel("seconds")
-    axis.set_title("zero replicas -> first token")
-    axis.legend()
-    fig.tight_layout()
-    fig.savefig(path, dpi=90)
+    bar_chart(path, engines, [rows[e]["cold_ttft_s"] for e in engines], ["#1f77b4", "#999"], "seconds",
+              title="zero replicas -> first token",
+              mark=lambda axis: axis.axhline(10, color="#d62728", linestyle="--", label="target 10 s"))  # fmt: skip
 
 
 if __name__ == "__main__":

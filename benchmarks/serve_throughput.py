@@ -210,7 +210,7 @@ def _free_port() -> int:
         return sock.getsockname()[1]
 
 
-def main() -> int:
+def parse_cli() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", default="default")
     parser.add_argument("--tokens", type=int, default=128, help="new tokens for the single-stream runs")
@@ -224,30 +224,11 @@ def main() -> int:
                         help="the Serve app's engine (b); openvino also adds (a3), the engine in-process")  # fmt: skip
     parser.add_argument("--llamacpp-python", type=Path, default=ROOT / ".venv-llamacpp" / "bin" / "python",
                         help="a Python with llama-cpp-python for the peer row (p); skipped if missing")  # fmt: skip
-    args = parser.parse_args()
+    return parser.parse_args()
 
-    import ray
-    from ray import serve
 
-    from ray_app import credentials
-    from ray_app.models import resolve_model
-    from ray_app.serving.app import ChatServer, bind_app
-    from ray_app.serving.config import parse_args, pin_model
-    from ray_app.serving.protocol import hash_key
-    from ray_app.settings import load_settings
-
-    home = Path(tempfile.mkdtemp(prefix="llmops-bench-"))
-    settings = load_settings(home=home)
-    model_dir = resolve_model(None if args.model == "default" else args.model, settings)
-    cores = os.cpu_count() or 1
-
-    ir_dir = None
-    if args.engine == "openvino":
-        from ray_app.serving.openvino_export import openvino_model
-
-        ir_dir = str(openvino_model(model_dir, settings, "int8"))  # converted once, here; Serve finds it cached
-
-    # (a), (a2) and (a3) live in a process of their own; this one only reads HTTP streams.
+def start_baselines(args, model_dir: Path, ir_dir: str | None, cores: int) -> tuple[dict, Callable[[], None]]:
+    """(a), (a2), (a3) in a process of their own and (p) in its venv's: {name: one measurement}, and a stop."""
     import multiprocessing
 
     conn, child_conn = multiprocessing.Pipe()
@@ -256,19 +237,39 @@ def main() -> int:
     )
     child.start()
 
-    def in_child(name: str) -> Callable[[], tuple[float, float]]:
-        def once() -> tuple[float, float]:
+    def in_child(name: str) -> Callable[[], Measured]:
+        def once() -> Measured:
             conn.send(name)
             return conn.recv()
 
         return once
 
-    single: dict[str, Callable[[], tuple[float, float]]] = {name: in_child(name) for name in conn.recv()}
+    single: dict[str, Callable[[], Measured]] = {name: in_child(name) for name in conn.recv()}
     peer = None
     if args.llamacpp_python.is_file():
         peer, single["p_llamacpp_same_gguf"] = llamacpp_runner(args.llamacpp_python, cores, args.tokens)
     else:
-        print(f"no llama.cpp peer: {args.llamacpp_python} is missing (see benchmarks/README in the docstring)")
+        print(f"no llama.cpp peer: {args.llamacpp_python} is missing (see this script's docstring)")
+
+    def stop() -> None:
+        conn.send(None)
+        child.join(timeout=30)
+        if peer is not None:
+            peer.stdin.close()
+            peer.wait(timeout=30)
+
+    return single, stop
+
+
+def start_app(args, settings, model_dir: Path, cores: int) -> tuple[str, str, str]:
+    """The Serve app with ``args.engine``, one replica of all cores: (base URL, API key, model name)."""
+    import ray
+    from ray import serve
+
+    from ray_app import credentials
+    from ray_app.serving.app import bind_app
+    from ray_app.serving.config import parse_args, pin_model
+    from ray_app.serving.protocol import hash_key
 
     credentials.apply_ray_client_env(settings)
     ray.init(num_cpus=cores, include_dashboard=False, runtime_env={"env_vars": settings.worker_env()})
@@ -276,41 +277,25 @@ def main() -> int:
     serve.start(http_options={"host": "127.0.0.1", "port": port})
     key = "sk-bench-" + os.urandom(8).hex()
     limit = max(args.tokens, args.load_tokens)
-    serve_args = parse_args(
-        {
-            "model": str(model_dir),
-            "max_batch_size": args.max_batch_size,
-            "max_tokens_limit": limit,
-            "default_max_tokens": limit,
-            "torch_threads": cores,
-            "engine": args.engine,
-        }
-    )
+    serve_args = parse_args({"model": str(model_dir), "max_batch_size": args.max_batch_size, "max_tokens_limit": limit,
+                             "default_max_tokens": limit, "torch_threads": cores, "engine": args.engine})  # fmt: skip
     served = pin_model(serve_args, settings)
     one_replica = {"num_replicas": 1, "autoscaling_config": None, "ray_actor_options": {"num_cpus": cores}}
-    app = bind_app(serve_args, served, [hash_key(key)], **one_replica)
-    serve.run(app, name="bench", route_prefix="/")
+    serve.run(bind_app(serve_args, served, [hash_key(key)], **one_replica), name="bench", route_prefix="/")
     base_url = f"http://127.0.0.1:{port}"
     stream_once(base_url, key, served.name, 8)  # warm-up
+    return base_url, key, served.name
 
-    def serve_once() -> tuple[float, float]:
-        first, end, produced, _chunks = stream_once(base_url, key, served.name, args.tokens)
-        return (produced - 1) / (end - first), first
 
-    single["b_serve_one_stream"] = serve_once
-    # This VM's speed drifts by +-20% over minutes: (a), (a2) and (b) take turns, one repeat each,
-    # with the Serve app up (idle while (a) and (a2) run) so all three see the same machine.
-    measured: dict[str, list[tuple[float, float]]] = {name: [] for name in single}
-    for _ in range(args.repeats):
+def single_streams(single: dict[str, Callable[[], Measured]], repeats: int, settle_s: float) -> dict[str, dict]:
+    """This VM's speed drifts by +-20% over minutes: the runners take turns, one repeat each, with
+    the Serve app up (idle while the others run) so all see the same machine."""
+    measured: dict[str, list[Measured]] = {name: [] for name in single}
+    for _ in range(repeats):
         for name, once in single.items():
-            time.sleep(args.settle)
+            time.sleep(settle_s)
             measured[name].append(once())
-    conn.send(None)
-    child.join(timeout=30)
-    if peer is not None:
-        peer.stdin.close()
-        peer.wait(timeout=30)
-    results = {
+    return {
         name: {
             "decode_tokens_per_s": statistics.median(rate for rate, _ in runs),
             "ttft_s": statistics.median(ttft for _, ttft in runs),
@@ -319,53 +304,91 @@ def main() -> int:
         for name, runs in measured.items()
     }
 
-    # A conversation's time to first token by turn (twice, alternating with nothing: one app, one engine).
-    conversations = [conversation_ttfts(base_url, key, served.name) for _ in range(2)]
-    ttft_by_turn = [statistics.median(run[turn] for run in conversations) for turn in range(len(conversations[0]))]
+
+def under_load(args, base_url: str, key: str, model: str, clients: int) -> dict[str, float]:
+    """``clients`` streaming clients at once, --rounds requests each; the replica's counters around them."""
+    from ray import serve
+
+    from ray_app.serving.app import ChatServer
 
     replica = serve.get_deployment_handle(ChatServer.name, app_name="bench")
 
-    def under_load(clients: int) -> dict[str, float]:
-        def client(_: int) -> tuple[int, list[float], int]:
-            produced, firsts, chunks = 0, [], 0
-            for _round in range(args.rounds):
-                first, _end, tokens, pieces = stream_once(base_url, key, served.name, args.load_tokens)
-                produced, chunks = produced + tokens, chunks + pieces
-                firsts.append(first)
-            return produced, firsts, chunks
+    def client(_: int) -> tuple[int, list[float], int]:
+        produced, firsts, chunks = 0, [], 0
+        for _round in range(args.rounds):
+            first, _end, tokens, pieces = stream_once(base_url, key, model, args.load_tokens)
+            produced, chunks = produced + tokens, chunks + pieces
+            firsts.append(first)
+        return produced, firsts, chunks
 
-        before = replica.batching_stats.remote().result()
-        start = time.perf_counter()
-        with concurrent.futures.ThreadPoolExecutor(clients) as pool:
-            outcomes = list(pool.map(client, range(clients)))
-        wall = time.perf_counter() - start
-        after = replica.batching_stats.remote().result()
-        steps = after["decode_steps"] - before["decode_steps"]
-        return {
-            "mean_decode_batch": (after["decode_rows"] - before["decode_rows"]) / max(1, steps),
-            "mean_decode_step_ms": 1000 * (after["decode_seconds"] - before["decode_seconds"]) / max(1, steps),
-            "aggregate_tokens_per_s": sum(tokens for tokens, _, _ in outcomes) / wall,
-            "median_ttft_s": statistics.median(f for _, fs, _ in outcomes for f in fs),
-            "tokens_per_chunk": sum(t for t, _, _ in outcomes) / max(1, sum(c for _, _, c in outcomes)),
-        }
+    before = replica.batching_stats.remote().result()
+    start = time.perf_counter()
+    with concurrent.futures.ThreadPoolExecutor(clients) as pool:
+        outcomes = list(pool.map(client, range(clients)))
+    wall = time.perf_counter() - start
+    after = replica.batching_stats.remote().result()
+    steps = after["decode_steps"] - before["decode_steps"]
+    return {
+        "mean_decode_batch": (after["decode_rows"] - before["decode_rows"]) / max(1, steps),
+        "mean_decode_step_ms": 1000 * (after["decode_seconds"] - before["decode_seconds"]) / max(1, steps),
+        "aggregate_tokens_per_s": sum(tokens for tokens, _, _ in outcomes) / wall,
+        "median_ttft_s": statistics.median(f for _, fs, _ in outcomes for f in fs),
+        "tokens_per_chunk": sum(t for t, _, _ in outcomes) / max(1, sum(c for _, _, c in outcomes)),
+    }
 
-    # This VM's speed drifts by +-20% over minutes: the smallest load and 8 clients (the ratio the
-    # target is about) run again in reverse order, and each level's runs are averaged.
+
+def main() -> int:
+    args = parse_cli()
+    import ray
+    from ray import serve
+
+    from ray_app.models import resolve_model
+    from ray_app.settings import load_settings
+
+    settings = load_settings(home=Path(tempfile.mkdtemp(prefix="llmops-bench-")))
+    model_dir = resolve_model(None if args.model == "default" else args.model, settings)
+    cores = os.cpu_count() or 1
+    ir_dir = None
+    if args.engine == "openvino":
+        from ray_app.serving.openvino_export import openvino_model
+
+        ir_dir = str(openvino_model(model_dir, settings, "int8"))  # converted once, here; Serve finds it cached
+
+    single, stop_baselines = start_baselines(args, model_dir, ir_dir, cores)
+    base_url, key, name = start_app(args, settings, model_dir, cores)
+
+    def serve_once() -> Measured:
+        first, end, produced, _chunks = stream_once(base_url, key, name, args.tokens)
+        return (produced - 1) / (end - first), first
+
+    single["b_serve_one_stream"] = serve_once
+    results = single_streams(single, args.repeats, args.settle)
+    stop_baselines()
+    # A conversation's time to first token by turn (twice; one app, one engine).
+    conversations = [conversation_ttfts(base_url, key, name) for _ in range(2)]
+    ttft_by_turn = [statistics.median(run[turn] for run in conversations) for turn in range(len(conversations[0]))]
+    # The smallest load and 8 clients (the ratio the target is about) run again in reverse order,
+    # and each level's runs are averaged.
     levels = sorted(int(c) for c in args.clients.split(","))
     order = levels + [c for c in (8, levels[0]) if c in levels and c != levels[-1]]
     passes: dict[int, list[dict[str, float]]] = {}
     for clients in order:
-        passes.setdefault(clients, []).append(under_load(clients))
-    load = {str(c): {key: statistics.mean(run[key] for run in runs) for key in runs[0]} for c, runs in passes.items()}
+        passes.setdefault(clients, []).append(under_load(args, base_url, key, name, clients))
     serve.shutdown()
     ray.shutdown()
+    report(args, model_dir.name, cores, results, passes, ttft_by_turn)
+    return 0
 
+
+def report(args, model: str, cores: int, results: dict, passes: dict, ttft_by_turn: list[float]) -> None:
+    """The tables on stdout; JSON and PNG in benchmarks/results/."""
+    load = {str(c): {key: statistics.mean(run[key] for run in runs) for key in runs[0]} for c, runs in passes.items()}
     base = results["a_model_generate_in_process"]["decode_tokens_per_s"]
     pairs = zip(results["a_model_generate_in_process"]["decode_tokens_per_s_runs"],
                 results["b_serve_one_stream"]["decode_tokens_per_s_runs"], strict=True)  # fmt: skip
     per_round = statistics.median(b / a for a, b in pairs)
     one = load[min(load, key=int)]["aggregate_tokens_per_s"]
-    print(f"\nmodel {model_dir.name}, {cores} cores, torch threads {cores}, greedy, {args.tokens} new tokens")
+    print(f"\nmodel {model}, {cores} cores, threads {cores}, engine {args.engine}, greedy, {args.tokens} new tokens")
     print(f"{'single stream':<32}{'decode tok/s':>14}{'vs (a)':>9}{'TTFT s':>9}")
     for name, row in results.items():
         ratio = row["decode_tokens_per_s"] / base
@@ -378,12 +401,8 @@ def main() -> int:
         print(f"{clients:<20}{row['aggregate_tokens_per_s']:>16.1f}{ratio:>13.2f}{row['median_ttft_s']:>15.3f}"
               f"{row['tokens_per_chunk']:>14.2f}{row['mean_decode_batch']:>14.2f}"
               f"{row['mean_decode_step_ms']:>9.1f}")  # fmt: skip
-
     print(f"\nconversation TTFT s by turn: {' '.join(f'{v:.3f}' for v in ttft_by_turn)}; "
           f"turn {len(ttft_by_turn)} / turn 1 = {ttft_by_turn[-1] / ttft_by_turn[0]:.2f}")  # fmt: skip
-    suffix = "" if args.engine == "transformers" else f"_{args.engine}"
-    out = ROOT / "benchmarks" / "results" / f"serve_throughput{suffix}.json"
-    out.parent.mkdir(parents=True, exist_ok=True)
     summary = {
         "b_over_a_single_stream": results["b_serve_one_stream"]["decode_tokens_per_s"] / base,
         "b_over_a_single_stream_median_of_rounds": per_round,
@@ -392,14 +411,16 @@ def main() -> int:
         **peer_ratios(results, load),
         "ttft_last_turn_over_first": ttft_by_turn[-1] / ttft_by_turn[0],
     }
-    out.write_text(json.dumps({"model": model_dir.name, "engine": args.engine, "cores": cores, "tokens": args.tokens,
+    suffix = "" if args.engine == "transformers" else f"_{args.engine}"
+    out = ROOT / "benchmarks" / "results" / f"serve_throughput{suffix}.json"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps({"model": model, "engine": args.engine, "cores": cores, "tokens": args.tokens,
                                "load_tokens": args.load_tokens, "rounds": args.rounds,
                                "max_batch_size": args.max_batch_size, "single_stream": results,
                                "concurrency": load, "concurrency_runs": {str(c): runs for c, runs in passes.items()},
                                "summary": summary}, indent=2) + "\n")  # fmt: skip
     chart(out.with_suffix(".png"), results, load)
     print(f"\nwrote {out} and {out.with_suffix('.png')}")
-    return 0
 
 
 def peer_ratios(single: dict[str, dict[str, float]], load: dict[str, dict[str, float]]) -> dict[str, float]:

@@ -484,6 +484,19 @@ class DecodeLoop:
         """False once the loop ended (stopped, or its engine died): the replica is then unhealthy."""
         return self._thread.is_alive()
 
+    def _take(self, limit: int) -> list[Row]:
+        """Up to ``limit`` waiting rows; rows whose client left or whose deadline passed are dropped."""
+        rows = []
+        while len(rows) < limit:
+            try:
+                row = self._waiting.get_nowait()
+            except queue.Empty:
+                break
+            if self._ended_in_queue(row):
+                continue
+            rows.append(row)
+        return rows
+
     def _ended_in_queue(self, row: Row) -> bool:
         """True (and the row is told why) if its client left or its deadline passed while it waited."""
         reason = ended_early(row.request)
@@ -558,19 +571,6 @@ class ContinuousBatcher(DecodeLoop):
                 for row in rows:
                     row.emit(exc)
                 batch, self.running = None, 0
-
-    def _take(self, limit: int) -> list[Row]:
-        """Up to ``limit`` waiting rows; rows whose client left or whose deadline passed are dropped."""
-        rows = []
-        while len(rows) < limit:
-            try:
-                row = self._waiting.get_nowait()
-            except queue.Empty:
-                break
-            if self._ended_in_queue(row):
-                continue
-            rows.append(row)
-        return rows
 
     def _prefill(self, rows: list[Row]) -> _Batch | None:
         """Prefill newcomers and emit their first tokens; None if all finished (or failed: they are told)."""

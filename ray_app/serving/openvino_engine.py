@@ -28,7 +28,6 @@ from __future__ import annotations
 import json
 import logging
 import os
-import queue
 import random
 import select
 import socket
@@ -200,39 +199,37 @@ class OpenVINOBatcher(DecodeLoop):
             if self._wake_r in readable:
                 os.read(self._wake_r, 4096)
             self._admit()
-            if channel not in readable:
-                continue
-            try:
-                message = channel.recv()
-            except (EOFError, OSError) as exc:
-                if not self._stopped.is_set():
-                    self._fail_all(RuntimeError(f"the OpenVINO pipeline process died: {exc}"))
-                    log.error("the OpenVINO pipeline process died (exit %s)", self.engine.process.poll())
-                return
-            if message[0] == "step":
-                self._on_step(*message[1:])
-            elif message[0] == "refused":
-                self._end(message[1], RuntimeError(f"the OpenVINO pipeline refused the request: {message[2]}"))
-            elif message[0] == "failed":
-                log.error("an OpenVINO pipeline step failed: %s", message[1])
-                self._fail_all(RuntimeError(f"generation failed: {message[1]}"))
+            alive = channel not in readable or self._receive(channel)
             self.running = len(self._rows)
+            if not alive:
+                return
+
+    def _receive(self, channel: Channel) -> bool:
+        """Handle the pipeline's next message; False when its process is gone (its requests are failed)."""
+        try:
+            message = channel.recv()
+        except (EOFError, OSError) as exc:
+            if not self._stopped.is_set():
+                self._fail_all(RuntimeError(f"the OpenVINO pipeline process died: {exc}"))
+                log.error("the OpenVINO pipeline process died (exit %s)", self.engine.process.poll())
+            return False
+        if message[0] == "step":
+            self._on_step(*message[1:])
+        elif message[0] == "refused":
+            self._end(message[1], RuntimeError(f"the OpenVINO pipeline refused the request: {message[2]}"))
+        elif message[0] == "failed":
+            log.error("an OpenVINO pipeline step failed: %s", message[1])
+            self._fail_all(RuntimeError(f"generation failed: {message[1]}"))
+        return True
 
     def _admit(self) -> None:
-        """Move waiting rows into the pipeline while it has room."""
-        while len(self._rows) < self.max_batch_size:
-            try:
-                row = self._waiting.get_nowait()
-            except queue.Empty:
-                return
-            if self._ended_in_queue(row):
-                continue
+        """Move waiting rows into the pipeline while it has room (ended ones are told and dropped)."""
+        for row in self._take(self.max_batch_size - len(self._rows)):
             self._next_id += 1
             self.engine.add(self._next_id, row.request)
             self._rows[self._next_id] = row
             self.stats.prefills += 1
             self.stats.prefill_rows += 1
-        self.running = len(self._rows)
 
     def _on_step(self, seconds: float, rows: int, updates: list) -> None:
         self.stats.decode_steps += 1
@@ -282,7 +279,6 @@ class OpenVINOBatcher(DecodeLoop):
     def _fail_all(self, exc: BaseException) -> None:
         for request_id in list(self._rows):
             self._end(request_id, exc)
-        self.running = 0
 
 
 # --- the pipeline process ------------------------------------------------------------------------

@@ -8,12 +8,14 @@ without HTTP in one plain Python process of their own; (p) llama.cpp on the GGUF
 project ships (llama-cpp-python in a benchmark-only venv, ``--llamacpp-python``; built with
 ``CMAKE_ARGS=-DGGML_NATIVE=ON pip install llama-cpp-python==0.3.36`` into .venv-llamacpp, about 4
 minutes; skipped when missing); and (b) one stream through Ray Serve with ``--engine`` (OpenAI
-API, SSE) read by this process: decode tokens/s and time to first token, medians of --repeats
+API, SSE) read by this process, and (b0) the same app sending each decode step's tokens as their own
+message to the ingress (``stream_interval_ms: 0``; (b) batches them every 50 ms): decode tokens/s and
+time to first token, medians of --repeats
 rounds in which they take turns, each after a --settle pause (the Serve app is up and idle
 while the others run). The baselines do not run in this process: here only the HTTP client
 runs. Then a conversation's time to first token by turn (10 turns, the history growing), and
 aggregate tokens/s through Serve with 1/4/8/16 concurrent streaming clients (each sends
---rounds requests); the replica's own counters give the mean batch and the mean time of its
+--rounds requests; 8 clients also through (b0)); the replica's own counters give the mean batch and the mean time of its
 decode steps. One replica with all cores, batching as in serve_configs/local.yaml. The loads
 go 1, 4, 8, 16, then 8 and 1 again, and repeats are averaged: this VM's speed drifts by +-20%
 over minutes. Prints a table, writes benchmarks/results/serve_throughput[_ENGINE].json and
@@ -261,28 +263,38 @@ def start_baselines(args, model_dir: Path, ir_dir: str | None, cores: int) -> tu
     return single, stop
 
 
-def start_app(args, settings, model_dir: Path, cores: int) -> tuple[str, str, str]:
-    """The Serve app with ``args.engine``, one replica of all cores: (base URL, API key, model name)."""
+def start_serve(settings, cores: int) -> int:
+    """Ray (room for two one-replica apps: only one runs at a time) and Serve's proxy; its port."""
     import ray
     from ray import serve
 
     from ray_app import credentials
+
+    credentials.apply_ray_client_env(settings)
+    ray.init(num_cpus=2 * cores, include_dashboard=False, runtime_env={"env_vars": settings.worker_env()})
+    port = _free_port()
+    serve.start(http_options={"host": "127.0.0.1", "port": port})
+    return port
+
+
+def start_app(args, settings, model_dir: Path, cores: int, port: int, app: str, **extra) -> tuple[str, str, str]:
+    """The Serve app ``app`` with ``args.engine`` (and ``extra`` args), one replica of all cores: (base URL,
+    API key, model name)."""
+    from ray import serve
+
     from ray_app.serving.app import bind_app
     from ray_app.serving.config import parse_args, pin_model
     from ray_app.serving.protocol import hash_key
 
-    credentials.apply_ray_client_env(settings)
-    ray.init(num_cpus=cores, include_dashboard=False, runtime_env={"env_vars": settings.worker_env()})
-    port = _free_port()
-    serve.start(http_options={"host": "127.0.0.1", "port": port})
     key = "sk-bench-" + os.urandom(8).hex()
     limit = max(args.tokens, args.load_tokens)
     serve_args = parse_args({"model": str(model_dir), "max_batch_size": args.max_batch_size, "max_tokens_limit": limit,
-                             "default_max_tokens": limit, "torch_threads": cores, "engine": args.engine})  # fmt: skip
+                             "default_max_tokens": limit, "torch_threads": cores, "engine": args.engine,
+                             **extra})  # fmt: skip
     served = pin_model(serve_args, settings)
     one_replica = {"num_replicas": 1, "autoscaling_config": None, "ray_actor_options": {"num_cpus": cores}}
-    serve.run(bind_app(serve_args, served, [hash_key(key)], **one_replica), name="bench", route_prefix="/")
-    base_url = f"http://127.0.0.1:{port}"
+    serve.run(bind_app(serve_args, served, [hash_key(key)], **one_replica), name=app, route_prefix=f"/{app}")
+    base_url = f"http://127.0.0.1:{port}/{app}"
     stream_once(base_url, key, served.name, 8)  # warm-up
     return base_url, key, served.name
 
@@ -305,13 +317,14 @@ def single_streams(single: dict[str, Callable[[], Measured]], repeats: int, sett
     }
 
 
-def under_load(args, base_url: str, key: str, model: str, clients: int) -> dict[str, float]:
+def under_load(args, app: tuple[str, str, str], clients: int) -> dict[str, float]:
     """``clients`` streaming clients at once, --rounds requests each; the replica's counters around them."""
     from ray import serve
 
     from ray_app.serving.app import ChatServer
 
-    replica = serve.get_deployment_handle(ChatServer.name, app_name="bench")
+    base_url, key, model = app
+    replica = serve.get_deployment_handle(ChatServer.name, app_name=base_url.rsplit("/", 1)[1])
 
     def client(_: int) -> tuple[int, list[float], int]:
         produced, firsts, chunks = 0, [], 0
@@ -355,39 +368,57 @@ def main() -> int:
         ir_dir = str(openvino_model(model_dir, settings, "int8"))  # converted once, here; Serve finds it cached
 
     single, stop_baselines = start_baselines(args, model_dir, ir_dir, cores)
-    base_url, key, name = start_app(args, settings, model_dir, cores)
+    port = start_serve(settings, cores)
+    # (b) as configured; (b0) sending every step's tokens as their own message (stream_interval_ms 0).
+    apps = {"b": start_app(args, settings, model_dir, cores, port, "bench"),
+            "b0": start_app(args, settings, model_dir, cores, port, "per_step", stream_interval_ms=0)}  # fmt: skip
 
-    def serve_once() -> Measured:
-        first, end, produced, _chunks = stream_once(base_url, key, name, args.tokens)
-        return (produced - 1) / (end - first), first
+    def serve_once(app: tuple[str, str, str]) -> Callable[[], Measured]:
+        def once() -> Measured:
+            first, end, produced, _chunks = stream_once(*app, args.tokens)
+            return (produced - 1) / (end - first), first
 
-    single["b_serve_one_stream"] = serve_once
+        return once
+
+    single["b_serve_one_stream"] = serve_once(apps["b"])
+    single["b0_serve_one_stream_per_step"] = serve_once(apps["b0"])
     results = single_streams(single, args.repeats, args.settle)
     stop_baselines()
     # A conversation's time to first token by turn (twice; one app, one engine).
-    conversations = [conversation_ttfts(base_url, key, name) for _ in range(2)]
+    conversations = [conversation_ttfts(*apps["b"]) for _ in range(2)]
     ttft_by_turn = [statistics.median(run[turn] for run in conversations) for turn in range(len(conversations[0]))]
-    # The smallest load and 8 clients (the ratio the target is about) run again in reverse order,
-    # and each level's runs are averaged.
-    levels = sorted(int(c) for c in args.clients.split(","))
-    order = levels + [c for c in (8, levels[0]) if c in levels and c != levels[-1]]
-    passes: dict[int, list[dict[str, float]]] = {}
-    for clients in order:
-        passes.setdefault(clients, []).append(under_load(args, base_url, key, name, clients))
+    passes, per_step = loads(args, apps)
     serve.shutdown()
     ray.shutdown()
-    report(args, model_dir.name, cores, results, passes, ttft_by_turn)
+    report(args, model_dir.name, cores, results, passes, ttft_by_turn, per_step)
     return 0
 
 
-def report(args, model: str, cores: int, results: dict, passes: dict, ttft_by_turn: list[float]) -> None:
+def loads(args, apps: dict[str, tuple[str, str, str]]) -> tuple[dict[int, list[dict]], list[dict]]:
+    """Each load level through (b), the smallest and 8 clients (the ratio the target is about) again in
+    reverse order, and 8 clients through (b0) after each 8 through (b): {clients: runs}, (b0)'s runs."""
+    levels = sorted(int(c) for c in args.clients.split(","))
+    order = levels + [c for c in (8, levels[0]) if c in levels and c != levels[-1]]
+    passes: dict[int, list[dict[str, float]]] = {}
+    per_step: list[dict[str, float]] = []
+    for clients in order:
+        passes.setdefault(clients, []).append(under_load(args, apps["b"], clients))
+        if clients == 8:
+            per_step.append(under_load(args, apps["b0"], clients))
+    return passes, per_step
+
+
+def report(args, model: str, cores: int, results: dict, passes: dict, ttft_by_turn: list[float],
+           per_step: list[dict]) -> None:  # fmt: skip
     """The tables on stdout; JSON and PNG in benchmarks/results/."""
     load = {str(c): {key: statistics.mean(run[key] for run in runs) for key in runs[0]} for c, runs in passes.items()}
+    if per_step:
+        load["8 (b0)"] = {key: statistics.mean(run[key] for run in per_step) for key in per_step[0]}
     base = results["a_model_generate_in_process"]["decode_tokens_per_s"]
     pairs = zip(results["a_model_generate_in_process"]["decode_tokens_per_s_runs"],
                 results["b_serve_one_stream"]["decode_tokens_per_s_runs"], strict=True)  # fmt: skip
     per_round = statistics.median(b / a for a, b in pairs)
-    one = load[min(load, key=int)]["aggregate_tokens_per_s"]
+    one = load[str(min(passes))]["aggregate_tokens_per_s"]
     print(f"\nmodel {model}, {cores} cores, threads {cores}, engine {args.engine}, greedy, {args.tokens} new tokens")
     print(f"{'single stream':<32}{'decode tok/s':>14}{'vs (a)':>9}{'TTFT s':>9}")
     for name, row in results.items():
@@ -407,6 +438,11 @@ def report(args, model: str, cores: int, results: dict, passes: dict, ttft_by_tu
         "b_over_a_single_stream": results["b_serve_one_stream"]["decode_tokens_per_s"] / base,
         "b_over_a_single_stream_median_of_rounds": per_round,
         "aggregate_8_over_1": load["8"]["aggregate_tokens_per_s"] / one if "8" in load else None,
+        "stream_interval_over_per_step_8_clients": (
+            load["8"]["aggregate_tokens_per_s"] / load["8 (b0)"]["aggregate_tokens_per_s"] if per_step else None
+        ),
+        "stream_interval_over_per_step_single_stream": results["b_serve_one_stream"]["decode_tokens_per_s"]
+        / results["b0_serve_one_stream_per_step"]["decode_tokens_per_s"],
         "conversation_ttft_s_by_turn": ttft_by_turn,
         **peer_ratios(results, load),
         "ttft_last_turn_over_first": ttft_by_turn[-1] / ttft_by_turn[0],
@@ -447,7 +483,7 @@ def chart(path: Path, single: dict[str, dict[str, float]], load: dict[str, dict[
     left.bar(range(len(names)), [single[n]["decode_tokens_per_s"] for n in names], color=colors)
     left.set_xticks(range(len(names)), [n.split("_", 1)[0] for n in names])
     left.set_title("one stream: decode tokens/s")
-    clients = [int(c) for c in load]
+    clients = [int(c) for c in load if c.isdigit()]
     right.plot(clients, [load[str(c)]["aggregate_tokens_per_s"] for c in clients], marker="o")
     right.set_xlabel("concurrent streaming clients")
     right.set_title("through Serve: aggregate tokens/s")

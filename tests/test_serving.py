@@ -26,6 +26,7 @@ from tiny_model import build_tiny_chat_model
 from ray_app.serving.config import ServeConfigError, parse_args
 from ray_app.serving.engine import (
     ContinuousBatcher,
+    Delta,
     GenerationRequest,
     SamplingParams,
     TransformersEngine,
@@ -597,6 +598,50 @@ def test_admission_sheds_load_past_capacity_and_enforces_the_deadline(tiny_dir, 
         batcher.stop()
 
 
+def test_a_stream_goes_to_the_ingress_in_one_message_per_interval_and_a_whole_answer_in_one(tiny_dir, monkeypatch):
+    """In-process: the replica's messages to the ingress carry what came within stream_interval_ms
+    (a message costs more than a small model's token); a non-streamed answer is one message."""
+    import asyncio
+
+    from ray_app.serving.admission import Admission
+
+    engine = TransformersEngine(tiny_dir, threads=1)
+    decode = engine.decode
+
+    def paced_decode(batch):  # 10 ms a step
+        time.sleep(0.01)
+        return decode(batch)
+
+    monkeypatch.setattr(engine, "decode", paced_decode)
+    batcher = ContinuousBatcher(engine, max_batch_size=2, gather_s=0.0)
+    admission = Admission(capacity=4, timeout_s=60, retry_after_s=1)
+    prompt = engine.chat_prompt_ids(QUESTION)
+
+    async def messages(interval_s: float | None) -> tuple[list[list[Delta]], list[float]]:
+        request = GenerationRequest(prompt, SamplingParams(max_tokens=40, temperature=0))
+        generation = admission.admit(batcher, request)
+        sent, gaps, last = [[await generation.first()]], [], time.monotonic()
+        async for batch in generation.batches(interval_s):
+            sent.append(batch)
+            gaps.append(time.monotonic() - last)
+            last = time.monotonic()
+        generation.close()
+        return sent, gaps
+
+    try:
+        per_step, _ = asyncio.run(messages(0.0))
+        paced, gaps = asyncio.run(messages(0.05))
+        whole, _ = asyncio.run(messages(None))
+    finally:
+        batcher.stop()
+    answers = [[delta for batch in sent for delta in batch] for sent in (per_step, paced, whole)]
+    assert answers[0] == answers[1] == answers[2] and answers[0][-1].completion_tokens == 40
+    assert answers[0][-1].finish_reason == "length" and len(per_step) > 30  # about one message per step
+    assert len(whole) == 2  # the first token at once, then the rest as one message
+    assert 4 <= len(paced) <= 14, [len(b) for b in paced]  # 40 steps of >= 10 ms in messages of ~50 ms
+    assert max(gaps[:-1]) < 0.2, gaps  # no delta waits much past its interval
+
+
 def test_bad_serve_args_fail_at_build_time_naming_the_field():
     with pytest.raises(ServeConfigError, match="'max_batch_size'"):
         parse_args({"max_batch_size": 0})
@@ -1063,16 +1108,19 @@ def _ask(serve_app: ServeApp, max_tokens: int, **extra) -> httpx.Response:
 
 
 def test_eight_concurrent_requests_finish_sooner_than_eight_sequential_ones(serve_app):
+    # Answers long enough that decoding, which batching shares, outweighs a request's own cost
+    # through the proxy, the ingress and Serve's router (~70 ms here, which batching does not share).
     _ask(serve_app, 4)  # warm
     started = time.monotonic()
-    sequential = [_ask(serve_app, 64) for _ in range(8)]
+    sequential = [_ask(serve_app, 256) for _ in range(8)]
     sequential_s = time.monotonic() - started
     started = time.monotonic()
     with concurrent.futures.ThreadPoolExecutor(8) as pool:
-        concurrent_ = list(pool.map(lambda _: _ask(serve_app, 64), range(8)))
+        concurrent_ = list(pool.map(lambda _: _ask(serve_app, 256), range(8)))
     concurrent_s = time.monotonic() - started
     tokens = [r.json()["usage"]["completion_tokens"] for r in sequential + concurrent_]
-    assert tokens == [64] * 16
+    assert tokens == [256] * 16
+    print(f"eight answers of 256 tokens: concurrent {concurrent_s:.2f} s, sequential {sequential_s:.2f} s")
     assert concurrent_s < 0.6 * sequential_s, (concurrent_s, sequential_s)
 
 

@@ -144,7 +144,8 @@ class ChatServer:
 
     # --- generation (called by the ingress through a streaming handle) --------------------------
     async def generate(self, body: ChatCompletionRequest | CompletionRequest) -> AsyncIterator[dict | Delta | list]:
-        """Yield ``{"prompt_tokens": n}``, the first Delta, then lists of the Deltas ready at each step.
+        """Yield ``{"prompt_tokens": n}``, the first Delta, then lists of Deltas: for a stream what came
+        within each ``stream_interval_ms``, else the rest of the answer as one list.
 
         Raises APIError before the first yield: 503 when this replica is full (before tokenizing)
         or when no first token came before the deadline; 400 for what only the model can check (context).
@@ -160,10 +161,11 @@ class ChatServer:
             self.metrics.first_token(first_at - generation.arrived)
             yield {"prompt_tokens": len(prompt_ids)}
             yield delta
-            while not delta.finish_reason:
-                ready = [await generation.next(), *generation.ready()]  # one message for what piled up
-                delta = ready[-1]
-                yield ready
+            if not delta.finish_reason:
+                interval_s = self.args.stream_interval_ms / 1000 if body.stream else None
+                async for batch in generation.batches(interval_s):
+                    delta = batch[-1]
+                    yield batch
             tokens, finish = delta.completion_tokens, delta.finish_reason
         except DeadlineExceeded:
             logger.warning("a request's deadline of %gs passed", self.admission.timeout_s)

@@ -83,6 +83,13 @@ class ServeArgs(BaseModel):
     )
     max_batch_size: int = Field(default=8, ge=1, le=256)
     batch_wait_timeout_s: float = Field(default=0.05, ge=0.0, le=5.0)
+    stream_interval_ms: float = Field(
+        default=50.0,
+        ge=0.0,
+        le=1000.0,
+        description="a streamed answer's tokens go from the replica to the client in one message per this "
+        "interval (the first at once); 0: one per step. A message costs more CPU than a small model's token",
+    )
     max_context: int | None = Field(default=None, ge=16, description="default: the model's max positions")
     default_max_tokens: int = Field(default=256, ge=1)
     max_tokens_limit: int = Field(default=1024, ge=1)

@@ -114,7 +114,7 @@ def _resolve_default(cache_dir: Path) -> Path:
     return target
 
 
-def _s3_folder(ref: str) -> tuple[str, str]:
+def s3_folder(ref: str) -> tuple[str, str]:
     """``(bucket, key)`` of an ``s3://bucket/key`` model folder; raises ModelResolutionError for a bare bucket."""
     bucket, _, key = ref[len("s3://") :].strip("/").partition("/")
     if not key:
@@ -125,7 +125,7 @@ def _s3_folder(ref: str) -> tuple[str, str]:
 def _resolve_s3(ref: str, settings: Settings) -> Path:
     from ray_app.storage import S3Store, StoreError
 
-    bucket, key = _s3_folder(ref)
+    bucket, key = s3_folder(ref)
     store = S3Store(f"s3://{bucket}", settings)
     target = settings.model_cache_dir / "s3" / bucket / key  # type: ignore[operator]
     with cache_lock(target.parent, target.name):
@@ -172,7 +172,7 @@ def check_model_source(source: str, settings: Settings) -> None:
 
     if not source.startswith("s3://"):
         return
-    bucket, key = _s3_folder(source)
+    bucket, key = s3_folder(source)
     try:
         manifest = S3Store(f"s3://{bucket}", settings).read_manifest(key)
     except StoreError as exc:

@@ -4,6 +4,7 @@ transformers engine. Through Serve it is checked with the default model in test_
 
 from __future__ import annotations
 
+import logging
 import os
 import queue
 import shutil
@@ -14,13 +15,21 @@ import time
 from pathlib import Path
 
 import pytest
+from conftest import s3_settings
 from tiny_model import build_tiny_chat_model
 
 from ray_app.serving.config import ServeConfigError, parse_args
 from ray_app.serving.engine import Delta, GenerationRequest, SamplingParams, TransformersEngine
 from ray_app.serving.openvino_engine import OpenVINOBatcher, OpenVINOEngine
-from ray_app.serving.openvino_export import OpenVINOExportError, content_digest, openvino_model, remembered_digest
+from ray_app.serving.openvino_export import (
+    IR_FILES,
+    OpenVINOExportError,
+    content_digest,
+    openvino_model,
+    remembered_digest,
+)
 from ray_app.settings import Settings
+from ray_app.storage import open_store
 
 PROMPTS = ("Hi", "Tell me a long story about the sea and its ships", "2+2?")
 
@@ -169,6 +178,40 @@ def test_a_conversion_is_cached_by_content_and_a_missing_or_failing_exporter_is_
     assert "no-such-architecture" in str(failure.value), "the exporter's own reason is shown"
     cached = sorted(path.name for path in (ov_settings.model_cache_dir / "openvino").iterdir() if path.is_dir())
     assert cached == [ir_dir.name], "a failed conversion leaves nothing behind"
+
+
+def test_a_stored_version_is_converted_once_for_all_machines_and_its_ir_kept_beside_it(
+    sharp_dir, s3_server, tmp_path, caplog
+):
+    """The first machine converts and keeps the IR in the S3 store beside the version's folder; another
+    machine (no exporter at all) downloads it; a damaged stored IR is converted again and replaced."""
+    machine = {name: s3_settings(s3_server, tmp_path / name, bucket="llmops-ov") for name in ("a", "b", "c")}
+    store = open_store(settings=machine["a"])
+    store.ensure()
+    store.upload_dir(sharp_dir, "models/sharp-run", progress=False)
+    source = store.uri("models/sharp-run")
+    kept = f"models/sharp-run.openvino-int8-{content_digest(sharp_dir)}"
+
+    converted = openvino_model(sharp_dir, machine["a"], "int8", source=source)
+    manifest = store.read_manifest(kept)
+    assert manifest is not None and set(IR_FILES) <= set(manifest), manifest
+
+    no_exporter = machine["b"].model_copy(update={"openvino_export_cli": tmp_path / "no-venv" / "optimum-cli"})
+    downloaded = openvino_model(sharp_dir, no_exporter, "int8", source=source)
+    assert downloaded.parent == machine["b"].model_cache_dir / "openvino" and downloaded != converted
+    for name in IR_FILES:
+        assert (downloaded / name).read_bytes() == (converted / name).read_bytes(), name
+    assert openvino_model(sharp_dir, machine["a"], "int8") == converted  # a folder without a store: cache only
+
+    tampered = tmp_path / "tampered"
+    store.download_dir(kept, tampered, progress=False)
+    (tampered / "openvino_model.bin").write_bytes(b"not the model")
+    store._put_file(tampered / "openvino_model.bin", f"{kept}/openvino_model.bin", lambda _: None)
+    with caplog.at_level(logging.WARNING, logger="ray_app.serving.openvino_export"):
+        healed = openvino_model(sharp_dir, machine["c"], "int8", source=source)
+    assert "converting here" in caplog.text and "checksum" in caplog.text, caplog.text
+    assert (healed / "openvino_model.bin").read_bytes() == (converted / "openvino_model.bin").read_bytes()
+    store.download_dir(kept, tmp_path / "healed", progress=False)  # checksums pass again: replaced
 
 
 def test_the_engine_is_chosen_by_config_and_openvino_on_a_gpu_is_refused_naming_the_fields():

@@ -225,7 +225,8 @@ def _batcher(args: ServeArgs, served: ServedModel, device: str, threads: int) ->
     if args.engine == "openvino":
 
         def build_openvino() -> OpenVINOEngine:
-            ir_dir = openvino_model(model_dir(), as_serve_identity(get_settings()), args.openvino_weights)
+            settings = as_serve_identity(get_settings())
+            ir_dir = openvino_model(model_dir(), settings, args.openvino_weights, source=served.source)
             return OpenVINOEngine(ir_dir, threads, args.max_batch_size, args.kv_cache_gb, args.prefix_cache,
                                   args.openvino_precision)  # fmt: skip
 

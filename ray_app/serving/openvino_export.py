@@ -7,6 +7,14 @@ tokenizers the pipeline needs. The result lands in the model cache under a name 
 folder's contents (config and weights), so a version is converted once per machine, and a
 retrained model in the same folder is converted again. A half-written conversion never counts:
 it is renamed into place only when the exporter succeeded.
+
+A version whose folder is in an S3 store (``s3://bucket/store/models/RUN``, what training
+registers) is converted once for all machines: the first replica to convert it keeps the IR in
+the store beside the folder (``s3://bucket/store/models/RUN.openvino-int8-DIGEST``, with a
+manifest of checksums like any stored folder), and a replica on another machine (or after its
+cache was cleared) downloads it instead of converting: about 3x less data than the weights and
+no exporter run. A replica that may not write there (a serving-only identity with read-only
+access to ``store/models/``) or cannot reach the store converts locally and says so once.
 """
 
 from __future__ import annotations
@@ -20,9 +28,9 @@ import time
 from pathlib import Path
 
 import ray_app
-from ray_app.models import cache_lock
+from ray_app.models import cache_lock, s3_folder
 from ray_app.settings import Settings
-from ray_app.storage import staging_dir
+from ray_app.storage import S3Store, StoreError, staging_dir
 
 log = logging.getLogger(__name__)
 
@@ -83,24 +91,64 @@ def export_cli(settings: Settings) -> Path:
     return Path(cli)
 
 
-def openvino_model(model_dir: Path, settings: Settings, weights: str = "int8") -> Path:
-    """The IR folder of ``model_dir`` with ``weights`` (see WEIGHT_FORMATS), converting it on first use."""
+def openvino_model(model_dir: Path, settings: Settings, weights: str = "int8", source: str | None = None) -> Path:
+    """The IR folder of ``model_dir`` with ``weights`` (see WEIGHT_FORMATS): from the local cache, else
+    from the store beside ``source`` (the folder's s3:// URI, if it came from one), else converted
+    here (and then kept in that store)."""
     if weights not in WEIGHT_FORMATS:
         raise OpenVINOExportError(f"openvino weights {weights!r}: expected one of {', '.join(WEIGHT_FORMATS)}")
     cache_dir = settings.model_cache_dir
     assert cache_dir is not None  # filled by the settings validator
     (cache_dir / "openvino").mkdir(parents=True, exist_ok=True)
     digest = remembered_digest(model_dir, cache_dir / "openvino" / "digests.json")
-    name = f"{model_dir.name}.openvino-{weights}-{digest}"
-    target = cache_dir / "openvino" / name
+    suffix = f".openvino-{weights}-{digest}"
+    target = cache_dir / "openvino" / f"{model_dir.name}{suffix}"
     if _is_complete(target):
         return target
-    with cache_lock(target.parent, name):
+    with cache_lock(target.parent, target.name):
         if not _is_complete(target):
-            cli = export_cli(settings)
-            with staging_dir(target) as staging:
-                _export(cli, model_dir, staging, weights)
+            stored = StoredIR(source, suffix, settings) if source and source.startswith("s3://") else None
+            if stored is None or not stored.fetch(target):
+                cli = export_cli(settings)
+                with staging_dir(target) as staging:
+                    _export(cli, model_dir, staging, weights)
+                if stored is not None:
+                    stored.keep(target)
     return target
+
+
+class StoredIR:
+    """Where a stored model folder's IR is kept in its store: beside it, named by weights and digest."""
+
+    def __init__(self, source: str, suffix: str, settings: Settings):
+        bucket, key = s3_folder(source)
+        self.store = S3Store(f"s3://{bucket}", settings)
+        self.key = f"{key.rstrip('/')}{suffix}"
+
+    def fetch(self, target: Path) -> bool:
+        """Download the IR into ``target`` (checksummed); False when there is none or it cannot be read."""
+        try:
+            if self.store.read_manifest(self.key) is None:
+                return False
+            self.store.download_dir(self.key, target, progress=False)
+        except StoreError as exc:
+            log.warning("cannot read the converted model at %s (%s); converting here", self.store.uri(self.key), exc)
+            return False
+        log.info("downloaded the converted model from %s", self.store.uri(self.key))
+        return True
+
+    def keep(self, folder: Path) -> None:
+        """Upload the IR converted here, for the other machines; a refusal (read-only) is only logged."""
+        try:
+            self.store.upload_dir(folder, self.key, progress=False)
+        except StoreError as exc:
+            log.warning(
+                "could not keep the converted model in the store at %s (%s): each machine converts it once",
+                self.store.uri(self.key),
+                exc,
+            )
+            return
+        log.info("kept the converted model in the store at %s", self.store.uri(self.key))
 
 
 def _is_complete(folder: Path) -> bool:

@@ -246,6 +246,8 @@ def test_the_reference_scorer_runs_in_the_trainings_precision_on_a_gpu_or_the_cp
     assert cpu["fn_constructor_kwargs"]["sides"] == ("completion",)
     # bf16 on CPU: fp32 weights under autocast, as the policy runs
     assert cpu["fn_constructor_kwargs"]["precision"] == "fp32" and cpu["fn_constructor_kwargs"]["cpu_autocast"]
+    auto = load_config(None, [], schema=PreferenceConfig, train_data=[__file__])  # precision: auto
+    assert scorer_options(auto, "m")["fn_constructor_kwargs"]["cpu_autocast"] is None, "the actor's own CPU decides"
 
 
 def test_bad_preference_records_and_configs_are_named():
@@ -279,7 +281,7 @@ def preference_config(model: Path, data: Path, **values) -> PreferenceConfig:
     base = dict(model=str(model), train_data=[str(data)], num_workers=2, deepspeed="zero2.json", method="full",
                 max_steps=40, learning_rate=5e-3, beta=BETA, lr_schedule="cosine", warmup_steps=0, seq_len=32,
                 micro_batch_size=4, checkpoint_every=20, experiment="tests-preference",
-                registered_model="tiny-pref")  # fmt: skip
+                registered_model="tiny-pref", precision="fp32")  # fmt: skip
     return load_config(None, [], schema=PreferenceConfig, **{**base, **values})
 
 

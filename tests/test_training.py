@@ -67,7 +67,8 @@ def config_for(model: Path, data: Path, **values):
     base = dict(model=str(model), train_data=[str(data)], eval_data=[str(data)], num_workers=2,
                 max_steps=40, learning_rate=3e-3, warmup_steps=2, lr_schedule="constant", seq_len=64,
                 micro_batch_size=2, checkpoint_every=10, pack=False, sample_prompts=[QUESTION],
-                max_new_tokens=16, experiment="tests-sft", registered_model="tiny-chat")  # fmt: skip
+                max_new_tokens=16, experiment="tests-sft", registered_model="tiny-chat",
+                precision="fp32")  # fmt: skip
     base.update(values)
     return load_config(None, [], **base)
 
@@ -124,6 +125,23 @@ def test_bf16_on_cpu_is_autocast_over_fp32_weights_and_fp16_needs_a_gpu(toy_data
     assert not gpu.cpu_autocast and gpu.weights_dtype == "bf16" and gpu.deepspeed_config()["bf16"]["enabled"]
     with pytest.raises(ConfigError, match="precision: fp16 needs use_gpu"):
         load_config(None, ["precision=fp16"], train_data=[str(toy_data)])
+
+
+def test_precision_auto_is_the_default_bf16_where_the_cpu_has_it_and_on_gpus(toy_data, tmp_path):
+    from training.config import cpu_has_bf16
+
+    amx = tmp_path / "amx"
+    amx.write_text("processor\t: 0\nflags\t\t: fpu sse avx512f avx512_bf16 amx_tile amx_bf16\n")
+    avx2 = tmp_path / "avx2"
+    avx2.write_text("processor\t: 0\nflags\t\t: fpu sse avx2\n")
+    assert cpu_has_bf16(str(amx)) and not cpu_has_bf16(str(avx2)) and not cpu_has_bf16(str(tmp_path / "none"))
+    cpu = load_config(None, [], train_data=[str(toy_data)])
+    assert cpu.precision == "auto" and cpu.weights_dtype == "fp32"
+    assert cpu.cpu_autocast == cpu_has_bf16(), "this machine's CPU decides"
+    assert cpu.deepspeed_config()["bf16"] == {"enabled": False}
+    gpu = load_config(None, ["use_gpu=true"], train_data=[str(toy_data)])
+    assert not gpu.cpu_autocast and gpu.weights_dtype == "bf16" and gpu.deepspeed_config()["bf16"]["enabled"]
+    assert load_config(None, ["precision=fp32"], train_data=[str(toy_data)]).cpu_autocast is False
 
 
 def test_shipped_configs_are_valid():
@@ -293,8 +311,9 @@ def test_bf16_autocast_on_cpu_tracks_the_fp32_loss_curve(cluster, tiny_model):
     for precision in ("fp32", "bf16"):
         result = run(config_for(tiny_model, data, precision=precision, **values), cluster)
         losses = [value for _, value in loss_history(cluster, result.mlflow_run_id)]
-        held_out = MlflowClient(cluster.mlflow_tracking_uri).get_run(result.mlflow_run_id).data.metrics["eval_loss"]
-        ends[precision] = (sum(losses[-5:]) / 5, held_out, losses)
+        tracked = MlflowClient(cluster.mlflow_tracking_uri).get_run(result.mlflow_run_id).data
+        assert tracked.tags["llmops.compute_precision"] == {"fp32": "fp32", "bf16": "bf16-autocast"}[precision]
+        ends[precision] = (sum(losses[-5:]) / 5, tracked.metrics["eval_loss"], losses)
     for index, name in ((0, "train loss (last 5 steps)"), (1, "held-out loss")):
         fp32, bf16 = ends["fp32"][index], ends["bf16"][index]
         assert 0 < abs(bf16 - fp32) < 0.02 * fp32, (name, fp32, bf16, ends)

@@ -50,7 +50,7 @@ import numpy as np
 from pydantic import Field, model_validator
 
 from training import runtime
-from training.config import SFTConfig, load_config
+from training.config import SFTConfig, cpu_has_bf16, load_config
 from training.data import IGNORE_INDEX, ROLES, DatasetError
 from training.scoring import completion_logps, completion_tokens
 
@@ -237,16 +237,18 @@ class ReferenceScorer:
 
     In the training's precision, so that the policy and its reference agree at the first step: on
     ``cuda`` (``use_gpu``: the actor asks for a GPU) with weights in that dtype; on CPU with fp32
-    weights, under bf16 autocast when the training runs so.
+    weights, under bf16 autocast when the training runs so (None: when this CPU has bf16, like
+    ``precision: auto`` decides on each worker).
     """
 
     def __init__(self, model_dir: str, sides: tuple[str, ...], device: str = "cpu", precision: str = "fp32",
-                 cpu_autocast: bool = False):  # fmt: skip
+                 cpu_autocast: bool | None = False):  # fmt: skip
         import torch
         from transformers import AutoModelForCausalLM
 
         dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision, torch.float32)
-        self.sides, self.device, self.cpu_autocast = sides, device, cpu_autocast
+        self.sides, self.device = sides, device
+        self.cpu_autocast = cpu_has_bf16() if cpu_autocast is None else cpu_autocast
         self.model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype).to(device).eval()
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
@@ -263,8 +265,9 @@ class ReferenceScorer:
 def scorer_options(cfg: PreferenceConfig, model_dir: str) -> dict[str, Any]:
     """How the ReferenceScorer actor runs: on a GPU in the training's precision when ``use_gpu``, else a CPU."""
     device = "cuda" if cfg.use_gpu else "cpu"
+    autocast = None if cfg.precision == "auto" and not cfg.use_gpu else cfg.cpu_autocast  # None: the actor's CPU
     kwargs = {"model_dir": model_dir, "sides": cfg.sides, "device": device, "precision": cfg.weights_dtype,
-              "cpu_autocast": cfg.cpu_autocast}  # fmt: skip
+              "cpu_autocast": autocast}  # fmt: skip
     return {"fn_constructor_kwargs": kwargs, **({"num_gpus": 1} if cfg.use_gpu else {"num_cpus": 1})}
 
 

@@ -199,6 +199,9 @@ class Tracker:
         from mlflow import MlflowClient
 
         self.client = MlflowClient()
+        # What rank 0 computes in (precision: auto is decided on each worker's CPU).
+        computed = "bf16-autocast" if cfg.cpu_autocast else cfg.weights_dtype
+        self.client.set_tag(run_id, "llmops.compute_precision", computed)
         history = self.client.get_metric_history(run_id, "train_loss")
         self.last_logged = max((point.step for point in history), default=-1)
         if os.environ.get("WANDB_MODE", "offline") != "disabled":

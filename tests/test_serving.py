@@ -415,6 +415,24 @@ def test_the_api_gate_keeps_the_version_headers_an_answer_set_and_counts_that_ve
     assert counted == [("/v1/completions", 200, "m/2"), ("/v1/completions", 401, "m/1")]
 
 
+def test_ray_serve_llms_private_functions_are_where_the_vllm_app_expects():
+    """Read from the installed Ray's source (they import only with vLLM): a Ray upgrade that moves
+    them fails here. The Ray they were read from is the one the lock installs."""
+    import ast
+
+    import ray
+
+    from ray_app.serving.serve_llm_private import PRIVATE_FUNCTIONS, RAY_VERSION
+
+    assert ray.__version__ == RAY_VERSION, "re-check ray_app/serving/serve_llm_private.py against this Ray"
+    assert f"ray=={RAY_VERSION}" in (REPO / "requirements" / "lock.txt").read_text()
+    root = Path(ray.__file__).parent
+    for module, function in PRIVATE_FUNCTIONS.items():
+        source = root.joinpath(*module.split(".")[1:]).with_suffix(".py")
+        defined = {node.name for node in ast.parse(source.read_text()).body if isinstance(node, ast.FunctionDef)}
+        assert function in defined, (module, function)
+
+
 def test_the_vllm_canary_router_sends_the_canary_share_of_conversations_to_its_model_id():
     """vLLM's canary is a second model id behind Serve LLM's router: inside the gate, the
     CanaryRouter rewrites `model` for the canary's conversations (the transformers engine's rule,

@@ -23,16 +23,17 @@ from ray_app.serving.config import CanaryArgs, ServeArgs, ServeConfigError, Serv
 from ray_app.serving.gate import BODY_KEY, ApiGate, replay
 from ray_app.serving.metrics import RequestMetrics
 from ray_app.serving.routing import CONVERSATION_HEADER, answers_as_canary
+from ray_app.serving.serve_llm_private import private_functions
 from ray_app.settings import Settings
 
 
 def build_vllm_app(args: ServeArgs, served: ServedModel, key_hashes: list[str], settings: Settings) -> Application:
     """Ray Serve LLM deployments for ``served`` (and its canary) with the API-key check in front."""
     try:
-        from ray.llm._internal.serve.core.configs.openai_api_models import to_model_metadata
-        from ray.llm._internal.serve.core.ingress.ingress import init as init_ingress_app
         from ray.serve.llm import build_llm_deployment
         from ray.serve.llm.ingress import OpenAiIngress, make_fastapi_ingress
+
+        to_model_metadata, init_ingress_app = private_functions()
     except ImportError as exc:
         raise ServeConfigError(
             f"engine 'vllm' needs vLLM on the Serve nodes (pip install 'ray[llm]', CUDA GPUs): {exc}"

@@ -144,8 +144,9 @@ class ChatServer:
 
     # --- generation (called by the ingress through a streaming handle) --------------------------
     async def generate(self, body: ChatCompletionRequest | CompletionRequest) -> AsyncIterator[dict | Delta | list]:
-        """Yield ``{"prompt_tokens": n}``, the first Delta, then lists of Deltas: for a stream what came
-        within each ``stream_interval_ms``, else the rest of the answer as one list.
+        """Yield ``{"prompt_tokens": n}``, the first Delta, then lists of the Deltas that came within each
+        ``stream_interval_ms``, streamed or not: a replica that sent nothing until the whole answer was
+        done did not always notice a caller that left (CI: an abandoned answer decoded to its end).
 
         Raises APIError before the first yield: 503 when this replica is full (before tokenizing)
         or when no first token came before the deadline; 400 for what only the model can check (context).
@@ -162,8 +163,7 @@ class ChatServer:
             yield {"prompt_tokens": len(prompt_ids)}
             yield delta
             if not delta.finish_reason:
-                interval_s = self.args.stream_interval_ms / 1000 if body.stream else None
-                async for batch in generation.batches(interval_s):
+                async for batch in generation.batches(self.args.stream_interval_ms / 1000):
                     delta = batch[-1]
                     yield batch
             tokens, finish = delta.completion_tokens, delta.finish_reason

@@ -87,7 +87,7 @@ class ServeArgs(BaseModel):
         default=50.0,
         ge=0.0,
         le=1000.0,
-        description="a streamed answer's tokens go from the replica to the client in one message per this "
+        description="an answer's tokens go from the replica to the ingress in one message per this "
         "interval (the first at once); 0: one per step. A message costs more CPU than a small model's token",
     )
     max_context: int | None = Field(default=None, ge=16, description="default: the model's max positions")

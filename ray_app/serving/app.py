@@ -36,6 +36,7 @@ from ray_app.serving.metrics import ReplicaMetrics
 from ray_app.serving.openvino_engine import OpenVINOBatcher, OpenVINOEngine
 from ray_app.serving.openvino_export import openvino_model
 from ray_app.serving.protocol import APIError, ChatCompletionRequest, CompletionRequest, hash_key
+from ray_app.serving.structured import SchemaError, check_schema
 from ray_app.settings import get_settings
 
 logger = logging.getLogger("ray.serve")
@@ -139,6 +140,7 @@ class ChatServer:
             top_p=body.sampling_top_p,
             stop=list(body.stop or []),
             seed=body.seed,
+            json_schema=_json_schema(body),
         )
         return GenerationRequest(prompt_ids, params)
 
@@ -198,6 +200,18 @@ class ChatServer:
             completion,
             finish,
         )
+
+
+def _json_schema(body: ChatCompletionRequest | CompletionRequest) -> str | None:
+    """The schema a chat answer is constrained to (``response_format``), checked: 400 when it cannot be."""
+    response_format = getattr(body, "response_format", None)
+    schema = response_format.schema_text() if response_format is not None else None
+    if schema is not None:
+        try:
+            check_schema(schema)
+        except SchemaError as exc:
+            raise APIError(400, f"response_format.json_schema.{exc}", param="response_format") from None
+    return schema
 
 
 def _device(args: ServeArgs) -> str:

@@ -31,6 +31,8 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from ray_app.serving.structured import GrammarMasks
+
 GREEDY_BELOW = 1e-5  # temperatures under this decode greedily (the API maps them to 0 too; vLLM's bound)
 
 
@@ -43,6 +45,7 @@ class SamplingParams:
     top_p: float = 1.0
     stop: list[str] = field(default_factory=list)
     seed: int | None = None
+    json_schema: str | None = None  # the answer is JSON matching it (checked by structured.check_schema)
 
 
 @dataclass
@@ -94,6 +97,7 @@ class Row:
         self.emitted = 0  # characters of the decoded text already sent
         self.done = False
         self.failure: Exception | None = None  # what failed this row alone (the batch goes on)
+        self.grammar = None  # a constrained row's xgrammar matcher (transformers engine)
 
     def emit(self, item: Delta | BaseException) -> None:
         """Hand ``item`` to the request's consumer; a consumer that fails (its event loop closed) is dropped."""
@@ -267,6 +271,7 @@ class TransformersEngine(TextEngine):
         # transformers 5.24 renamed the KV cache argument and output field `past_key_values` -> `cache`
         # (the CUDA check ran 5.17); the engine passes whichever the model's forward takes.
         self._cache_arg = "cache" if "cache" in inspect.signature(self.model.forward).parameters else "past_key_values"
+        self._grammars: GrammarMasks | None = None  # built on the first constrained request
         self.prepacked = 0  # linear layers on oneDNN-packed weights
         if prepack and self.device.type == "cpu" and torch_dtype == torch.float32:
             self.prepacked = prepack_linear_layers(self.model)
@@ -304,7 +309,13 @@ class TransformersEngine(TextEngine):
         generator = None
         if request.params.seed is not None:
             generator = torch.Generator(device=self.device).manual_seed(request.params.seed)
-        return Row(request, generator, emit)
+        row = Row(request, generator, emit)
+        if request.params.json_schema is not None:
+            if self._grammars is None:
+                vocab = self.model.get_output_embeddings().weight.shape[0]
+                self._grammars = GrammarMasks(self.tokenizer, vocab, self.eos_ids)
+            row.grammar = self._grammars.matcher(request.params.json_schema)
+        return row
 
     def prefill(self, rows: list[Row]) -> _Batch:
         """Run the prompts of ``rows`` left-padded to one width; sample each row's first token."""
@@ -352,6 +363,14 @@ class TransformersEngine(TextEngine):
         return next_ids
 
     def _sample(self, logits, row: Row) -> int:
+        if row.grammar is None:
+            return self._draw(logits, row)
+        self._grammars.mask(logits, row.grammar)
+        token = self._draw(logits, row)
+        self._grammars.accept(row.grammar, token)
+        return token
+
+    def _draw(self, logits, row: Row) -> int:
         import torch
 
         params = row.request.params

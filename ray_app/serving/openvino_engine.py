@@ -17,8 +17,9 @@ interface (``submit``, ``occupancy``, ``stats``, ``stop``): its thread moves arr
 into the child and turns their token ids into :class:`~ray_app.serving.engine.Delta` s with the
 same text rules as the transformers engine (stop strings held back until they cannot match,
 partial UTF-8 held back, the token budget, cancelled and past-deadline rows dropped at the next
-step). Sampling (temperature, top-p, seed) is the pipeline's own; stop strings are ours (the
-request is stopped in the child when one appears).
+step). Sampling (temperature, top-p, seed) and structured output (the grammar of a JSON schema,
+from :func:`~ray_app.serving.structured.check_schema`) are the pipeline's own; stop
+strings are ours (the request is stopped in the child when one appears).
 
 The model is the IR :mod:`ray_app.serving.openvino_export` converts once per model and caches.
 """
@@ -38,6 +39,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from ray_app.serving.engine import GREEDY_BELOW, DecodeLoop, Delta, GenerationRequest, Row, TextEngine, ended_early
+from ray_app.serving.structured import check_schema
 
 log = logging.getLogger(__name__)
 
@@ -89,6 +91,8 @@ def sampling_options(request: GenerationRequest, eos_ids: set[int]) -> dict:
         # 1e-30 keeps only the most likely token, as any tiny top_p does in the transformers engine.
         top_p = max(params.top_p, 1e-30)
         options.update(do_sample=True, temperature=params.temperature, top_p=top_p, rng_seed=seed)
+    if params.json_schema is not None:  # the pipeline constrains the row by our grammar (compact JSON)
+        options["grammar"] = check_schema(params.json_schema)
     return options
 
 
@@ -308,6 +312,8 @@ def _generation_config(options: dict):
     if options["do_sample"]:
         config.temperature, config.top_p = options["temperature"], options["top_p"]
         config.rng_seed = options["rng_seed"]
+    if "grammar" in options:
+        config.structured_output_config = openvino_genai.StructuredOutputConfig(grammar=options["grammar"])
     return config
 
 

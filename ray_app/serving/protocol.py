@@ -6,7 +6,7 @@ refused, a string with a lone surrogate or bytes that are not UTF-8 are invalid 
 nesting deeper than the parser's limit is refused rather than recursed into.
 
 Nothing is silently ignored. A field OpenAI defines that would change the answer but is
-not implemented here (``response_format``, tools, ``logit_bias``, ``n > 1``, logprobs,
+not implemented here (tools, ``logit_bias``, ``n > 1``, logprobs,
 penalties...) is refused with a 400 that names it, unless it is sent with its neutral value
 (``n: 1``, ``tool_choice: "none"``...). A field OpenAI does not define is refused as OpenAI
 does ("Unrecognized request argument supplied"). Fields that do not change the answer
@@ -22,12 +22,14 @@ from __future__ import annotations
 
 import hashlib
 import hmac
+import json
 from typing import Any, Literal
 
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator, model_validator
 
 from ray_app.serving.engine import GREEDY_BELOW
+from ray_app.serving.structured import ANY_OBJECT
 
 INT64_MIN, INT64_MAX = -(2**63), 2**63 - 1
 STOP_MAX_CHARS = 256
@@ -104,7 +106,6 @@ def _empty(value: Any) -> bool:
 
 _UNSUPPORTED: dict[str, tuple[Any, str]] = {
     # field: (test of the neutral value, why it is refused)
-    "response_format": (lambda v: v is None or v == {"type": "text"}, "structured output is not supported yet"),
     "tools": (_empty, "tool calling is not supported yet"),
     "tool_choice": (lambda v: v in (None, "none"), "tool calling is not supported yet"),
     "functions": (_empty, "function calling is not supported yet"),
@@ -140,7 +141,7 @@ def _neutral_only(value: Any, info: ValidationInfo) -> Any:
 
 # The fields of _UNSUPPORTED each endpoint declares (so that a refusal names the field in `param`).
 _COMMON_REFUSED = ("n", "logit_bias", "presence_penalty", "frequency_penalty")
-_CHAT_REFUSED = ("response_format", "tools", "tool_choice", "functions", "function_call", "logprobs",
+_CHAT_REFUSED = ("tools", "tool_choice", "functions", "function_call", "logprobs",
                  "top_logprobs", "audio", "modalities", "prediction", "web_search_options", "reasoning_effort",
                  "verbosity")  # fmt: skip
 _COMPLETION_REFUSED = ("echo", "suffix", "best_of", "logprobs")
@@ -221,6 +222,38 @@ class ContentPart(BaseModel):
     text: str
 
 
+class JSONSchemaFormat(BaseModel):
+    model_config = ConfigDict(extra="forbid", strict=True)
+
+    name: str = Field(min_length=1, max_length=64, pattern=r"^[a-zA-Z0-9_-]+$")
+    description: str | None = None
+    schema_: dict[str, Any] | None = Field(default=None, alias="schema")
+    strict: bool | None = None  # the answer is constrained to the schema either way
+
+
+class ResponseFormat(BaseModel):
+    """OpenAI's ``response_format``: free text, any JSON object, or JSON matching a schema."""
+
+    model_config = ConfigDict(extra="forbid", strict=True)
+
+    type: Literal["text", "json_object", "json_schema"]
+    json_schema: JSONSchemaFormat | None = None
+
+    @model_validator(mode="after")
+    def _schema_with_its_type(self):
+        if (self.type == "json_schema") != (self.json_schema is not None):
+            raise ValueError("json_schema: required with type json_schema, and only with it")
+        return self
+
+    def schema_text(self) -> str | None:
+        """The JSON schema the answer is constrained to (None: free text)."""
+        if self.type == "text":
+            return None
+        if self.type == "json_object" or not self.json_schema.schema_:
+            return ANY_OBJECT
+        return json.dumps(self.json_schema.schema_, sort_keys=True)
+
+
 class ChatMessage(BaseModel):
     model_config = ConfigDict(extra="forbid", strict=True)
 
@@ -240,7 +273,7 @@ class ChatCompletionRequest(_Request):
     parallel_tool_calls: bool | None = None  # meaningless without tools, which are refused
     safety_identifier: str | None = Field(default=None, max_length=512)
     prompt_cache_key: str | None = Field(default=None, max_length=512)
-    response_format: Any = None
+    response_format: ResponseFormat | None = None
     tools: Any = None
     tool_choice: Any = None
     functions: Any = None
@@ -340,7 +373,7 @@ def _loc(loc: tuple) -> str:
     return ".".join(names)
 
 
-_TYPE_TAGS = {"str", "int", "float", "bool", "StreamOptions", "ContentPart"}
+_TYPE_TAGS = {"str", "int", "float", "bool", "StreamOptions", "ContentPart", "ResponseFormat", "JSONSchemaFormat"}
 
 
 def _is_type_tag(part: str) -> bool:

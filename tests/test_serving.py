@@ -39,6 +39,10 @@ from ray_app.settings import Settings
 REPO = Path(__file__).resolve().parents[1]
 REGISTERED = "tiny-chat"
 QUESTION = [{"role": "user", "content": "What is the capital of France?"}]
+TOOL = {"type": "function", "function": {"name": "get_weather", "description": "The weather in a city", "parameters": {
+    "type": "object", "properties": {"city": {"type": "string", "enum": ["Paris", "Rome"]},
+                                     "days": {"type": "integer", "minimum": 1, "maximum": 7}},
+    "required": ["city", "days"], "additionalProperties": False}}}  # fmt: skip
 # The Serve test app's max_tokens_limit. The OpenVINO engine decodes a tiny model's 4000 tokens in
 # about 2 s, which a busy machine's disconnect could take to reach the replica: 16000 outlast it.
 LONGEST = 16000
@@ -252,6 +256,20 @@ def test_a_schema_is_checked_before_admission_and_its_grammar_is_written_in_open
             check_schema(schema)
 
 
+def test_tools_reach_a_model_whose_template_ignores_them_through_a_system_message(engine):
+    assert not engine.template_renders_tools  # SmolLM2's template
+    history = [{"role": "user", "content": "Weather in Paris?"},
+               {"role": "assistant", "content": "", "tool_calls": [{"type": "function", "id": "call_1", "function": {
+                   "name": "get_weather", "arguments": {"city": "Paris", "days": 1}}}]},
+               {"role": "tool", "tool_call_id": "call_1", "content": "Sunny"}]  # fmt: skip
+    text = engine.tokenizer.decode(engine.chat_prompt_ids(history, [TOOL["function"]]))
+    assert '"name": "get_weather", "description": "The weather in a city"' in text
+    assert '[{"name": "get_weather", "arguments": {"city": "Paris", "days": 1}}]' in text  # the earlier call
+    assert "Result of get_weather: Sunny" in text
+    without = engine.tokenizer.decode(engine.chat_prompt_ids(history))  # no call asked: no guide, same history
+    assert "You can call these functions" not in without and "Result of get_weather: Sunny" in without
+
+
 def test_a_row_that_fails_while_sampling_fails_alone_and_its_batch_answers_as_alone(sharp_engine, monkeypatch):
     engine = sharp_engine
     prompts = ["Hi", "Tell me a long story about the sea and its ships", "2+2?"]
@@ -353,7 +371,18 @@ GATE_CASES = [  # (path, body, status, param, words in the message)
     ("/v1/chat/completions", {"messages": QUESTION, "stop": "x" * 300}, 400, "stop", "256 characters"),
     ("/v1/chat/completions", {"messages": QUESTION * 51}, 400, "messages", "limit of 50"),
     ("/v1/chat/completions", {"messages": []}, 400, "messages", "at least 1"),
-    ("/v1/chat/completions", {"messages": [{"role": "tool", "content": "x"}]}, 400, "messages.0.role", ""),
+    ("/v1/chat/completions", {"messages": [{"role": "robot", "content": "x"}]}, 400, "messages.0.role", ""),
+    ("/v1/chat/completions", {"messages": [{"role": "tool", "content": "x"}]}, 400, "messages.0",
+     "tool_call_id: required in a tool message"),
+    ("/v1/chat/completions", {"messages": [{"role": "user", "content": None}]}, 400, "messages.0", "content: required"),
+    ("/v1/chat/completions", {"messages": QUESTION, "tools": [TOOL]}, 400, "tool_choice", "'auto' (the default"),
+    ("/v1/chat/completions", {"messages": QUESTION, "tool_choice": "required"}, 400, "tool_choice", "no tools"),
+    ("/v1/chat/completions", {"messages": QUESTION, "tools": [TOOL], "tool_choice": {"type": "function", "function": {
+        "name": "nope"}}}, 400, "tool_choice", "no tool is named 'nope'"),
+    ("/v1/chat/completions", {"messages": QUESTION, "tools": [TOOL, TOOL], "tool_choice": "required"}, 400, "tools",
+     "same name"),
+    ("/v1/chat/completions", {"messages": QUESTION, "tools": [TOOL], "tool_choice": "required", "response_format": {
+        "type": "json_object"}}, 400, "response_format", "its own format"),
     ("/v1/chat/completions", {"messages": [{"role": "user", "content": [{"type": "image_url"}]}]}, 400,
      "messages.0.content", "'text'"),
     ("/v1/chat/completions", {"messages": QUESTION, "stream_options": {"include_usage": True}}, 400,
@@ -371,8 +400,6 @@ GATE_CASES = [  # (path, body, status, param, words in the message)
     ("/v1/completions", {"prompt": ""}, 400, "prompt", "empty"),
 ]  # fmt: skip
 UNSUPPORTED = [  # a field that would change the answer, with a value that would
-    ("/v1/chat/completions", "tools", [{"type": "function", "function": {"name": "f"}}]),
-    ("/v1/chat/completions", "tool_choice", "auto"),
     ("/v1/chat/completions", "functions", [{"name": "f"}]),
     ("/v1/chat/completions", "function_call", "auto"),
     ("/v1/chat/completions", "logit_bias", {"50256": -100}),
@@ -901,6 +928,57 @@ def test_structured_output_parses_streams_and_answers_each_row_of_a_mixed_batch_
         together = list(pool.map(ask, [schema, None] * 3))
     assert together == alone * 3
     assert streamed == alone[0]
+
+
+def test_tool_calls_required_or_named_in_a_two_step_agent_loop_whole_and_streamed(serve_app):
+    client = serve_app.openai()
+    clock = {"type": "function", "function": {"name": "get_time", "parameters": {
+        "type": "object", "properties": {"city": {"type": "string", "enum": ["Paris", "Rome"]}}, "required": ["city"],
+        "additionalProperties": False}}}  # fmt: skip
+    tools, greedy = [TOOL, clock], {"model": REGISTERED, "temperature": 0, "max_tokens": 96}
+    messages = [{"role": "user", "content": "What is the weather in Paris?"}]
+    asked = client.chat.completions.create(messages=messages, tools=tools, tool_choice="required",
+                                           parallel_tool_calls=False, **greedy)  # fmt: skip
+    choice = asked.choices[0]
+    assert choice.finish_reason == "tool_calls" and choice.message.content is None
+    [call] = choice.message.tool_calls
+    assert call.id.startswith("call_") and call.function.name in ("get_weather", "get_time")
+    assert isinstance(json.loads(call.function.arguments), dict)
+    # step two: the tool's result comes back as role "tool"; the model answers in text
+    messages += [choice.message.model_dump(exclude_none=True),
+                 {"role": "tool", "tool_call_id": call.id, "content": "Sunny, 24 C"}]  # fmt: skip
+    answer = client.chat.completions.create(messages=messages, **greedy | {"max_tokens": 16})
+    assert answer.choices[0].message.content and not answer.choices[0].message.tool_calls
+
+    for city in ("Paris", "Rome", "Berlin"):  # a named function: always that one, arguments valid against its schema
+        ask = [{"role": "user", "content": f"Weather in {city} for three days?"}]
+        named = client.chat.completions.create(
+            messages=ask, tools=tools, **greedy, tool_choice={"type": "function", "function": {"name": "get_weather"}}
+        )
+        [call] = named.choices[0].message.tool_calls
+        arguments = json.loads(call.function.arguments)
+        assert call.function.name == "get_weather" and set(arguments) == {"city", "days"}
+        assert arguments["city"] in ("Paris", "Rome") and 1 <= arguments["days"] <= 7
+    parallel = client.chat.completions.create(messages=messages[:1], tools=tools, tool_choice="required",
+                                              **greedy | {"max_tokens": 400})  # fmt: skip
+    assert 1 <= len(parallel.choices[0].message.tool_calls) <= 8
+
+    streamed, finish = {}, None  # the deltas of a streamed call reassemble into the same call
+    for chunk in client.chat.completions.create(messages=messages[:1], tools=tools, tool_choice="required",
+                                                parallel_tool_calls=False, stream=True, **greedy):  # fmt: skip
+        for delta in chunk.choices[0].delta.tool_calls or []:
+            entry = streamed.setdefault(delta.index, {"id": "", "name": "", "arguments": ""})
+            entry["id"] += delta.id or ""
+            entry["name"] += delta.function.name or ""
+            entry["arguments"] += delta.function.arguments or ""
+        finish = chunk.choices[0].finish_reason or finish
+    [entry] = streamed.values()
+    first = asked.choices[0].message.tool_calls[0]
+    assert finish == "tool_calls" and entry["id"].startswith("call_")
+    assert (entry["name"], json.loads(entry["arguments"])) == (
+        first.function.name,
+        json.loads(first.function.arguments),
+    )
 
 
 def test_requests_without_a_valid_key_or_with_bad_bodies_get_4xx_with_a_reason(serve_app):

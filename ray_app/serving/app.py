@@ -36,6 +36,7 @@ from ray_app.serving.metrics import ReplicaMetrics
 from ray_app.serving.openvino_engine import OpenVINOBatcher, OpenVINOEngine
 from ray_app.serving.openvino_export import openvino_model
 from ray_app.serving.protocol import APIError, ChatCompletionRequest, CompletionRequest, hash_key
+from ray_app.serving.responses import ModelCard
 from ray_app.serving.structured import SchemaError, check_schema
 from ray_app.settings import get_settings
 
@@ -106,7 +107,7 @@ class ChatServer:
         from jinja2 import TemplateError
 
         try:
-            return self.engine.chat_prompt_ids(body.chat_messages())
+            return self.engine.chat_prompt_ids(body.chat_messages(), body.functions_offered())
         except TemplateError as exc:  # templates may refuse e.g. roles that do not alternate
             raise APIError(400, f"messages: this model's chat template refused them: {exc}", param="messages") from None
 
@@ -179,16 +180,9 @@ class ChatServer:
             self._log(request_id(), len(prompt_ids), tokens, finish)
 
     async def model_card(self) -> dict:
-        return {
-            "id": self.served.name,
-            "object": "model",
-            "created": 0,
-            "owned_by": "ray-llmops",
-            "version": self.served.label,
-            "run_id": self.served.run_id,
-            "max_model_len": self.context,
-            "max_tokens_limit": self.args.max_tokens_limit,
-        }
+        card = ModelCard(id=self.served.name, version=self.served.label, run_id=self.served.run_id,
+                         max_model_len=self.context, max_tokens_limit=self.args.max_tokens_limit)  # fmt: skip
+        return card.model_dump()
 
     def _log(self, request_id: str, prompt: int, completion: int, finish: str | None) -> None:
         # Never the text: prompts and answers may be personal data.
@@ -203,14 +197,22 @@ class ChatServer:
 
 
 def _json_schema(body: ChatCompletionRequest | CompletionRequest) -> str | None:
-    """The schema a chat answer is constrained to (``response_format``), checked: 400 when it cannot be."""
-    response_format = getattr(body, "response_format", None)
-    schema = response_format.schema_text() if response_format is not None else None
+    """The schema a chat answer is constrained to (a required tool call's, or ``response_format``'s),
+    checked: 400 naming the field when it cannot be."""
+    if not isinstance(body, ChatCompletionRequest):
+        return None
+    if body.calls_tools:
+        schema, field = body.calls_schema(), "tools"
+    else:
+        response_format = body.response_format
+        schema = response_format.schema_text() if response_format is not None else None
+        field = "response_format"
     if schema is not None:
         try:
             check_schema(schema)
         except SchemaError as exc:
-            raise APIError(400, f"response_format.json_schema.{exc}", param="response_format") from None
+            where = "tools: a function's parameters: " if field == "tools" else "response_format.json_schema."
+            raise APIError(400, f"{where}{exc}", param=field) from None
     return schema
 
 

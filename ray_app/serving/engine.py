@@ -22,6 +22,7 @@ benchmark drives it in-process.
 
 from __future__ import annotations
 
+import functools
 import inspect
 import logging
 import queue
@@ -32,6 +33,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from ray_app.serving.structured import GrammarMasks
+from ray_app.serving.tools import has_tool_turns, tool_messages
 
 GREEDY_BELOW = 1e-5  # temperatures under this decode greedily (the API maps them to 0 too; vLLM's bound)
 
@@ -195,10 +197,27 @@ class TextEngine:
         self.pad_id = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else min(self.eos_ids)
 
     # --- prompts --------------------------------------------------------------------------
-    def chat_prompt_ids(self, messages: list[dict[str, str]]) -> list[int]:
-        """Token ids of ``messages`` through the model's chat template, ready for the answer."""
-        text = self.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+    def chat_prompt_ids(self, messages: list[dict], functions: list[dict] | None = None) -> list[int]:
+        """Token ids of ``messages`` through the model's chat template, ready for the answer; with the
+        ``functions`` the model may call (its template renders them, or tools.tool_messages does)."""
+        tools = [{"type": "function", "function": function} for function in functions or []]
+        if (tools or has_tool_turns(messages)) and not self.template_renders_tools:
+            messages, tools = tool_messages(messages, functions or []), []
+        text = self.tokenizer.apply_chat_template(
+            messages, tools=tools or None, tokenize=False, add_generation_prompt=True
+        )
         return self.tokenizer(text, add_special_tokens=False).input_ids
+
+    @functools.cached_property
+    def template_renders_tools(self) -> bool:
+        """Whether the chat template shows the model the tools it is given (SmolLM2's does not)."""
+        probe = [{"role": "user", "content": "hi"}]
+        tool = {"type": "function", "function": {"name": "probe_tool_name", "parameters": {"type": "object"}}}
+        try:
+            shown = self.tokenizer.apply_chat_template(probe, tools=[tool], tokenize=False, add_generation_prompt=True)
+        except Exception:  # a template that fails on tools cannot render them
+            return False
+        return "probe_tool_name" in shown
 
     def text_prompt_ids(self, prompt: str) -> list[int]:
         return self.tokenizer(prompt).input_ids

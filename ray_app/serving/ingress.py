@@ -16,7 +16,6 @@ OpenAI-shaped:
 from __future__ import annotations
 
 import asyncio
-import json
 import logging
 import time
 import uuid
@@ -24,6 +23,7 @@ from collections.abc import AsyncIterator
 
 from fastapi import Request
 from fastapi.responses import StreamingResponse
+from pydantic import BaseModel
 from ray import serve
 from ray.exceptions import RayActorError, RayTaskError
 from ray.serve.exceptions import BackPressureError, DeploymentUnavailableError
@@ -34,7 +34,23 @@ from ray_app.serving.engine import Delta
 from ray_app.serving.gate import BODY_KEY, ApiGate
 from ray_app.serving.metrics import RequestMetrics
 from ray_app.serving.protocol import APIError, OpenAIRequest, error_response
+from ray_app.serving.responses import (
+    AssistantMessage,
+    ChatChoice,
+    ChatChunkChoice,
+    ChatCompletion,
+    ChatCompletionChunk,
+    Completion,
+    DeltaMessage,
+    FunctionCallDelta,
+    ModelList,
+    TextChoice,
+    ToolCall,
+    ToolCallDelta,
+    Usage,
+)
 from ray_app.serving.routing import CONVERSATION_HEADER, answers_as_canary
+from ray_app.serving.tools import tool_calls
 
 logger = logging.getLogger("ray.serve")
 
@@ -154,7 +170,8 @@ class OpenAIIngress:
         from fastapi.responses import JSONResponse
 
         header, first, stream = await self.open(body, server)
-        answer = _Answer(served, request_id(), chat, header["prompt_tokens"])
+        calls_tools = chat and body.calls_tools
+        answer = _Answer(served, request_id(), chat, header["prompt_tokens"], calls_tools)
         if body.stream:
             return ClosingStreamingResponse(
                 self._events(body, answer, first, stream),
@@ -165,7 +182,8 @@ class OpenAIIngress:
         while True:
             try:
                 text, finish, tokens = await _collect(first, stream)
-                return JSONResponse(answer.whole(text, finish, tokens), headers=served.version_headers)
+                whole = answer.whole(text, finish, tokens).model_dump(mode="json")
+                return JSONResponse(whole, headers=served.version_headers)
             except REPLICA_GONE as exc:
                 if not retries:
                     raise self._as_api_error(exc) from None
@@ -181,18 +199,17 @@ class OpenAIIngress:
         tokens = 0
         try:
             if answer.chat:
-                yield _sse(answer.chunk({"role": "assistant", "content": ""}, None))
-            async for delta in _deltas(first, stream):
-                tokens = delta.completion_tokens
-                if delta.text or delta.finish_reason:
-                    yield _sse(answer.chunk(delta.text, delta.finish_reason))
+                yield _sse(answer.chunk(DeltaMessage(role="assistant", content=""), None))
+            async for chunk, count in _chunks(answer, first, stream):
+                tokens = count
+                yield _sse(chunk)
         except Exception as exc:
             if isinstance(exc, REPLICA_GONE):
                 logger.warning("request %s: the model replica failed mid-stream", answer.request_id)
                 error = REPLICA_FAILED
             else:
                 error = self._as_api_error(exc)
-            yield _sse(error.body())
+            yield _sse(error.model())
             return
         finally:
             stream.cancel()  # the client left (or we are done): the replica drops the row
@@ -228,6 +245,18 @@ async def _deltas(first: Delta, stream) -> AsyncIterator[Delta]:
     async for batch in stream:
         for delta in batch:
             yield delta
+
+
+async def _chunks(answer: _Answer, first: Delta, stream) -> AsyncIterator[tuple[BaseModel, int]]:
+    """The answer's stream chunks, each with the completion tokens so far; tool calls once whole."""
+    if answer.calls_tools:
+        text, finish, tokens = await _collect(first, stream)
+        for chunk in answer.tool_chunks(text, finish):
+            yield chunk, tokens
+        return
+    async for delta in _deltas(first, stream):
+        if delta.text or delta.finish_reason:
+            yield answer.chunk(delta.text, delta.finish_reason), delta.completion_tokens
 
 
 async def _collect(first: Delta, stream) -> tuple[str, str, int]:
@@ -268,7 +297,7 @@ def build_api(ingress: OpenAIIngress):
 
     @app.get("/v1/models")
     async def models():
-        return {"object": "list", "data": [await ingress.model_card()]}
+        return ModelList(data=[await ingress.model_card()]).model_dump()
 
     @app.get("/v1/replicas")
     async def replicas():  # a ray-llmops extension: how many model replicas are up, without waking one
@@ -293,10 +322,11 @@ _HTTP_CODES = {404: "not_found", 405: "method_not_allowed"}
 
 
 class _Answer:
-    """The OpenAI bodies of one answer: whole, or chunk by chunk."""
+    """The OpenAI bodies of one answer (ray_app.serving.responses): whole, or chunk by chunk."""
 
-    def __init__(self, served: ServedModel, request_id: str, chat: bool, prompt_tokens: int):
+    def __init__(self, served: ServedModel, request_id: str, chat: bool, prompt_tokens: int, calls_tools=False):
         self.request_id, self.chat, self.prompt_tokens = request_id, chat, prompt_tokens
+        self.calls_tools = calls_tools  # the answer is a JSON list of tool calls (ray_app.serving.tools)
         self.common = {
             "id": f"{'chatcmpl' if chat else 'cmpl'}-{request_id}",
             "created": int(time.time()),
@@ -304,29 +334,46 @@ class _Answer:
             "system_fingerprint": served.label,
         }
 
-    def whole(self, text: str, finish: str, tokens: int) -> dict:
-        choice = (
-            {"index": 0, "message": {"role": "assistant", "content": text}, "finish_reason": finish}
-            if self.chat
-            else {"index": 0, "text": text, "finish_reason": finish, "logprobs": None}
-        )
-        kind = "chat.completion" if self.chat else "text_completion"
-        return {**self.common, "object": kind, "choices": [choice], "usage": _usage(self.prompt_tokens, tokens)}
-
-    def chunk(self, delta: str | dict, finish: str | None) -> dict:
-        if self.chat:
-            content = delta if isinstance(delta, dict) else ({"content": delta} if delta else {})
-            choice = {"index": 0, "delta": content, "finish_reason": finish}
+    def whole(self, text: str, finish: str, tokens: int) -> ChatCompletion | Completion:
+        usage = Usage.of(self.prompt_tokens, tokens)
+        if not self.chat:
+            return Completion(**self.common, choices=[TextChoice(text=text, finish_reason=finish)], usage=usage)
+        calls = self._calls(text, finish)
+        if calls is None:
+            choice = ChatChoice(message=AssistantMessage(content=text), finish_reason=finish)
         else:
-            choice = {"index": 0, "text": delta, "finish_reason": finish, "logprobs": None}
-        return {**self.common, "object": self._chunk_kind, "choices": [choice]}
+            choice = ChatChoice(message=AssistantMessage(content=None, tool_calls=calls), finish_reason="tool_calls")
+        return ChatCompletion(**self.common, choices=[choice], usage=usage)
 
-    def usage_chunk(self, tokens: int) -> dict:
-        return {**self.common, "object": self._chunk_kind, "choices": [], "usage": _usage(self.prompt_tokens, tokens)}
+    def _calls(self, text: str, finish: str) -> list[ToolCall] | None:
+        """The tool calls a required call answered with (None: not asked, or cut short by max_tokens)."""
+        calls = tool_calls(text) if self.calls_tools and finish == "stop" else None
+        return None if calls is None else [ToolCall.model_validate(call) for call in calls]
 
-    @property
-    def _chunk_kind(self) -> str:
-        return "chat.completion.chunk" if self.chat else "text_completion"
+    def tool_chunks(self, text: str, finish: str) -> list[ChatCompletionChunk]:
+        """A whole answer of tool calls as stream chunks: per call its id and name, then its arguments."""
+        calls = self._calls(text, finish)
+        if calls is None:  # cut short: the text as it is, like any answer
+            return [self.chunk(text, None), self.chunk("", finish)]
+        chunks = []
+        for index, call in enumerate(calls):
+            named = ToolCallDelta(index=index, id=call.id, type="function",
+                                  function=FunctionCallDelta(name=call.function.name, arguments=""))  # fmt: skip
+            arguments = ToolCallDelta(index=index, function=FunctionCallDelta(arguments=call.function.arguments))
+            chunks += [self.chunk(DeltaMessage(tool_calls=[named]), None),
+                       self.chunk(DeltaMessage(tool_calls=[arguments]), None)]  # fmt: skip
+        return [*chunks, self.chunk("", "tool_calls")]
+
+    def chunk(self, delta: DeltaMessage | str, finish: str | None) -> ChatCompletionChunk | Completion:
+        if self.chat:
+            message = delta if isinstance(delta, DeltaMessage) else DeltaMessage(content=delta or None)
+            return ChatCompletionChunk(**self.common, choices=[ChatChunkChoice(delta=message, finish_reason=finish)])
+        return Completion(**self.common, choices=[TextChoice(text=delta, finish_reason=finish)])
+
+    def usage_chunk(self, tokens: int) -> ChatCompletionChunk | Completion:
+        usage = Usage.of(self.prompt_tokens, tokens)
+        kind = ChatCompletionChunk if self.chat else Completion
+        return kind(**self.common, choices=[], usage=usage)
 
 
 def request_id() -> str:
@@ -337,9 +384,5 @@ def request_id() -> str:
     return request_id or uuid.uuid4().hex
 
 
-def _usage(prompt: int, completion: int) -> dict[str, int]:
-    return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
-
-
-def _sse(payload: dict) -> str:
-    return f"data: {json.dumps(payload, separators=(',', ':'))}\n\n"
+def _sse(payload: BaseModel) -> str:
+    return f"data: {payload.model_dump_json()}\n\n"

@@ -6,9 +6,9 @@ refused, a string with a lone surrogate or bytes that are not UTF-8 are invalid 
 nesting deeper than the parser's limit is refused rather than recursed into.
 
 Nothing is silently ignored. A field OpenAI defines that would change the answer but is
-not implemented here (tools, ``logit_bias``, ``n > 1``, logprobs,
+not implemented here (``tool_choice: "auto"``, ``logit_bias``, ``n > 1``, logprobs,
 penalties...) is refused with a 400 that names it, unless it is sent with its neutral value
-(``n: 1``, ``tool_choice: "none"``...). A field OpenAI does not define is refused as OpenAI
+(``n: 1``, ``logprobs: false``...). A field OpenAI does not define is refused as OpenAI
 does ("Unrecognized request argument supplied"). Fields that do not change the answer
 (``user``, ``metadata``, ``store``...) are accepted.
 
@@ -29,7 +29,9 @@ from fastapi.responses import JSONResponse
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator, model_validator
 
 from ray_app.serving.engine import GREEDY_BELOW
+from ray_app.serving.responses import ErrorDetail, ErrorResponse
 from ray_app.serving.structured import ANY_OBJECT
+from ray_app.serving.tools import MAX_PARALLEL_CALLS, calls_schema
 
 INT64_MIN, INT64_MAX = -(2**63), 2**63 - 1
 STOP_MAX_CHARS = 256
@@ -55,8 +57,8 @@ class APIError(Exception):
     def __reduce__(self):  # crosses from a model replica to the ingress whole
         return (APIError, (self.status, self.message, self.param, self.code, self.kind, self.headers))
 
-    def body(self) -> dict:
-        return error_body(self.message, self.param, self.code, self.kind)
+    def model(self) -> ErrorResponse:
+        return ErrorResponse(error=ErrorDetail(message=self.message, type=self.kind, param=self.param, code=self.code))
 
     def response(self) -> JSONResponse:
         return error_response(self.status, self.message, self.param, self.code, self.kind, self.headers)
@@ -96,7 +98,7 @@ def error_response(
 
 def error_body(message: str, param: str | None = None, code: str | None = None, kind: str = "invalid_request_error"):
     """OpenAI's error JSON: in a 4xx/5xx response, or as the last event of a stream that failed."""
-    return {"error": {"message": message, "type": kind, "param": param, "code": code}}
+    return ErrorResponse(error=ErrorDetail(message=message, type=kind, param=param, code=code)).model_dump()
 
 
 # --- fields that would change the answer: accepted only with their neutral value -------------
@@ -106,8 +108,6 @@ def _empty(value: Any) -> bool:
 
 _UNSUPPORTED: dict[str, tuple[Any, str]] = {
     # field: (test of the neutral value, why it is refused)
-    "tools": (_empty, "tool calling is not supported yet"),
-    "tool_choice": (lambda v: v in (None, "none"), "tool calling is not supported yet"),
     "functions": (_empty, "function calling is not supported yet"),
     "function_call": (lambda v: v in (None, "none"), "function calling is not supported yet"),
     "logit_bias": (_empty, "logit_bias is not supported by this engine"),
@@ -141,21 +141,25 @@ def _neutral_only(value: Any, info: ValidationInfo) -> Any:
 
 # The fields of _UNSUPPORTED each endpoint declares (so that a refusal names the field in `param`).
 _COMMON_REFUSED = ("n", "logit_bias", "presence_penalty", "frequency_penalty")
-_CHAT_REFUSED = ("tools", "tool_choice", "functions", "function_call", "logprobs",
+_CHAT_REFUSED = ("functions", "function_call", "logprobs",
                  "top_logprobs", "audio", "modalities", "prediction", "web_search_options", "reasoning_effort",
                  "verbosity")  # fmt: skip
 _COMPLETION_REFUSED = ("echo", "suffix", "best_of", "logprobs")
 
 
-class StreamOptions(BaseModel):
+class _Strict(BaseModel):
+    """A part of a request body: unknown fields refused, no type coercion (``"5"`` is not 5)."""
+
     model_config = ConfigDict(extra="forbid", strict=True)
 
+
+class StreamOptions(_Strict):
     include_usage: bool = False
     include_obfuscation: bool | None = None  # OpenAI's padding of stream events: nothing to pad here
 
 
-class _Request(BaseModel):
-    model_config = ConfigDict(extra="forbid", strict=True, allow_inf_nan=False)
+class _Request(_Strict):
+    model_config = ConfigDict(allow_inf_nan=False)  # merged with _Strict's
 
     model: str = Field(min_length=1, max_length=256)
     max_tokens: int | None = Field(default=None, ge=1)
@@ -215,26 +219,20 @@ class _Request(BaseModel):
         return 1.0 if self.top_p is None else self.top_p
 
 
-class ContentPart(BaseModel):
-    model_config = ConfigDict(extra="forbid", strict=True)
-
+class ContentPart(_Strict):
     type: Literal["text"]
     text: str
 
 
-class JSONSchemaFormat(BaseModel):
-    model_config = ConfigDict(extra="forbid", strict=True)
-
+class JSONSchemaFormat(_Strict):
     name: str = Field(min_length=1, max_length=64, pattern=r"^[a-zA-Z0-9_-]+$")
     description: str | None = None
     schema_: dict[str, Any] | None = Field(default=None, alias="schema")
     strict: bool | None = None  # the answer is constrained to the schema either way
 
 
-class ResponseFormat(BaseModel):
+class ResponseFormat(_Strict):
     """OpenAI's ``response_format``: free text, any JSON object, or JSON matching a schema."""
-
-    model_config = ConfigDict(extra="forbid", strict=True)
 
     type: Literal["text", "json_object", "json_schema"]
     json_schema: JSONSchemaFormat | None = None
@@ -254,28 +252,93 @@ class ResponseFormat(BaseModel):
         return json.dumps(self.json_schema.schema_, sort_keys=True)
 
 
-class ChatMessage(BaseModel):
-    model_config = ConfigDict(extra="forbid", strict=True)
+class FunctionCallIn(_Strict):
+    name: str = Field(min_length=1, max_length=64)
+    arguments: str = Field(max_length=65536)  # JSON text, as the model answered it
 
-    role: Literal["system", "developer", "user", "assistant"]
-    content: str | list[ContentPart]
+
+class ToolCallIn(_Strict):
+    """A tool call of an earlier assistant turn, sent back in the conversation."""
+
+    id: str = Field(min_length=1, max_length=256)
+    type: Literal["function"]
+    function: FunctionCallIn
+
+
+class ChatMessage(_Strict):
+    role: Literal["system", "developer", "user", "assistant", "tool"]
+    content: str | list[ContentPart] | None = None  # None: an assistant turn that only called tools
     name: str | None = Field(default=None, max_length=256)  # templates ignore it, as OpenAI's models may
+    tool_calls: list[ToolCallIn] | None = Field(default=None, max_length=MAX_PARALLEL_CALLS)
+    tool_call_id: str | None = Field(default=None, min_length=1, max_length=256)  # which call a tool turn answers
+
+    @model_validator(mode="after")
+    def _fields_of_its_role(self):
+        if self.tool_calls and self.role != "assistant":
+            raise ValueError("tool_calls: only an assistant message has them")
+        if (self.role == "tool") != (self.tool_call_id is not None):
+            raise ValueError("tool_call_id: required in a tool message, and only there")
+        if self.content is None and not self.tool_calls:
+            raise ValueError("content: required (null only in an assistant message with tool_calls)")
+        return self
 
     def text(self) -> str:
+        if self.content is None:
+            return ""
         if isinstance(self.content, str):
             return self.content
         return "".join(part.text for part in self.content)
+
+    def for_template(self) -> dict[str, Any]:
+        """The message as chat templates take it ("developer" is OpenAI's newer name for "system";
+        a call's arguments as an object, as Hugging Face templates expect)."""
+        message: dict[str, Any] = {"role": "system" if self.role == "developer" else self.role, "content": self.text()}
+        if self.tool_calls:
+            message["tool_calls"] = [{"type": "function", "id": call.id, "function": {
+                "name": call.function.name, "arguments": _json_or_text(call.function.arguments)}}
+                for call in self.tool_calls]  # fmt: skip
+        if self.tool_call_id is not None:
+            message["tool_call_id"] = self.tool_call_id
+        return message
+
+
+def _json_or_text(arguments: str) -> Any:
+    try:
+        return json.loads(arguments)
+    except json.JSONDecodeError:
+        return arguments
+
+
+class FunctionDefinition(_Strict):
+    name: str = Field(pattern=r"^[a-zA-Z0-9_-]{1,64}$")
+    description: str | None = Field(default=None, max_length=4096)
+    parameters: dict[str, Any] | None = None  # a JSON schema of the arguments object
+    strict: bool | None = None  # the arguments are constrained to the schema either way
+
+
+class Tool(_Strict):
+    type: Literal["function"]
+    function: FunctionDefinition
+
+
+class NamedFunction(_Strict):
+    name: str = Field(min_length=1, max_length=64)
+
+
+class NamedToolChoice(_Strict):
+    type: Literal["function"]
+    function: NamedFunction
 
 
 class ChatCompletionRequest(_Request):
     messages: list[ChatMessage] = Field(min_length=1)
     max_completion_tokens: int | None = Field(default=None, ge=1)
-    parallel_tool_calls: bool | None = None  # meaningless without tools, which are refused
+    parallel_tool_calls: bool | None = None  # with tool_choice "required": more than one call (default)
     safety_identifier: str | None = Field(default=None, max_length=512)
     prompt_cache_key: str | None = Field(default=None, max_length=512)
     response_format: ResponseFormat | None = None
-    tools: Any = None
-    tool_choice: Any = None
+    tools: list[Tool] | None = Field(default=None, max_length=128)
+    tool_choice: Literal["none", "auto", "required"] | NamedToolChoice | None = None
     functions: Any = None
     function_call: Any = None
     logprobs: Any = None
@@ -301,9 +364,41 @@ class ChatCompletionRequest(_Request):
             self.max_tokens = self.max_completion_tokens
         return self
 
-    def chat_messages(self) -> list[dict[str, str]]:
-        # "developer" is OpenAI's newer name for the system role; chat templates know "system".
-        return [{"role": "system" if m.role == "developer" else m.role, "content": m.text()} for m in self.messages]
+    @model_validator(mode="after")
+    def _tool_choice_with_tools(self):
+        names = [tool.function.name for tool in self.tools or []]
+        if len(set(names)) < len(names):
+            raise ValueError("tools: two tools have the same name")
+        choice = self.tool_choice
+        if names and choice in (None, "auto"):
+            raise ValueError("tool_choice: 'auto' (the default when tools are sent) is not supported yet: "
+                             "send 'required' or a named function")  # fmt: skip
+        if not names and (choice == "required" or isinstance(choice, NamedToolChoice)):
+            raise ValueError("tool_choice: a tool call was asked for but no tools were sent")
+        if isinstance(choice, NamedToolChoice) and choice.function.name not in names:
+            raise ValueError(f"tool_choice: no tool is named {choice.function.name!r}")
+        if self.calls_tools and self.response_format is not None and self.response_format.type != "text":
+            raise ValueError("response_format: a required tool call answers in its own format")
+        return self
+
+    @property
+    def calls_tools(self) -> bool:
+        """Whether the answer must be tool calls (tool_choice "required" or a named function)."""
+        return self.tool_choice == "required" or isinstance(self.tool_choice, NamedToolChoice)
+
+    def functions_offered(self) -> list[dict[str, Any]]:
+        """The tools the model is shown: those of a required call (with "none" it is shown none)."""
+        return [tool.function.model_dump(exclude_none=True) for tool in self.tools] if self.calls_tools else []
+
+    def calls_schema(self) -> str | None:
+        """The JSON schema a required tool call's answer is constrained to (None: no call is required)."""
+        if not self.calls_tools:
+            return None
+        name = self.tool_choice.function.name if isinstance(self.tool_choice, NamedToolChoice) else None
+        return calls_schema(self.functions_offered(), name, self.parallel_tool_calls is not False)
+
+    def chat_messages(self) -> list[dict[str, Any]]:
+        return [message.for_template() for message in self.messages]
 
 
 class CompletionRequest(_Request):
@@ -373,7 +468,8 @@ def _loc(loc: tuple) -> str:
     return ".".join(names)
 
 
-_TYPE_TAGS = {"str", "int", "float", "bool", "StreamOptions", "ContentPart", "ResponseFormat", "JSONSchemaFormat"}
+_TYPE_TAGS = {"str", "int", "float", "bool", "StreamOptions", "ContentPart", "ResponseFormat", "JSONSchemaFormat",
+              "NamedToolChoice"}  # fmt: skip
 
 
 def _is_type_tag(part: str) -> bool:

@@ -347,8 +347,7 @@ class _Answer:
 
     def _calls(self, text: str, finish: str) -> list[ToolCall] | None:
         """The tool calls a required call answered with (None: not asked, or cut short by max_tokens)."""
-        calls = tool_calls(text) if self.calls_tools and finish == "stop" else None
-        return None if calls is None else [ToolCall.model_validate(call) for call in calls]
+        return tool_calls(text) if self.calls_tools and finish == "stop" else None
 
     def tool_chunks(self, text: str, finish: str) -> list[ChatCompletionChunk]:
         """A whole answer of tool calls as stream chunks: per call its id and name, then its arguments."""

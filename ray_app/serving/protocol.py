@@ -29,7 +29,7 @@ from fastapi.responses import JSONResponse
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator, model_validator
 
 from ray_app.serving.engine import GREEDY_BELOW
-from ray_app.serving.responses import ErrorDetail, ErrorResponse
+from ray_app.serving.responses import ErrorResponse
 from ray_app.serving.structured import ANY_OBJECT
 from ray_app.serving.tools import MAX_PARALLEL_CALLS, calls_schema
 
@@ -58,7 +58,7 @@ class APIError(Exception):
         return (APIError, (self.status, self.message, self.param, self.code, self.kind, self.headers))
 
     def model(self) -> ErrorResponse:
-        return ErrorResponse(error=ErrorDetail(message=self.message, type=self.kind, param=self.param, code=self.code))
+        return ErrorResponse.of(self.message, self.param, self.code, self.kind)
 
     def response(self) -> JSONResponse:
         return error_response(self.status, self.message, self.param, self.code, self.kind, self.headers)
@@ -98,7 +98,7 @@ def error_response(
 
 def error_body(message: str, param: str | None = None, code: str | None = None, kind: str = "invalid_request_error"):
     """OpenAI's error JSON: in a 4xx/5xx response, or as the last event of a stream that failed."""
-    return ErrorResponse(error=ErrorDetail(message=message, type=kind, param=param, code=code)).model_dump()
+    return ErrorResponse.of(message, param, code, kind).model_dump()
 
 
 # --- fields that would change the answer: accepted only with their neutral value -------------

@@ -139,3 +139,7 @@ class ErrorResponse(BaseModel):
     """OpenAI's error JSON: in a 4xx/5xx response, or as the last event of a stream that failed."""
 
     error: ErrorDetail
+
+    @classmethod
+    def of(cls, message: str, param: str | None, code: str | None, kind: str) -> ErrorResponse:
+        return cls(error=ErrorDetail(message=message, type=kind, param=param, code=code))

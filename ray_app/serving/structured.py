@@ -114,6 +114,8 @@ class GrammarMasks:
         # Compiled once per schema; the cache is bounded (every client may send schemas of its own).
         self.compiler = xgrammar.GrammarCompiler(info, max_threads=2, cache_limit_bytes=64 << 20)
         self.vocab_size = vocab_size
+        # One row's mask, refilled for each constrained row at each step (the decode loop is one thread).
+        self._bitmask = xgrammar.allocate_token_bitmask(1, vocab_size)
 
     def matcher(self, schema: str):
         """A fresh matcher for one row answering in ``schema`` (checked by check_schema before)."""
@@ -122,9 +124,8 @@ class GrammarMasks:
 
     def mask(self, logits, matcher) -> None:
         """Set the logits of the tokens ``matcher`` does not allow next to -inf (in place, one row)."""
-        bitmask = self._xgr.allocate_token_bitmask(1, self.vocab_size)
-        matcher.fill_next_token_bitmask(bitmask)
-        self._xgr.apply_token_bitmask_inplace(logits.unsqueeze(0), bitmask)
+        matcher.fill_next_token_bitmask(self._bitmask)
+        self._xgr.apply_token_bitmask_inplace(logits.unsqueeze(0), self._bitmask)
 
     @staticmethod
     def accept(matcher, token_id: int) -> None:

@@ -21,6 +21,8 @@ import json
 import uuid
 from typing import Any
 
+from ray_app.serving.responses import FunctionCall, ToolCall
+
 MAX_PARALLEL_CALLS = 8
 
 
@@ -42,15 +44,15 @@ def _arguments_schema(tool: dict) -> dict:
     return parameters if parameters.get("type") == "object" else {"type": "object"}
 
 
-def tool_calls(text: str) -> list[dict] | None:
+def tool_calls(text: str) -> list[ToolCall] | None:
     """OpenAI's ``tool_calls`` from a constrained answer (None when it was cut before it was whole)."""
     try:
         calls = json.loads(text)
     except json.JSONDecodeError:
         return None
     return [
-        {"id": f"call_{uuid.uuid4().hex[:24]}", "type": "function",
-         "function": {"name": call["name"], "arguments": json.dumps(call["arguments"])}}
+        ToolCall(id=f"call_{uuid.uuid4().hex[:24]}",
+                 function=FunctionCall(name=call["name"], arguments=json.dumps(call["arguments"])))
         for call in calls
     ]  # fmt: skip
 

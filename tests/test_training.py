@@ -4,6 +4,7 @@ tracking into the MLflow server on PostgreSQL, with a tiny model built from a co
 from __future__ import annotations
 
 import json
+import os
 import threading
 import time
 from pathlib import Path
@@ -115,6 +116,22 @@ def test_data_too_small_for_one_batch_per_worker_is_named_before_training(toy_da
     with pytest.raises(DatasetError, match="8 rows, 4 for each of num_workers: 2, fewer than micro_batch_size: 8"):
         check_rows_fill_a_batch(cfg, 8)
     check_rows_fill_a_batch(cfg, 16)  # one batch each
+
+
+def test_deepspeed_builds_its_ops_with_this_environments_ninja_whatever_the_path(monkeypatch):
+    """A cached op built by another ninja is rebuilt (~30 s): the worker pins the environment's own."""
+    import shutil
+    import sys
+
+    from training.runtime import use_environment_build_tools
+
+    own = Path(sys.executable).parent / "ninja"
+    assert own.exists(), "deepspeed's ninja dependency is installed beside the interpreter"
+    monkeypatch.setenv("PATH", "/usr/bin:/bin")
+    use_environment_build_tools()
+    assert shutil.which("ninja") == str(own)
+    use_environment_build_tools()  # idempotent: PATH does not grow with every worker start
+    assert os.environ["PATH"] == f"{own.parent}:/usr/bin:/bin"
 
 
 def test_bf16_on_cpu_is_autocast_over_fp32_weights_and_fp16_needs_a_gpu(toy_data):

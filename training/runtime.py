@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import sys
 import tempfile
 import time
 from dataclasses import dataclass
@@ -107,6 +108,17 @@ class Worker:
         self.tracker.live.checkpoint(save_checkpoint(self.engine, state, metrics, self.rank, self.key))
 
 
+def use_environment_build_tools() -> None:
+    """Put this environment's ``bin`` first on PATH. DeepSpeed JIT-builds its CPU ops (the shared-memory
+    comm op at every first initialize) with the first ``ninja`` on PATH, and a ninja other than the one
+    that built the cache rebuilds it (~30 s of every core): a CLI run, a Ray job and a test each
+    started with another PATH used to take turns rebuilding."""
+    bindir = os.path.dirname(sys.executable)
+    path = os.environ.get("PATH", "")
+    if os.path.exists(os.path.join(bindir, "ninja")) and path.split(os.pathsep)[0] != bindir:
+        os.environ["PATH"] = os.pathsep.join([bindir, path]) if path else bindir
+
+
 def start_worker(cfg: SFTConfig, config: dict[str, Any], total_steps: int) -> Worker:
     """Threads and seed, DeepSpeed's engine around the model (gloo on CPU, nccl on GPU), resumed from
     the last checkpoint when there is one, and rank 0's tracker (which says where it resumed)."""
@@ -121,6 +133,7 @@ def start_worker(cfg: SFTConfig, config: dict[str, Any], total_steps: int) -> Wo
     if cfg.torch_threads:
         torch.set_num_threads(cfg.torch_threads)
     torch.manual_seed(cfg.seed)
+    use_environment_build_tools()
     # Ray Train already set up torch.distributed; DeepSpeed's comm layer joins it, so that
     # ZeRO-3's partitioned load (zero.Init) sees the real world size.
     deepspeed.init_distributed(dist_backend="nccl" if cfg.use_gpu else "gloo")

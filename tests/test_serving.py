@@ -270,6 +270,77 @@ def test_tools_reach_a_model_whose_template_ignores_them_through_a_system_messag
     assert "You can call these functions" not in without and "Result of get_weather: Sunny" in without
 
 
+AUTO_ANSWERS = {  # a free ("auto") answer -> (content, [(name, arguments)])
+    'Let me check.\n<tool_call>\n{"name": "get_weather", "arguments": {"city": "Paris", "days": 2}}\n</tool_call>':
+        ("Let me check.", [("get_weather", {"city": "Paris", "days": 2})]),
+    '<tool_call>{"name": "get_weather", "arguments": "{\\"city\\": \\"Rome\\"}"}</tool_call>\n'
+    '<tool_call>{"name": "get_time", "arguments": {}}</tool_call>':
+        (None, [("get_weather", {"city": "Rome"}), ("get_time", {})]),
+    '[{"name": "get_time", "arguments": {"city": "Rome"}}]': (None, [("get_time", {"city": "Rome"})]),
+    '```json\n{"name": "get_weather", "parameters": {"city": "Oslo"}}\n```':
+        (None, [("get_weather", {"city": "Oslo"})]),
+    "The weather in Paris is sunny.": ("The weather in Paris is sunny.", []),
+    '{"name": "delete_everything", "arguments": {}}': ('{"name": "delete_everything", "arguments": {}}', []),
+    '<tool_call>{"name": "get_weather", "arguments": [1]}</tool_call>': (
+        '<tool_call>{"name": "get_weather", "arguments": [1]}</tool_call>', []),
+    '[1, 2] are the numbers; {"a": 1} is an object': ('[1, 2] are the numbers; {"a": 1} is an object', []),
+    "Say <tool_ and <tool_call>{not json</tool_call>": ("Say <tool_ and <tool_call>{not json</tool_call>", []),
+}  # fmt: skip
+NAMES = frozenset({"get_weather", "get_time"})
+
+
+def test_an_auto_answer_is_read_as_calls_only_when_it_calls_an_offered_function_in_a_known_format():
+    from ray_app.serving.tools import parse_calls
+
+    for text, (content, calls) in AUTO_ANSWERS.items():
+        parsed_content, parsed = parse_calls(text, NAMES)
+        assert parsed_content == content, text
+        assert [(call.function.name, json.loads(call.function.arguments)) for call in parsed] == calls, text
+        assert all(call.id.startswith("call_") for call in parsed)
+    assert len(parse_calls('<tool_call>{"name": "get_time", "arguments": {}}</tool_call>' * 3, NAMES, most=1)[1]) == 1
+
+
+def test_a_streamed_auto_answer_sends_text_as_it_comes_and_holds_back_only_what_may_be_a_call():
+    import asyncio
+
+    from ray_app.serving.config import ServedModel
+    from ray_app.serving.ingress import _Answer, _chunks
+    from ray_app.serving.tools import ToolUse
+
+    def stream(text: str, finish: str = "stop"):
+        pieces = [text[i : i + 3] for i in range(0, len(text), 3)]  # 3 characters a token
+        deltas = [Delta(piece, n + 1, finish if n == len(pieces) - 1 else None) for n, piece in enumerate(pieces)]
+
+        async def batches():
+            for delta in deltas[1:]:
+                yield [delta]
+
+        return deltas[0], batches()
+
+    async def chunks(text: str, finish: str = "stop") -> list:
+        answer = _Answer(ServedModel(source="default", name="m", label="m/1"), "r1", True, 5, ToolUse(names=NAMES))
+        return [chunk async for chunk, _ in _chunks(answer, *stream(text, finish))]
+
+    for text, (content, calls) in AUTO_ANSWERS.items():
+        sent = asyncio.run(chunks(text))
+        deltas = [chunk.choices[0].delta for chunk in sent]
+        shown = "".join(delta.content or "" for delta in deltas)
+        streamed = {}
+        for delta in deltas:
+            for call in delta.tool_calls or []:
+                entry = streamed.setdefault(call.index, ["", ""])
+                entry[0] += call.function.name or ""
+                entry[1] += call.function.arguments or ""
+        assert shown.strip() == (content or ""), text
+        assert [(name, json.loads(arguments)) for name, arguments in streamed.values()] == calls, text
+        assert sent[-1].choices[0].finish_reason == ("tool_calls" if calls else "stop")
+    plain = asyncio.run(chunks("The weather in Paris is sunny. <tool_ is not a tag"))
+    assert len(plain) > 10, "a plain answer streams piece by piece, not held to its end"
+    cut = asyncio.run(chunks('<tool_call>{"name": "get_time", "arguments": {}}</tool_call>', finish="length"))
+    assert "".join(c.choices[0].delta.content or "" for c in cut).startswith("<tool_call>")  # cut: stays text
+    assert cut[-1].choices[0].finish_reason == "length"
+
+
 def test_a_row_that_fails_while_sampling_fails_alone_and_its_batch_answers_as_alone(sharp_engine, monkeypatch):
     engine = sharp_engine
     prompts = ["Hi", "Tell me a long story about the sea and its ships", "2+2?"]
@@ -375,7 +446,8 @@ GATE_CASES = [  # (path, body, status, param, words in the message)
     ("/v1/chat/completions", {"messages": [{"role": "tool", "content": "x"}]}, 400, "messages.0",
      "tool_call_id: required in a tool message"),
     ("/v1/chat/completions", {"messages": [{"role": "user", "content": None}]}, 400, "messages.0", "content: required"),
-    ("/v1/chat/completions", {"messages": QUESTION, "tools": [TOOL]}, 400, "tool_choice", "'auto' (the default"),
+    ("/v1/chat/completions", {"messages": QUESTION, "tools": [TOOL], "tool_choice": "sometimes"}, 400, "tool_choice",
+     "'auto'"),
     ("/v1/chat/completions", {"messages": QUESTION, "tool_choice": "required"}, 400, "tool_choice", "no tools"),
     ("/v1/chat/completions", {"messages": QUESTION, "tools": [TOOL], "tool_choice": {"type": "function", "function": {
         "name": "nope"}}}, 400, "tool_choice", "no tool is named 'nope'"),
@@ -962,6 +1034,20 @@ def test_tool_calls_required_or_named_in_a_two_step_agent_loop_whole_and_streame
     parallel = client.chat.completions.create(messages=messages[:1], tools=tools, tool_choice="required",
                                               **greedy | {"max_tokens": 400})  # fmt: skip
     assert 1 <= len(parallel.choices[0].message.tool_calls) <= 8
+
+    # "auto" (the default with tools): the model chooses; streamed, the answer reassembles into the whole one
+    auto = client.chat.completions.create(messages=messages[:1], tools=tools, **greedy)
+    message, pieces, calls, finish = auto.choices[0].message, [], {}, None
+    for chunk in client.chat.completions.create(messages=messages[:1], tools=tools, stream=True, **greedy):
+        pieces.append(chunk.choices[0].delta.content or "")
+        for delta in chunk.choices[0].delta.tool_calls or []:
+            calls.setdefault(delta.index, []).append((delta.function.name or "") + (delta.function.arguments or ""))
+        finish = chunk.choices[0].finish_reason or finish
+    assert finish == auto.choices[0].finish_reason in ("stop", "length", "tool_calls")
+    assert "".join(pieces).strip() == (message.content or "").strip()
+    whole = [call.function.name + call.function.arguments for call in message.tool_calls or []]
+    assert ["".join(parts) for parts in calls.values()] == whole
+    assert all(call.function.name in ("get_weather", "get_time") for call in message.tool_calls or [])
 
     streamed, finish = {}, None  # the deltas of a streamed call reassemble into the same call
     for chunk in client.chat.completions.create(messages=messages[:1], tools=tools, tool_choice="required",

@@ -50,7 +50,7 @@ from ray_app.serving.responses import (
     Usage,
 )
 from ray_app.serving.routing import CONVERSATION_HEADER, answers_as_canary
-from ray_app.serving.tools import tool_calls
+from ray_app.serving.tools import AutoCalls, ToolUse, parse_calls, tool_calls
 
 logger = logging.getLogger("ray.serve")
 
@@ -170,8 +170,8 @@ class OpenAIIngress:
         from fastapi.responses import JSONResponse
 
         header, first, stream = await self.open(body, server)
-        calls_tools = chat and body.calls_tools
-        answer = _Answer(served, request_id(), chat, header["prompt_tokens"], calls_tools)
+        tools = body.tool_use() if chat else ToolUse()
+        answer = _Answer(served, request_id(), chat, header["prompt_tokens"], tools)
         if body.stream:
             return ClosingStreamingResponse(
                 self._events(body, answer, first, stream),
@@ -249,14 +249,33 @@ async def _deltas(first: Delta, stream) -> AsyncIterator[Delta]:
 
 async def _chunks(answer: _Answer, first: Delta, stream) -> AsyncIterator[tuple[BaseModel, int]]:
     """The answer's stream chunks, each with the completion tokens so far; tool calls once whole."""
-    if answer.calls_tools:
+    if answer.tools.required:
         text, finish, tokens = await _collect(first, stream)
         for chunk in answer.tool_chunks(text, finish):
+            yield chunk, tokens
+        return
+    if answer.tools.names:
+        async for chunk, tokens in _auto_chunks(answer, first, stream):
             yield chunk, tokens
         return
     async for delta in _deltas(first, stream):
         if delta.text or delta.finish_reason:
             yield answer.chunk(delta.text, delta.finish_reason), delta.completion_tokens
+
+
+async def _auto_chunks(answer: _Answer, first: Delta, stream) -> AsyncIterator[tuple[BaseModel, int]]:
+    """An answer that may call tools ("auto"): its text as it comes, but for what may be a call."""
+    reader, finish, tokens = AutoCalls(answer.tools.names, answer.tools.most), "stop", 0
+    async for delta in _deltas(first, stream):
+        shown = reader.feed(delta.text)
+        finish, tokens = delta.finish_reason or finish, delta.completion_tokens
+        if shown:
+            yield answer.chunk(shown, None), tokens
+    rest, calls = reader.finish(finish)
+    if rest:
+        yield answer.chunk(rest, None), tokens
+    for chunk in answer.call_chunks(calls) if calls else [answer.chunk("", finish)]:
+        yield chunk, tokens
 
 
 async def _collect(first: Delta, stream) -> tuple[str, str, int]:
@@ -324,9 +343,9 @@ _HTTP_CODES = {404: "not_found", 405: "method_not_allowed"}
 class _Answer:
     """The OpenAI bodies of one answer (ray_app.serving.responses): whole, or chunk by chunk."""
 
-    def __init__(self, served: ServedModel, request_id: str, chat: bool, prompt_tokens: int, calls_tools=False):
+    def __init__(self, served: ServedModel, request_id: str, chat: bool, prompt_tokens: int, tools=None):
         self.request_id, self.chat, self.prompt_tokens = request_id, chat, prompt_tokens
-        self.calls_tools = calls_tools  # the answer is a JSON list of tool calls (ray_app.serving.tools)
+        self.tools = tools or ToolUse()  # how the answer is read for tool calls (ray_app.serving.tools)
         self.common = {
             "id": f"{'chatcmpl' if chat else 'cmpl'}-{request_id}",
             "created": int(time.time()),
@@ -338,22 +357,29 @@ class _Answer:
         usage = Usage.of(self.prompt_tokens, tokens)
         if not self.chat:
             return Completion(**self.common, choices=[TextChoice(text=text, finish_reason=finish)], usage=usage)
-        calls = self._calls(text, finish)
-        if calls is None:
-            choice = ChatChoice(message=AssistantMessage(content=text), finish_reason=finish)
-        else:
-            choice = ChatChoice(message=AssistantMessage(content=None, tool_calls=calls), finish_reason="tool_calls")
+        content, calls = self._message(text, finish)
+        message = AssistantMessage(content=content, tool_calls=calls or None)
+        choice = ChatChoice(message=message, finish_reason="tool_calls" if calls else finish)
         return ChatCompletion(**self.common, choices=[choice], usage=usage)
 
-    def _calls(self, text: str, finish: str) -> list[ToolCall] | None:
-        """The tool calls a required call answered with (None: not asked, or cut short by max_tokens)."""
-        return tool_calls(text) if self.calls_tools and finish == "stop" else None
+    def _message(self, text: str, finish: str) -> tuple[str | None, list[ToolCall]]:
+        """The message's content and its tool calls (none: a text answer, or one cut short by max_tokens)."""
+        if finish != "stop":
+            return text, []
+        if self.tools.required:
+            calls = tool_calls(text)
+            return (None, calls) if calls else (text, [])
+        if self.tools.names:
+            return parse_calls(text, self.tools.names, self.tools.most)
+        return text, []
 
     def tool_chunks(self, text: str, finish: str) -> list[ChatCompletionChunk]:
-        """A whole answer of tool calls as stream chunks: per call its id and name, then its arguments."""
-        calls = self._calls(text, finish)
-        if calls is None:  # cut short: the text as it is, like any answer
-            return [self.chunk(text, None), self.chunk("", finish)]
+        """A whole required answer as stream chunks: its calls, or (cut short) its text."""
+        calls = self._message(text, finish)[1]
+        return self.call_chunks(calls) if calls else [self.chunk(text, None), self.chunk("", finish)]
+
+    def call_chunks(self, calls: list[ToolCall]) -> list[ChatCompletionChunk]:
+        """Tool calls as stream chunks: per call its id and name, then its arguments; then the finish."""
         chunks = []
         for index, call in enumerate(calls):
             named = ToolCallDelta(index=index, id=call.id, type="function",

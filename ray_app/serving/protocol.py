@@ -6,7 +6,7 @@ refused, a string with a lone surrogate or bytes that are not UTF-8 are invalid 
 nesting deeper than the parser's limit is refused rather than recursed into.
 
 Nothing is silently ignored. A field OpenAI defines that would change the answer but is
-not implemented here (``tool_choice: "auto"``, ``logit_bias``, ``n > 1``, logprobs,
+not implemented here (``logit_bias``, ``n > 1``, logprobs,
 penalties...) is refused with a 400 that names it, unless it is sent with its neutral value
 (``n: 1``, ``logprobs: false``...). A field OpenAI does not define is refused as OpenAI
 does ("Unrecognized request argument supplied"). Fields that do not change the answer
@@ -31,7 +31,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationIn
 from ray_app.serving.engine import GREEDY_BELOW
 from ray_app.serving.responses import ErrorResponse
 from ray_app.serving.structured import ANY_OBJECT
-from ray_app.serving.tools import MAX_PARALLEL_CALLS, calls_schema
+from ray_app.serving.tools import MAX_PARALLEL_CALLS, ToolUse, calls_schema
 
 INT64_MIN, INT64_MAX = -(2**63), 2**63 - 1
 STOP_MAX_CHARS = 256
@@ -333,7 +333,7 @@ class NamedToolChoice(_Strict):
 class ChatCompletionRequest(_Request):
     messages: list[ChatMessage] = Field(min_length=1)
     max_completion_tokens: int | None = Field(default=None, ge=1)
-    parallel_tool_calls: bool | None = None  # with tool_choice "required": more than one call (default)
+    parallel_tool_calls: bool | None = None  # false: at most one call (default: up to MAX_PARALLEL_CALLS)
     safety_identifier: str | None = Field(default=None, max_length=512)
     prompt_cache_key: str | None = Field(default=None, max_length=512)
     response_format: ResponseFormat | None = None
@@ -370,9 +370,6 @@ class ChatCompletionRequest(_Request):
         if len(set(names)) < len(names):
             raise ValueError("tools: two tools have the same name")
         choice = self.tool_choice
-        if names and choice in (None, "auto"):
-            raise ValueError("tool_choice: 'auto' (the default when tools are sent) is not supported yet: "
-                             "send 'required' or a named function")  # fmt: skip
         if not names and (choice == "required" or isinstance(choice, NamedToolChoice)):
             raise ValueError("tool_choice: a tool call was asked for but no tools were sent")
         if isinstance(choice, NamedToolChoice) and choice.function.name not in names:
@@ -386,9 +383,23 @@ class ChatCompletionRequest(_Request):
         """Whether the answer must be tool calls (tool_choice "required" or a named function)."""
         return self.tool_choice == "required" or isinstance(self.tool_choice, NamedToolChoice)
 
+    @property
+    def may_call_tools(self) -> bool:
+        """Whether the model chooses between text and calls (tool_choice "auto", OpenAI's default with
+        tools); with a ``response_format`` the answer follows the format and is never read as calls."""
+        formatted = self.response_format is not None and self.response_format.type != "text"
+        return bool(self.tools) and self.tool_choice in (None, "auto") and not formatted
+
+    def tool_use(self) -> ToolUse:
+        """How the answer is read for tool calls (ray_app.serving.tools)."""
+        names = frozenset(tool.function.name for tool in self.tools or []) if self.may_call_tools else frozenset()
+        most = 1 if self.parallel_tool_calls is False else MAX_PARALLEL_CALLS
+        return ToolUse(required=self.calls_tools, names=names, most=most)
+
     def functions_offered(self) -> list[dict[str, Any]]:
-        """The tools the model is shown: those of a required call (with "none" it is shown none)."""
-        return [tool.function.model_dump(exclude_none=True) for tool in self.tools] if self.calls_tools else []
+        """The tools the model is shown: with "auto" or a required call (with "none" it is shown none)."""
+        shown = self.calls_tools or self.may_call_tools
+        return [tool.function.model_dump(exclude_none=True) for tool in self.tools] if shown else []
 
     def calls_schema(self) -> str | None:
         """The JSON schema a required tool call's answer is constrained to (None: no call is required)."""
@@ -473,4 +484,4 @@ _TYPE_TAGS = {"str", "int", "float", "bool", "StreamOptions", "ContentPart", "Re
 
 
 def _is_type_tag(part: str) -> bool:
-    return part in _TYPE_TAGS or part.startswith(("list[", "dict[", "function-"))
+    return part in _TYPE_TAGS or part.startswith(("list[", "dict[", "function-", "literal["))

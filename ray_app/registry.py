@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from ray_app.credentials import node_env
 from ray_app.settings import Settings, get_settings
 
-_MODELS_URI = re.compile(r"^models:/(?P<name>[^/@]+)(?:@(?P<alias>[\w-]+)|/(?P<version>\d+))$")
+MODELS_URI = re.compile(r"^models:/(?P<name>[^/@]+)(?:@(?P<alias>[\w-]+)|/(?P<version>\d+))$")
 
 
 class RegistryError(RuntimeError):
@@ -193,11 +193,23 @@ def set_alias(name: str, alias: str, version: str, settings: Settings | None = N
                             f"{mlflow_client.tracking_uri}: {exc.message}") from exc  # fmt: skip
 
 
+def tag_version(name: str, version: str, tags: dict[str, str], settings: Settings | None = None) -> None:
+    """Set ``tags`` on registered version ``name``/``version``; RegistryError (naming MLflow) when it cannot."""
+    from mlflow.exceptions import MlflowException
+
+    mlflow_client = client(settings)
+    try:
+        for key, value in tags.items():
+            mlflow_client.set_model_version_tag(name, version, key, value)
+    except MlflowException as exc:
+        raise RegistryError(f"cannot tag {name}/{version} at {mlflow_client.tracking_uri}: {exc.message}") from exc
+
+
 def get_version(uri: str, settings: Settings | None = None) -> ModelVersionRef:
     """The version behind ``models:/NAME@ALIAS`` or ``models:/NAME/VERSION``."""
     from mlflow.exceptions import MlflowException
 
-    match = _MODELS_URI.match(uri)
+    match = MODELS_URI.match(uri)
     if not match:
         raise RegistryError(f"not a registry URI: {uri!r}; expected models:/NAME@ALIAS or models:/NAME/VERSION")
     mlflow_client = client(settings)

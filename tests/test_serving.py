@@ -23,7 +23,7 @@ import yaml
 from conftest import draw_dashboard, free_port, venv_bin, wait_for_port
 from pydantic import BaseModel, Field
 from starlette.requests import Request
-from tiny_model import build_tiny_chat_model
+from tiny_model import build_tiny_chat_model, train_lora_adapter
 
 from ray_app.serving.config import ServeConfigError, parse_args
 from ray_app.serving.engine import (
@@ -268,6 +268,48 @@ def test_tools_reach_a_model_whose_template_ignores_them_through_a_system_messag
     assert "Result of get_weather: Sunny" in text
     without = engine.tokenizer.decode(engine.chat_prompt_ids(history))  # no call asked: no guide, same history
     assert "You can call these functions" not in without and "Result of get_weather: Sunny" in without
+
+
+PROBE = "Which adapter answers?"
+ADAPTER_ANSWERS = {"alpha": "Alpha answers, one two three.", "bravo": "Bravo answers here, four five.",
+                   "charlie": "Charlie speaks now, six."}  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def adapters(tiny_dir: Path, tmp_path_factory) -> dict[str, Path]:
+    """Three LoRA adapters of the tiny model, each taught its own answer to PROBE."""
+    root = tmp_path_factory.mktemp("adapters")
+    return {name: train_lora_adapter(tiny_dir, root / name, PROBE, answer, seed=seed)
+            for seed, (name, answer) in enumerate(ADAPTER_ANSWERS.items())}  # fmt: skip
+
+
+def test_rows_of_different_lora_adapters_and_the_base_decode_in_one_batch_each_as_alone(tiny_dir, adapters):
+    from ray_app.serving.lora import Adapter
+
+    engine = TransformersEngine(tiny_dir, threads=1, max_adapters=2)
+    prompt = engine.chat_prompt_ids([{"role": "user", "content": PROBE}])
+
+    def ask(*names: str | None) -> list[str]:
+        chosen = [Adapter(name, adapters[name]) if name else None for name in names]
+        return [text for text, _, _ in _run(engine, [GenerationRequest(prompt, SamplingParams(max_tokens=12,
+                temperature=0), adapter=adapter) for adapter in chosen])]  # fmt: skip
+
+    [base] = ask(None)
+    assert not base.startswith(tuple(ADAPTER_ANSWERS.values()))
+    alone = {name: ask(name)[0] for name in ("alpha", "bravo")}
+    assert all(alone[name].startswith(ADAPTER_ANSWERS[name][:12]) for name in alone), alone
+    assert ask("alpha", None, "bravo", "alpha") == [alone["alpha"], base, alone["bravo"], alone["alpha"]]
+    assert list(engine.lora.loaded) == ["alpha", "bravo"] and engine.lora.loads == 2
+    # a third adapter beyond the two held unloads the least recently used (alpha: bravo was used after it)
+    assert ask("charlie")[0].startswith(ADAPTER_ANSWERS["charlie"][:12])
+    assert list(engine.lora.loaded) == ["bravo", "charlie"] and engine.lora.unloads == 1
+    assert ask("bravo", "alpha") == [alone["bravo"], alone["alpha"]]  # alpha comes back; charlie (LRU) goes
+    assert list(engine.lora.loaded) == ["bravo", "alpha"]
+    plain = TransformersEngine(tiny_dir, threads=1)
+    with pytest.raises(ValueError, match="serves no LoRA adapters"):
+        plain.new_row(
+            GenerationRequest(prompt, SamplingParams(max_tokens=2), adapter=Adapter("alpha", adapters["alpha"]))
+        )
 
 
 AUTO_ANSWERS = {  # a free ("auto") answer -> (content, [(name, arguments)])

@@ -66,3 +66,34 @@ def warm_up_on_chat_data(source: Path, folder: Path, data: Path, steps: int = 60
     model.save_pretrained(folder)
     tokenizer.save_pretrained(folder)
     return folder
+
+
+def train_lora_adapter(base: Path, folder: Path, question: str, answer: str, steps: int = 80, seed: int = 0) -> Path:
+    """A LoRA adapter of ``base`` (PEFT, in-process) taught to answer ``question`` with ``answer``."""
+    import torch
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    if (folder / "adapter_config.json").is_file():
+        return folder
+    tokenizer = AutoTokenizer.from_pretrained(base)
+    asked = [{"role": "user", "content": question}]
+    prompt = _template_ids(tokenizer, asked, add_generation_prompt=True)
+    whole = _template_ids(tokenizer, [*asked, {"role": "assistant", "content": answer}])
+    ids = torch.tensor([whole])
+    labels = torch.tensor([[-100] * len(prompt) + whole[len(prompt) :]])  # the answer and its end-of-turn
+    torch.manual_seed(seed)
+    config = LoraConfig(r=16, lora_alpha=32, lora_dropout=0.0, target_modules="all-linear")
+    model = get_peft_model(AutoModelForCausalLM.from_pretrained(base), config)
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+    for _ in range(steps):
+        model(input_ids=ids, labels=labels).loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+    model.save_pretrained(folder)
+    return folder
+
+
+def _template_ids(tokenizer, messages: list[dict], **options) -> list[int]:
+    ids = tokenizer.apply_chat_template(messages, **options)
+    return list(ids if isinstance(ids, list) else ids["input_ids"])  # transformers 5 returns an encoding

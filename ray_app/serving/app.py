@@ -16,6 +16,7 @@ Endpoints: ``POST /v1/chat/completions``, ``POST /v1/completions`` (both with ``
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
 import logging
 import time
@@ -26,12 +27,14 @@ from typing import Any
 from ray import serve
 from ray.serve import Application
 
+from ray_app.adapters import AdapterNotFound, fetch_adapter, split_model_id
 from ray_app.credentials import as_serve_identity, kept_out_of_runtime_envs, serve_api_keys
 from ray_app.models import resolve_model
 from ray_app.serving.admission import Admission, DeadlineExceeded
 from ray_app.serving.config import ServeArgs, ServedModel, parse_args, pin_canary, pin_model
 from ray_app.serving.engine import ContinuousBatcher, Delta, GenerationRequest, SamplingParams, TransformersEngine
 from ray_app.serving.ingress import OpenAIIngress, request_id
+from ray_app.serving.lora import Adapter
 from ray_app.serving.metrics import ReplicaMetrics
 from ray_app.serving.openvino_engine import OpenVINOBatcher, OpenVINOEngine
 from ray_app.serving.openvino_export import openvino_model
@@ -90,7 +93,10 @@ class ChatServer:
     def batching_stats(self) -> dict[str, int]:
         """The decode loop's and admission's counters (a handle method, for benchmarks, tests and debugging)."""
         admitted = {"active_requests": self.admission.active, "rejected_requests": self.admission.rejected}
-        return {**dataclasses.asdict(self.batcher.stats), **admitted}
+        lora = getattr(self.engine, "lora", None)
+        adapters = {"adapters_loaded": len(lora.loaded), "adapter_loads": lora.loads,
+                    "adapter_unloads": lora.unloads} if lora is not None else {}  # fmt: skip
+        return {**dataclasses.asdict(self.batcher.stats), **admitted, **adapters}
 
     def check_health(self) -> None:
         """Serve's periodic health check: a replica whose decode loop ended (its engine died) is replaced."""
@@ -110,6 +116,20 @@ class ChatServer:
             return self.engine.chat_prompt_ids(body.chat_messages(), body.functions_offered())
         except TemplateError as exc:  # templates may refuse e.g. roles that do not alternate
             raise APIError(400, f"messages: this model's chat template refused them: {exc}", param="messages") from None
+
+    async def adapter(self, model: str) -> Adapter | None:
+        """The LoRA adapter ``model`` names (``NAME:ADAPTER``), fetched from the store on first use; 404 if none."""
+        name = split_model_id(model)[1]
+        if name is None:
+            return None
+        settings = as_serve_identity(get_settings())
+        try:
+            folder = await asyncio.to_thread(fetch_adapter, self.served.registry_name, self.served.version, name,
+                                             settings)  # fmt: skip
+        except (AdapterNotFound, ValueError) as exc:
+            message = f"model {model!r} does not exist: {exc}"
+            raise APIError(404, message, param="model", code="model_not_found") from None
+        return Adapter(name, folder)
 
     def plan(self, body: ChatCompletionRequest | CompletionRequest, prompt_ids: list[int]) -> GenerationRequest:
         prompt = len(prompt_ids)
@@ -157,7 +177,8 @@ class ChatServer:
         self.admission.check()
         chat = isinstance(body, ChatCompletionRequest)
         prompt_ids = self.chat_prompt_ids(body) if chat else self.engine.text_prompt_ids(body.prompt)
-        generation = self.admission.admit(self.batcher, self.plan(body, prompt_ids))
+        request = dataclasses.replace(self.plan(body, prompt_ids), adapter=await self.adapter(body.model))
+        generation = self.admission.admit(self.batcher, request)
         tokens, finish, first_at = 0, None, None
         try:
             delta = await generation.first()
@@ -250,7 +271,7 @@ def _batcher(args: ServeArgs, served: ServedModel, device: str, threads: int) ->
 
     def build() -> TransformersEngine:
         return TransformersEngine(model_dir(), device=device, dtype=args.dtype, threads=threads,
-                                  prepack=args.prepack_weights)  # fmt: skip
+                                  prepack=args.prepack_weights, max_adapters=args.max_adapters_per_replica)  # fmt: skip
 
     return ContinuousBatcher(build, args.max_batch_size, gather_s=args.batch_wait_timeout_s)
 

@@ -7,17 +7,15 @@ starts, with a message that names the field.
 from __future__ import annotations
 
 import dataclasses
-import re
 from dataclasses import dataclass
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, model_validator
 
+from ray_app.registry import MODELS_URI
 from ray_app.serving.gate import Limits
 from ray_app.serving.metrics import CANARY_ALIAS
 from ray_app.settings import Settings
-
-_REGISTRY_REF = re.compile(r"^models:/(?P<name>[^/@]+)(?:@(?P<alias>[\w-]+)|/(?P<version>\d+))$")
 
 
 class ServeConfigError(ValueError):
@@ -56,7 +54,9 @@ class ServeArgs(BaseModel):
         pattern=r"^\d+$",
         description="pin the registry version behind models:/NAME@ALIAS; `llmops promote` sets it to roll replicas",
     )
-    served_model_name: str | None = Field(default=None, description="the `model` clients send; default derived")
+    served_model_name: str | None = Field(
+        default=None, pattern=r"^[^:]+$", description="the `model` clients send; default derived (':' names adapters)"
+    )
     canary: CanaryArgs | None = Field(default=None, description="a challenger answering a share of conversations")
     engine: Literal["transformers", "openvino", "vllm"] = Field(
         default="transformers",
@@ -82,6 +82,14 @@ class ServeArgs(BaseModel):
         default=True, description="engine: openvino: reuse a conversation's earlier KV for its next turn (LRU)"
     )
     max_batch_size: int = Field(default=8, ge=1, le=256)
+    max_adapters_per_replica: int = Field(
+        default=0,
+        ge=0,
+        le=64,
+        description="LoRA adapters of the served registry version (stored under adapters/NAME/VERSION/, "
+        "selected with model: NAME:ADAPTER) a replica holds at once, least recently used unloaded; 0: none. "
+        "engine: transformers",
+    )
     batch_wait_timeout_s: float = Field(default=0.05, ge=0.0, le=5.0)
     stream_interval_ms: float = Field(
         default=50.0,
@@ -125,9 +133,12 @@ class ServeArgs(BaseModel):
             raise ValueError(
                 f"default_max_tokens ({self.default_max_tokens}) exceeds max_tokens_limit ({self.max_tokens_limit})"
             )
+        if self.max_adapters_per_replica and self.engine != "transformers":
+            raise ValueError(f"max_adapters_per_replica: LoRA adapters are served by engine transformers, "
+                             f"not yet by {self.engine}")  # fmt: skip
         if self.engine == "openvino" and self.device == "cuda":
             raise ValueError("engine openvino runs on CPU: device cuda needs engine vllm (or transformers)")
-        if self.model_version and not (self.model and _REGISTRY_REF.match(self.model)):
+        if self.model_version and not (self.model and MODELS_URI.match(self.model)):
             raise ValueError("model_version is only meaningful with model: models:/NAME@ALIAS")
         if self.canary and not self.model_version:
             raise ValueError("canary needs the champion pinned: model: models:/NAME@ALIAS with model_version")
@@ -183,10 +194,15 @@ def pin_model(args: ServeArgs, settings: Settings) -> ServedModel:
     from ray_app.registry import RegistryError, get_version
 
     reference = (args.model or settings.serve_model).strip()
-    match = _REGISTRY_REF.match(reference)
+    match = MODELS_URI.match(reference)
     if match is None:
         if reference.startswith("models:/"):
             raise ServeConfigError(f"invalid Serve app arg 'model': {reference!r}; expected models:/NAME@ALIAS")
+        if args.max_adapters_per_replica:
+            raise ServeConfigError(
+                "invalid Serve app arg 'max_adapters_per_replica': LoRA adapters belong to a registry version; "
+                f"model {reference!r} is not models:/NAME@ALIAS or /VERSION"
+            )
         name = args.served_model_name or _default_name(reference)
         return ServedModel(source=reference, name=name, label=name)
     registry_name = match["name"]

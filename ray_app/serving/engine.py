@@ -28,10 +28,12 @@ import logging
 import queue
 import threading
 import time
+import weakref
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from ray_app.serving.lora import Adapter, LoraSlots
 from ray_app.serving.structured import GrammarMasks
 from ray_app.serving.tools import has_tool_turns, tool_messages
 
@@ -57,6 +59,7 @@ class GenerationRequest:
     # Set by the caller when its client went away; the loop drops the row at the next step.
     cancelled: threading.Event = field(default_factory=threading.Event)
     deadline: float | None = None  # time.monotonic() after which the loop drops the row ("deadline")
+    adapter: Adapter | None = None  # a LoRA adapter of the base model to answer with (ray_app.serving.lora)
 
 
 @dataclass
@@ -270,6 +273,7 @@ class TransformersEngine(TextEngine):
         dtype: str = "auto",
         threads: int | None = None,
         prepack: bool = True,
+        max_adapters: int = 0,
     ):
         import torch
         from transformers import AutoModelForCausalLM
@@ -291,6 +295,8 @@ class TransformersEngine(TextEngine):
         # (the CUDA check ran 5.17); the engine passes whichever the model's forward takes.
         self._cache_arg = "cache" if "cache" in inspect.signature(self.model.forward).parameters else "past_key_values"
         self._grammars: GrammarMasks | None = None  # built on the first constrained request
+        self.lora = LoraSlots(max_adapters) if max_adapters else None  # LoRA adapters, loaded on first use
+        self._rows: weakref.WeakSet[Row] = weakref.WeakSet()  # rows prefilled: the adapters in use
         self.prepacked = 0  # linear layers on oneDNN-packed weights
         if prepack and self.device.type == "cpu" and torch_dtype == torch.float32:
             self.prepacked = prepack_linear_layers(self.model)
@@ -328,6 +334,8 @@ class TransformersEngine(TextEngine):
         generator = None
         if request.params.seed is not None:
             generator = torch.Generator(device=self.device).manual_seed(request.params.seed)
+        if request.adapter is not None and self.lora is None:
+            raise ValueError("this engine serves no LoRA adapters (max_adapters: 0)")
         row = Row(request, generator, emit)
         if request.params.json_schema is not None:
             if self._grammars is None:
@@ -349,9 +357,10 @@ class TransformersEngine(TextEngine):
             attention[i, width - len(ids) :] = 1
         input_ids, attention = input_ids.to(self.device), attention.to(self.device)
         positions = (attention.cumsum(-1) - 1).clamp(min=0)
+        self._take_adapters(rows)
         with torch.inference_mode():
             out = self.model(input_ids=input_ids, attention_mask=attention, position_ids=positions,
-                             use_cache=True, logits_to_keep=1)  # fmt: skip
+                             use_cache=True, logits_to_keep=1, **self._adapter_kwargs(rows))  # fmt: skip
         next_ids = self._sample_rows(out.logits[:, -1, :].float(), rows)
         return _Batch(rows, self._cache_of(out), attention, positions[:, -1:], next_ids)
 
@@ -364,10 +373,22 @@ class TransformersEngine(TextEngine):
         batch.positions = batch.positions + 1
         with torch.inference_mode():
             out = self.model(input_ids=input_ids, attention_mask=batch.attention, position_ids=batch.positions,
-                             use_cache=True, logits_to_keep=1, **{self._cache_arg: batch.cache})  # fmt: skip
+                             use_cache=True, logits_to_keep=1, **{self._cache_arg: batch.cache},
+                             **self._adapter_kwargs(batch.rows))  # fmt: skip
         batch.cache = self._cache_of(out)
         batch.next_ids = self._sample_rows(out.logits[:, -1, :].float(), batch.rows)
         return batch
+
+    def _take_adapters(self, rows: list[Row]) -> None:
+        """Load the adapters ``rows`` ask for (between forward passes: it changes the model)."""
+        needed = {row.request.adapter.name: row.request.adapter for row in rows if row.request.adapter}
+        if self.lora is not None and needed:
+            busy = {row.request.adapter.name for row in self._rows if row.request.adapter and not row.done}
+            self.model = self.lora.prepare(self.model, needed.values(), busy)
+        self._rows.update(rows)
+
+    def _adapter_kwargs(self, rows: list[Row]) -> dict:
+        return self.lora.forward_kwargs([row.request.adapter for row in rows]) if self.lora is not None else {}
 
     def _sample_rows(self, logits, rows: list[Row]) -> list[int]:
         """The next token of each row; a row whose sampling raises is failed alone (its token is padding)."""

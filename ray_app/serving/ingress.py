@@ -28,6 +28,8 @@ from ray import serve
 from ray.exceptions import RayActorError, RayTaskError
 from ray.serve.exceptions import BackPressureError, DeploymentUnavailableError
 
+from ray_app.adapters import SEPARATOR, list_adapters, split_model_id
+from ray_app.credentials import as_serve_identity
 from ray_app.serving.admission import DeadlineExceeded, failure
 from ray_app.serving.config import ServeArgs, ServedModel
 from ray_app.serving.engine import Delta
@@ -51,6 +53,7 @@ from ray_app.serving.responses import (
 )
 from ray_app.serving.routing import CONVERSATION_HEADER, answers_as_canary
 from ray_app.serving.tools import AutoCalls, ToolUse, parse_calls, tool_calls
+from ray_app.settings import get_settings
 
 logger = logging.getLogger("ray.serve")
 
@@ -94,6 +97,16 @@ class OpenAIIngress:
         if self._card is None:
             self._card = await self.server.model_card.remote()
         return self._card
+
+    async def model_cards(self) -> list[dict]:
+        """The served model's card, then one per LoRA adapter stored for its version (listed from the store)."""
+        card = await self.model_card()
+        if not self.args.max_adapters_per_replica:
+            return [card]
+        served, settings = self.served, as_serve_identity(get_settings())
+        names = await asyncio.to_thread(list_adapters, served.registry_name, served.version, settings)
+        adapter = {**card, "root": served.name, "parent": served.name}
+        return [card, *({**adapter, "id": f"{served.name}{SEPARATOR}{name}"} for name in names)]
 
     def model_replicas(self) -> dict:
         """Replica counts of the champion's deployment from Serve's controller (blocking; no replica is asked).
@@ -152,14 +165,17 @@ class OpenAIIngress:
 
     async def answer(self, body: OpenAIRequest, chat: bool, conversation_id: str | None = None):
         """The answer to ``body`` from the version routed to; every response (errors too) names that version."""
-        if body.model != self.served.name:
+        base, adapter = split_model_id(body.model)
+        if base != self.served.name or (adapter is not None and not self.args.max_adapters_per_replica):
+            offered = self.served.name + (f" and its LoRA adapters ({self.served.name}:ADAPTER)" if
+                                          self.args.max_adapters_per_replica else "")  # fmt: skip
             raise APIError(
                 404,
-                f"model {body.model!r} does not exist; this endpoint serves {self.served.name!r}",
+                f"model {body.model!r} does not exist; this endpoint serves {offered}",
                 param="model",
                 code="model_not_found",
             )
-        server, served = self.route(body, conversation_id)
+        server, served = self.route(body, conversation_id) if adapter is None else (self.server, self.served)
         try:
             return await self._answer(body, chat, server, served)
         except APIError as exc:
@@ -171,7 +187,7 @@ class OpenAIIngress:
 
         header, first, stream = await self.open(body, server)
         tools = body.tool_use() if chat else ToolUse()
-        answer = _Answer(served, request_id(), chat, header["prompt_tokens"], tools)
+        answer = _Answer(served, request_id(), chat, header["prompt_tokens"], tools, model=body.model)
         if body.stream:
             return ClosingStreamingResponse(
                 self._events(body, answer, first, stream),
@@ -316,7 +332,7 @@ def build_api(ingress: OpenAIIngress):
 
     @app.get("/v1/models")
     async def models():
-        return ModelList(data=[await ingress.model_card()]).model_dump()
+        return ModelList(data=await ingress.model_cards()).model_dump()
 
     @app.get("/v1/replicas")
     async def replicas():  # a ray-llmops extension: how many model replicas are up, without waking one
@@ -343,13 +359,13 @@ _HTTP_CODES = {404: "not_found", 405: "method_not_allowed"}
 class _Answer:
     """The OpenAI bodies of one answer (ray_app.serving.responses): whole, or chunk by chunk."""
 
-    def __init__(self, served: ServedModel, request_id: str, chat: bool, prompt_tokens: int, tools=None):
+    def __init__(self, served: ServedModel, request_id: str, chat: bool, prompt_tokens: int, tools=None, model=None):
         self.request_id, self.chat, self.prompt_tokens = request_id, chat, prompt_tokens
         self.tools = tools or ToolUse()  # how the answer is read for tool calls (ray_app.serving.tools)
         self.common = {
             "id": f"{'chatcmpl' if chat else 'cmpl'}-{request_id}",
             "created": int(time.time()),
-            "model": served.name,
+            "model": model or served.name,  # NAME, or NAME:ADAPTER
             "system_fingerprint": served.label,
         }
 

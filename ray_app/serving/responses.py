@@ -121,6 +121,8 @@ class ModelCard(BaseModel):
     run_id: str | None  # ray-llmops: the MLflow run that trained it
     max_model_len: int
     max_tokens_limit: int
+    root: str | None = None  # vLLM's fields: the base model of a LoRA adapter's card
+    parent: str | None = None
 
 
 class ModelList(BaseModel):

@@ -306,6 +306,9 @@ def register(run_id: Annotated[str, typer.Argument(help="the MLflow run id of a 
     from training.sft import register_run
 
     version = register_run(run_id, settings())
+    if isinstance(version, str):  # a LoRA adapter, recorded on its base version
+        console.print(f"adapter {version} (served as model {version!r}) from run {run_id}")
+        return
     console.print(f"{version.name}: version {version.version} (challenger) from run {run_id}, source {version.source}")
 
 

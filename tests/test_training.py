@@ -64,7 +64,7 @@ def greedy_answer(folder: str | Path, question: str = QUESTION) -> str:
     return generate_answers(model, tokenizer, [question], max_new_tokens=16)[0]["answer"]
 
 
-def config_for(model: Path, data: Path, **values):
+def config_for(model: Path | str, data: Path, **values):
     base = dict(model=str(model), train_data=[str(data)], eval_data=[str(data)], num_workers=2,
                 max_steps=40, learning_rate=3e-3, warmup_steps=2, lr_schedule="constant", seq_len=64,
                 micro_batch_size=2, checkpoint_every=10, pack=False, sample_prompts=[QUESTION],
@@ -132,6 +132,15 @@ def test_deepspeed_builds_its_ops_with_this_environments_ninja_whatever_the_path
     assert shutil.which("ninja") == str(own)
     use_environment_build_tools()  # idempotent: PATH does not grow with every worker start
     assert os.environ["PATH"] == f"{own.parent}:/usr/bin:/bin"
+
+
+def test_an_adapter_result_needs_a_registered_base_and_a_fresh_name(toy_data):
+    adapter = {"method": "lora", "lora": {"save": "adapter"}, "train_data": [str(toy_data)]}
+    with pytest.raises(ConfigError, match=r"lora\.save: adapter: an adapter belongs to a registered base version"):
+        load_config(None, [], model="/some/folder", **adapter)
+    with pytest.raises(ConfigError, match=r"lora\.adapter_name"):
+        load_config(None, [], model="models:/base@champion", **adapter | {"lora": {"adapter_name": "../x"}})
+    assert load_config(None, [], model="models:/base/3", **adapter).saves_adapter
 
 
 def test_bf16_on_cpu_is_autocast_over_fp32_weights_and_fp16_needs_a_gpu(toy_data):
@@ -339,23 +348,28 @@ def test_bf16_autocast_on_cpu_tracks_the_fp32_loss_curve(cluster, tiny_model):
 
 # ZeRO-2 full is test_full_zero2_..., ZeRO-3 full is test_losing_a_whole_node_...; these add LoRA under both
 # stages (in bf16 autocast, over fp32 all-reduces): ZeRO-3's parameter gathering of adapters for the
-# consolidated folder, and the merge.
-@pytest.mark.parametrize(("deepspeed", "method"), [("zero2.json", "lora"), ("zero3.json", "lora")])
-def test_zero_stage_and_method_variants_train_and_consolidate(
-    cluster, tiny_model, warm_tiny_model, toy_data, deepspeed, method
+# consolidated folder and the merge; ZeRO-2's adapter published unmerged as an adapter of a registered base.
+@pytest.mark.parametrize(("deepspeed", "save"), [("zero2.json", "adapter"), ("zero3.json", "merged")])
+def test_lora_under_zero_stages_trains_and_publishes_merged_or_as_an_adapter_of_its_base(
+    cluster, warm_tiny_model, toy_data, deepspeed, save
 ):
     from training.sft import run
 
     # One checkpoint, at the end: checkpointing is test_full_zero2_... and test_losing_a_whole_node_...'s subject.
-    values = {"deepspeed": deepspeed, "method": method, "registered_model": None, "eval_data": [], "precision": "bf16",
-              "checkpoint_every": 60, "lora": {"rank": 8, "alpha": 16, "dropout": 0.0}}  # fmt: skip
-    if method == "lora":
-        # Adapters on a randomly initialised model have nothing to adapt: start from a warm
-        # base, at a learning rate usual for LoRA.
-        values |= {"learning_rate": 1e-2, "max_steps": 60, "lora": {"rank": 16, "alpha": 32, "dropout": 0.0}}
-    base = warm_tiny_model if method == "lora" else tiny_model
+    # Adapters on a randomly initialised model have nothing to adapt: start from a warm base, at a
+    # learning rate usual for LoRA.
+    values = {"deepspeed": deepspeed, "method": "lora", "registered_model": None, "eval_data": [],
+              "precision": "bf16", "checkpoint_every": 60, "learning_rate": 1e-2, "max_steps": 60,
+              "lora": {"rank": 16, "alpha": 32, "dropout": 0.0, "save": save}}  # fmt: skip
+    base = str(warm_tiny_model)
+    if save == "adapter":
+        base = f"models:/{_registered_base(cluster, warm_tiny_model).name}@champion"
+        values |= {"registered_model": "tiny-chat", "eval_data": [str(toy_data)]}  # an adapter registers on its base
     result = run(config_for(base, toy_data, **values), cluster)
-    assert_loss_falls(loss_history(cluster, result.mlflow_run_id), factor=0.85 if method == "lora" else 0.5)
+    assert_loss_falls(loss_history(cluster, result.mlflow_run_id), factor=0.85)
+    if save == "adapter":
+        _assert_published_as_an_adapter(cluster, result, warm_tiny_model)
+        return
 
     import torch
     from transformers import AutoModelForCausalLM
@@ -371,6 +385,52 @@ def test_zero_stage_and_method_variants_train_and_consolidate(
     prompt = torch.tensor([[1, 2, 3]])
     output = trained.generate(prompt, max_new_tokens=8, min_new_tokens=8, do_sample=False)
     assert output.shape[1] == 3 + 8
+
+
+def _registered_base(cluster: Settings, folder: Path):
+    from ray_app.registry import register_model_version
+
+    store = open_store(settings=cluster)
+    store.ensure()
+    store.upload_dir(folder, "tests-lora/base", progress=False)
+    return register_model_version("tiny-lora-base", store.uri("tests-lora/base"), run_id=None, alias="champion",
+                                  settings=cluster)  # fmt: skip
+
+
+def _assert_published_as_an_adapter(cluster: Settings, result, base: Path) -> None:
+    """The adapter alone sits beside its base version's others, is recorded on that version and on its
+    run, and changes what the base answers."""
+    import torch
+    from mlflow import MlflowClient
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    from ray_app.adapters import fetch_adapter, list_adapters
+
+    assert result.registered_version is None and f"/adapters/tiny-lora-base/1/{result.run_name}" in result.model_uri
+    assert list_adapters("tiny-lora-base", "1", cluster) == [result.run_name]
+    folder = fetch_adapter("tiny-lora-base", "1", result.run_name, cluster)
+    assert (folder / "adapter_model.safetensors").is_file() and not (folder / "model.safetensors").exists()
+    tracking = MlflowClient(cluster.mlflow_tracking_uri)
+    assert tracking.get_model_version("tiny-lora-base", "1").tags[f"llmops.adapter.{result.run_name}"] == (
+        result.mlflow_run_id
+    )
+    run = tracking.get_run(result.mlflow_run_id).data
+    assert run.tags["llmops.adapter"] == f"tiny-lora-base/1:{result.run_name}" and "eval_loss" in run.metrics
+    original = AutoModelForCausalLM.from_pretrained(base)
+    prompt = torch.tensor([[1, 2, 3, 4]])
+    with torch.inference_mode():
+        plain = original(prompt).logits
+        adapted = PeftModel.from_pretrained(original, str(folder))(prompt).logits
+    assert not torch.allclose(plain, adapted), "the adapter changes the base's answers"
+    from training.sft import register_run  # `llmops register RUN`: records it again, idempotently
+
+    assert register_run(result.mlflow_run_id, cluster) == f"tiny-lora-base:{result.run_name}"
+    with pytest.raises(ConfigError, match="already has an adapter named"):  # adapters are immutable
+        from training.sft import run as train
+
+        train(config_for("models:/tiny-lora-base/1", Path(__file__), method="lora",
+                         lora={"save": "adapter", "adapter_name": result.run_name}), cluster)  # fmt: skip
 
 
 def after_the_first_checkpoint(cluster: Settings, store, run_name: str, act) -> threading.Thread:

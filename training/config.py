@@ -15,6 +15,8 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from ray_app.registry import MODELS_URI
+
 REPO_ROOT = Path(__file__).resolve().parent.parent
 DEEPSPEED_DIR = Path(__file__).resolve().parent / "deepspeed"
 
@@ -45,7 +47,18 @@ class LoraSettings(BaseModel):
     alpha: float = Field(default=32, gt=0)
     dropout: float = Field(default=0.05, ge=0, lt=1)
     target_modules: list[str] = Field(default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj"])
-    save: Literal["merged", "adapter"] = "merged"
+    save: Literal["merged", "adapter"] = Field(
+        default="merged",
+        description="merged: a full model folder, registered as a version of registered_model; adapter: the "
+        "adapter alone, published as an adapter of the base version (model: models:/NAME@ALIAS or /VERSION, "
+        "pinned when the run starts) and served on it as model NAME:ADAPTER (ray_app.adapters)",
+    )
+    adapter_name: str | None = Field(
+        default=None,
+        pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$",
+        description="save: adapter: its name under the base version (default: the run name); adapters are "
+        "immutable, so a name already taken is refused before training",
+    )
 
 
 class SFTConfig(BaseModel):
@@ -120,7 +133,17 @@ class SFTConfig(BaseModel):
         for uri in [*self.train_data, *self.eval_data]:
             if "://" not in uri and not Path(uri).expanduser().exists():
                 raise ValueError(f"dataset not found: {uri}")
+        if self.saves_adapter and not (self.model and MODELS_URI.match(self.model)):
+            raise ValueError(
+                "lora.save: adapter: an adapter belongs to a registered base version; model "
+                f"{self.model or 'default'!r} is not models:/NAME@ALIAS or models:/NAME/VERSION"
+            )
         return self
+
+    @property
+    def saves_adapter(self) -> bool:
+        """Whether the result is a LoRA adapter of the base version rather than a full model."""
+        return self.method == "lora" and self.lora.save == "adapter"
 
     @property
     def cpu_autocast(self) -> bool:

@@ -99,8 +99,10 @@ def evaluate_model(
     settings: Settings | None = None,
     prompts: list[str] | tuple[str, ...] = DEFAULT_PROMPTS,
     max_new_tokens: int = 32,
+    adapter: str | None = None,
 ) -> EvalReport:
-    """Loss/perplexity of ``model_ref`` on the assistant tokens of ``data_uris``, and greedy samples."""
+    """Loss/perplexity of ``model_ref`` (with the LoRA ``adapter`` folder or store URI, if given) on the
+    assistant tokens of ``data_uris``, and greedy samples."""
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -113,6 +115,10 @@ def evaluate_model(
         tokenizer.pad_token = tokenizer.eos_token
     examples = heldout_examples(data_uris, tokenizer, seq_len, settings)
     model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32)
+    if adapter is not None:
+        from peft import PeftModel
+
+        model = PeftModel.from_pretrained(model, str(resolve_model(adapter, settings)))
     model.eval()
     total_nll, total_tokens = heldout_nll(model, examples)
     loss = total_nll / total_tokens

@@ -16,12 +16,14 @@ import os
 import sys
 import tempfile
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
+from ray_app.adapters import adapters_prefix
+from ray_app.registry import MODELS_URI
 from training import signing
-from training.config import SFTConfig
+from training.config import ConfigError, SFTConfig
 from training.data import DatasetError
 from training.metrics import TrainingMetrics
 
@@ -380,8 +382,15 @@ class Setup:
 
     @property
     def model_prefix(self) -> str:
-        """Where the run's model folder goes in the store."""
+        """Where the run's model folder goes in the store (an adapter: beside its base version's others)."""
+        if self.cfg.saves_adapter:
+            base = MODELS_URI.match(self.cfg.model)  # pinned to models:/NAME/VERSION by setup()
+            return f"{adapters_prefix(base['name'], base['version'])}/{self.adapter_name}"
         return f"models/{self.cfg.run_name}"
+
+    @property
+    def adapter_name(self) -> str:
+        return self.cfg.lora.adapter_name or self.cfg.run_name
 
 
 def setup(cfg: SFTConfig, settings, kind: str) -> Setup:
@@ -408,7 +417,22 @@ def setup(cfg: SFTConfig, settings, kind: str) -> Setup:
         ray.init(address=settings.ray_address, runtime_env={"env_vars": worker_env}, log_to_driver=True)
     check_resources(cfg)
     run_name = cfg.run_name or f"{kind}-{time.strftime('%Y%m%d-%H%M%S')}-{uuid.uuid4().hex[:6]}"
-    return Setup(cfg.model_copy(update={"run_name": run_name}), settings, store, worker_env)
+    done = Setup(cfg.model_copy(update={"run_name": run_name}), settings, store, worker_env)
+    return pin_adapter_base(done) if cfg.saves_adapter else done
+
+
+def pin_adapter_base(setup: Setup) -> Setup:
+    """An adapter run trains on, and is published under, the base version its alias names when it starts;
+    a name already taken under that version is refused (adapters are immutable, like versions)."""
+    from ray_app.registry import get_version
+
+    base = get_version(setup.cfg.model, setup.settings)
+    pinned = replace(setup, cfg=setup.cfg.model_copy(update={"model": f"models:/{base.name}/{base.version}"}))
+    if setup.store.read_manifest(pinned.model_prefix) is not None:
+        where = setup.store.uri(pinned.model_prefix)
+        raise ConfigError(f"lora.adapter_name: {base.name}/{base.version} already has an adapter named "
+                          f"{pinned.adapter_name!r} ({where}); pick another")  # fmt: skip
+    return pinned
 
 
 def check_rows_fill_a_batch(cfg: SFTConfig, rows: int) -> None:
@@ -547,10 +571,31 @@ def register(cfg: SFTConfig, store, model_prefix: str, run_id: str, eval_loss: f
 
 
 def register_result(setup: Setup, run_id: str, eval_loss: float | None):
-    """Tag the active run with its model folder and register it when the recipe names a model (else None)."""
+    """Tag the active run with its model folder and register it when the recipe names a model (else None);
+    an adapter is registered as a tag of its base version instead (and None is returned)."""
     import mlflow
 
     mlflow.set_tag("llmops.model_uri", setup.store.uri(setup.model_prefix))  # `llmops register` finds it by it
+    if setup.cfg.saves_adapter:
+        register_adapter(setup, run_id, eval_loss)
+        return None
     if not setup.cfg.registered_model:
         return None
     return register(setup.cfg, setup.store, setup.model_prefix, run_id, eval_loss, setup.settings)
+
+
+def register_adapter(setup: Setup, run_id: str, eval_loss: float | None) -> str:
+    """Record the published adapter on its base version (a tag per adapter: the run that trained it) and
+    on the run; returns the ``model`` clients send for it (NAME:ADAPTER)."""
+    import mlflow
+
+    from ray_app.registry import tag_version
+
+    base = MODELS_URI.match(setup.cfg.model)
+    if setup.store.read_manifest(setup.model_prefix) is None:
+        raise RuntimeError(f"training finished but {setup.store.uri(setup.model_prefix)} is incomplete")
+    loss = "" if eval_loss is None else f"{eval_loss:.6f}"
+    tag_version(base["name"], base["version"], {f"llmops.adapter.{setup.adapter_name}": run_id}, setup.settings)
+    mlflow.set_tags({"llmops.adapter": f"{base['name']}/{base['version']}:{setup.adapter_name}",
+                     "llmops.adapter_eval_loss": loss})  # fmt: skip
+    return f"{base['name']}:{setup.adapter_name}"

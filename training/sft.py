@@ -23,7 +23,7 @@ from dataclasses import asdict
 from typing import Any
 
 from training import runtime
-from training.config import SFTConfig, load_config
+from training.config import LoraSettings, SFTConfig, load_config
 
 
 # --------------------------------------------------------------------------------------
@@ -112,7 +112,8 @@ def _eval_examples(cfg: SFTConfig, model_dir: str, settings) -> list[tuple[list[
 
 
 def register_run(run_id: str, settings=None):
-    """Register a finished run's model folder as its recipe said (``llmops register RUN_ID``).
+    """Register a finished run's model folder as its recipe said (``llmops register RUN_ID``); for an
+    adapter run, record the adapter on its base version and return the ``model`` that serves it.
 
     For a run whose training finished but whose registration failed (MLflow or S3 down at the
     end): reads the recipe the run logged (``config/sft.json``), checks the folder's manifest,
@@ -132,12 +133,15 @@ def register_run(run_id: str, settings=None):
         run_info = client(settings).get_run(run_id)
     except Exception as exc:  # MlflowException for a wrong id, a connection error for a server down
         raise RegistryError(f"cannot read run {run_id} at {settings.mlflow_tracking_uri}: {exc}") from exc
-    cfg = SFTConfig.model_construct(**recorded)  # as the run recorded it; its local data files may be gone
-    if not cfg.registered_model:
+    # as the run recorded it (an adapter's base already pinned); its local data files may be gone
+    cfg = SFTConfig.model_construct(**recorded | {"lora": LoraSettings(**recorded.get("lora") or {})})
+    if not cfg.registered_model and not cfg.saves_adapter:
         raise ValueError(f"run {run_id} was trained with registered_model: null; there is nothing to register")
     store = open_store(settings=settings)
     with mlflow.start_run(run_id=run_id):
         eval_loss = run_info.data.metrics.get("eval_loss")
+        if cfg.saves_adapter:  # an adapter is recorded on its base version: returns the `model` that serves it
+            return runtime.register_adapter(runtime.Setup(cfg, settings, store, {}), run_id, eval_loss)
         return runtime.register(cfg, store, f"models/{cfg.run_name}", run_id, eval_loss, settings)
 
 
@@ -186,8 +190,9 @@ def run(
 
         eval_loss = None
         if eval_uris:
-            report = evaluate_model(model_uri, eval_uris, cfg.seq_len, settings, prompts=cfg.sample_prompts,
-                                    max_new_tokens=cfg.max_new_tokens)  # fmt: skip
+            evaluated = (cfg.model, model_uri) if cfg.saves_adapter else (model_uri, None)  # base + adapter
+            report = evaluate_model(evaluated[0], eval_uris, cfg.seq_len, settings, prompts=cfg.sample_prompts,
+                                    max_new_tokens=cfg.max_new_tokens, adapter=evaluated[1])  # fmt: skip
             eval_loss = report.loss
             mlflow.log_metrics({"eval_loss": report.loss, "eval_perplexity": report.perplexity},
                                step=int(metrics.get("global_step", 0)))  # fmt: skip

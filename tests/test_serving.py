@@ -305,11 +305,30 @@ def test_rows_of_different_lora_adapters_and_the_base_decode_in_one_batch_each_a
     assert list(engine.lora.loaded) == ["bravo", "charlie"] and engine.lora.unloads == 1
     assert ask("bravo", "alpha") == [alone["bravo"], alone["alpha"]]  # alpha comes back; charlie (LRU) goes
     assert list(engine.lora.loaded) == ["bravo", "alpha"]
+    import torch
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    reference = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny_dir), str(adapters["bravo"]))
+    out = reference.eval().generate(torch.tensor([prompt]), max_new_tokens=12, do_sample=False)
+    assert engine.tokenizer.decode(out[0, len(prompt) :], skip_special_tokens=True) == alone["bravo"], "as PEFT"
     plain = TransformersEngine(tiny_dir, threads=1)
     with pytest.raises(ValueError, match="serves no LoRA adapters"):
         plain.new_row(
             GenerationRequest(prompt, SamplingParams(max_tokens=2), adapter=Adapter("alpha", adapters["alpha"]))
         )
+
+
+def test_an_adapter_the_engine_cannot_serve_is_refused_with_the_reason(adapters, tmp_path):
+    from ray_app.serving.lora import AdapterError, check_adapter
+
+    assert check_adapter(adapters["alpha"])["peft_type"] == "LORA"
+    config = json.loads((adapters["alpha"] / "adapter_config.json").read_text())
+    for change, words in (({"use_dora": True}, "DoRA"), ({"modules_to_save": ["lm_head"]}, "modules_to_save"),
+                          ({"bias": "all"}, "bias: all"), ({"peft_type": "IA3"}, "only LoRA")):  # fmt: skip
+        (tmp_path / "adapter_config.json").write_text(json.dumps(config | change))
+        with pytest.raises(AdapterError, match=words):
+            check_adapter(tmp_path)
 
 
 AUTO_ANSWERS = {  # a free ("auto") answer -> (content, [(name, arguments)])

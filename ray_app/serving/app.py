@@ -34,7 +34,7 @@ from ray_app.serving.admission import Admission, DeadlineExceeded
 from ray_app.serving.config import ServeArgs, ServedModel, parse_args, pin_canary, pin_model
 from ray_app.serving.engine import ContinuousBatcher, Delta, GenerationRequest, SamplingParams, TransformersEngine
 from ray_app.serving.ingress import OpenAIIngress, request_id
-from ray_app.serving.lora import Adapter
+from ray_app.serving.lora import Adapter, AdapterError, check_adapter
 from ray_app.serving.metrics import ReplicaMetrics
 from ray_app.serving.openvino_engine import OpenVINOBatcher, OpenVINOEngine
 from ray_app.serving.openvino_export import openvino_model
@@ -129,6 +129,10 @@ class ChatServer:
         except (AdapterNotFound, ValueError) as exc:
             message = f"model {model!r} does not exist: {exc}"
             raise APIError(404, message, param="model", code="model_not_found") from None
+        try:
+            check_adapter(folder)
+        except AdapterError as exc:
+            raise APIError(400, f"model {model!r} cannot be served: {exc}", param="model") from None
         return Adapter(name, folder)
 
     def plan(self, body: ChatCompletionRequest | CompletionRequest, prompt_ids: list[int]) -> GenerationRequest:

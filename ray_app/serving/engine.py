@@ -358,9 +358,10 @@ class TransformersEngine(TextEngine):
         input_ids, attention = input_ids.to(self.device), attention.to(self.device)
         positions = (attention.cumsum(-1) - 1).clamp(min=0)
         self._take_adapters(rows)
+        self._select_adapters(rows, width)
         with torch.inference_mode():
             out = self.model(input_ids=input_ids, attention_mask=attention, position_ids=positions,
-                             use_cache=True, logits_to_keep=1, **self._adapter_kwargs(rows))  # fmt: skip
+                             use_cache=True, logits_to_keep=1)  # fmt: skip
         next_ids = self._sample_rows(out.logits[:, -1, :].float(), rows)
         return _Batch(rows, self._cache_of(out), attention, positions[:, -1:], next_ids)
 
@@ -371,10 +372,10 @@ class TransformersEngine(TextEngine):
         input_ids = torch.tensor(batch.next_ids, device=self.device).unsqueeze(-1)
         batch.attention = torch.cat([batch.attention, batch.attention.new_ones((len(batch.rows), 1))], dim=-1)
         batch.positions = batch.positions + 1
+        self._select_adapters(batch.rows, 1)
         with torch.inference_mode():
             out = self.model(input_ids=input_ids, attention_mask=batch.attention, position_ids=batch.positions,
-                             use_cache=True, logits_to_keep=1, **{self._cache_arg: batch.cache},
-                             **self._adapter_kwargs(batch.rows))  # fmt: skip
+                             use_cache=True, logits_to_keep=1, **{self._cache_arg: batch.cache})  # fmt: skip
         batch.cache = self._cache_of(out)
         batch.next_ids = self._sample_rows(out.logits[:, -1, :].float(), batch.rows)
         return batch
@@ -384,11 +385,13 @@ class TransformersEngine(TextEngine):
         needed = {row.request.adapter.name: row.request.adapter for row in rows if row.request.adapter}
         if self.lora is not None and needed:
             busy = {row.request.adapter.name for row in self._rows if row.request.adapter and not row.done}
-            self.model = self.lora.prepare(self.model, needed.values(), busy)
+            self.lora.prepare(self.model, needed.values(), busy)
         self._rows.update(rows)
 
-    def _adapter_kwargs(self, rows: list[Row]) -> dict:
-        return self.lora.forward_kwargs([row.request.adapter for row in rows]) if self.lora is not None else {}
+    def _select_adapters(self, rows: list[Row], tokens: int) -> None:
+        """Before a forward pass feeding ``tokens`` per row: which adapter each of ``rows`` is answered with."""
+        if self.lora is not None:
+            self.lora.select([row.request.adapter for row in rows], tokens, self.device)
 
     def _sample_rows(self, logits, rows: list[Row]) -> list[int]:
         """The next token of each row; a row whose sampling raises is failed alone (its token is padding)."""

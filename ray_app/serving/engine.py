@@ -358,7 +358,7 @@ class TransformersEngine(TextEngine):
         input_ids, attention = input_ids.to(self.device), attention.to(self.device)
         positions = (attention.cumsum(-1) - 1).clamp(min=0)
         self._take_adapters(rows)
-        self._select_adapters(rows, width)
+        self._select_adapters(rows)
         with torch.inference_mode():
             out = self.model(input_ids=input_ids, attention_mask=attention, position_ids=positions,
                              use_cache=True, logits_to_keep=1)  # fmt: skip
@@ -372,7 +372,7 @@ class TransformersEngine(TextEngine):
         input_ids = torch.tensor(batch.next_ids, device=self.device).unsqueeze(-1)
         batch.attention = torch.cat([batch.attention, batch.attention.new_ones((len(batch.rows), 1))], dim=-1)
         batch.positions = batch.positions + 1
-        self._select_adapters(batch.rows, 1)
+        self._select_adapters(batch.rows)
         with torch.inference_mode():
             out = self.model(input_ids=input_ids, attention_mask=batch.attention, position_ids=batch.positions,
                              use_cache=True, logits_to_keep=1, **{self._cache_arg: batch.cache})  # fmt: skip
@@ -388,10 +388,10 @@ class TransformersEngine(TextEngine):
             self.lora.prepare(self.model, needed.values(), busy)
         self._rows.update(rows)
 
-    def _select_adapters(self, rows: list[Row], tokens: int) -> None:
-        """Before a forward pass feeding ``tokens`` per row: which adapter each of ``rows`` is answered with."""
+    def _select_adapters(self, rows: list[Row]) -> None:
+        """Before a forward pass: which adapter each of ``rows`` is answered with."""
         if self.lora is not None:
-            self.lora.select([row.request.adapter for row in rows], tokens, self.device)
+            self.lora.select([row.request.adapter for row in rows], self.device)
 
     def _sample_rows(self, logits, rows: list[Row]) -> list[int]:
         """The next token of each row; a row whose sampling raises is failed alone (its token is padding)."""

@@ -63,21 +63,22 @@ def check_adapter(folder: Path) -> dict:
 
 
 class _Rows:
-    """The forward pass under way: each row's slot (None: every row on the base) and how many tokens
-    each row feeds; the masks that keep a row to its slot's columns, made once per pass and shape."""
+    """The forward pass under way: each row's slot (None: every row on the base), and the masks that
+    keep a row's tokens to its slot's columns, made once per pass and shape."""
 
     def __init__(self) -> None:
-        self.index, self.tokens, self._masks = None, 1, {}
+        self.index, self._masks = None, {}
 
-    def set(self, index, tokens: int) -> None:
-        self.index, self.tokens, self._masks = index, tokens, {}
+    def set(self, index) -> None:
+        self.index, self._masks = index, {}
 
-    def mask(self, owner, slots: int, rank: int, dtype):
-        """[rows * tokens, slots * rank]: 1 where a column (its slot: ``owner``) is the row's slot."""
-        key = (slots, rank, dtype)
+    def mask(self, owner, slots: int, rank: int, count: int, dtype):
+        """[count, slots * rank]: 1 where a column (its slot: ``owner``) is its row's slot; ``count`` is
+        rows x the tokens each feeds to this layer (the prompt's, or 1: a decode step, the LM head)."""
+        key = (slots, rank, count, dtype)
         if key not in self._masks:
             mine = (self.index[:, None] == owner).to(dtype)
-            self._masks[key] = mine.repeat_interleave(self.tokens, dim=0) if self.tokens > 1 else mine
+            self._masks[key] = mine.repeat_interleave(count // len(self.index), dim=0)
         return self._masks[key]
 
 
@@ -105,7 +106,7 @@ class _LoraForward:
             return y
         y = y if y.is_contiguous() else y.contiguous()
         low = x.reshape(-1, x.shape[-1]).mm(self.a_t)  # [rows * tokens, slots * rank]
-        low.mul_(self.rows.mask(self.owner, self.slots, self.rank, low.dtype))
+        low.mul_(self.rows.mask(self.owner, self.slots, self.rank, low.shape[0], low.dtype))
         y.view(-1, y.shape[-1]).addmm_(low, self.b)
         return y
 
@@ -198,13 +199,12 @@ class LoraSlots:
         self.unloads += 1
         log.info("unloaded LoRA adapter %s (least recently used)", name)
 
-    def select(self, adapters: list[Adapter | None], tokens: int, device) -> None:
-        """Before a forward pass over rows answered with ``adapters`` (None: the base), each feeding
-        ``tokens``: their slots."""
+    def select(self, adapters: list[Adapter | None], device) -> None:
+        """Before a forward pass over rows answered with ``adapters`` (None: the base): their slots."""
         import torch
 
         slots = [self.loaded[adapter.name] if adapter else 0 for adapter in adapters]
-        self._rows.set(torch.tensor(slots, device=device) if any(slots) else None, tokens)
+        self._rows.set(torch.tensor(slots, device=device) if any(slots) else None)
 
 
 def _pairs(weights: dict, folder: Path) -> dict[str, tuple]:

@@ -104,14 +104,15 @@ def main() -> int:
 
     model_dir = resolve_model(None)
     cores = os.cpu_count() or 1
-    folders = random_adapters(model_dir, args.adapters, Path(tempfile.mkdtemp(prefix="lora-bench-")))
-    adapters = [Adapter(f"adapter-{i}", folder) for i, folder in enumerate(folders)]
+    with tempfile.TemporaryDirectory(prefix="lora-bench-") as scratch:  # the adapters are read once, when loaded
+        folders = random_adapters(model_dir, args.adapters, Path(scratch))
+        adapters = [Adapter(f"adapter-{i}", folder) for i, folder in enumerate(folders)]
+        plain, lora = batcher(model_dir, cores, args.clients), batcher(model_dir, cores, args.clients, len(adapters))
+        round_of(lora, adapters, 4)  # warm-up: every adapter loaded
     spread = [adapters[i % len(adapters)] for i in range(args.clients)]
-    plain, lora = batcher(model_dir, cores, args.clients), batcher(model_dir, cores, args.clients, len(adapters))
     variants = {"a_plain_engine_base": (plain, [None] * args.clients),
                 f"b_{args.adapters}_adapters": (lora, spread),
                 "c_adapter_engine_base": (lora, [None] * args.clients)}  # fmt: skip
-    round_of(lora, adapters, 4)  # warm-up: every adapter loaded
     round_of(plain, [None] * args.clients, 4)
     runs: dict[str, list[float]] = {name: [] for name in variants}
     for index in range(args.rounds):

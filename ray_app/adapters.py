@@ -36,6 +36,11 @@ def adapters_prefix(registry_name: str, version: str) -> str:
     return f"adapters/{registry_name}/{version}"
 
 
+def adapter_key(registry_name: str, version: str, adapter: str) -> str:
+    """The store folder of one adapter of registry version ``registry_name``/``version``."""
+    return f"{adapters_prefix(registry_name, version)}/{adapter}"
+
+
 def check_adapter_name(adapter: str) -> str:
     if not ADAPTER_NAME.match(adapter):
         raise ValueError(f"adapter name {adapter!r}: 1-64 letters, digits, '.', '_' or '-', not starting with a symbol")
@@ -50,7 +55,7 @@ def publish_adapter(folder: Path, registry_name: str, version: str, adapter: str
     if missing:
         raise ValueError(f"{folder}: not a PEFT adapter folder (missing {', '.join(missing)})")
     store = open_store(settings=settings)
-    key = f"{adapters_prefix(registry_name, version)}/{adapter}"
+    key = adapter_key(registry_name, version, adapter)
     if store.read_manifest(key) is not None:  # replicas cache adapters by name: a name is never reused
         raise ValueError(f"{registry_name}/{version} already has an adapter named {adapter!r} ({store.uri(key)})")
     store.upload_dir(folder, key, progress=False)
@@ -70,7 +75,7 @@ def fetch_adapter(registry_name: str, version: str, adapter: str, settings: Sett
     Raises AdapterNotFound when no complete adapter of that name is stored.
     """
     check_adapter_name(adapter)
-    key = f"{adapters_prefix(registry_name, version)}/{adapter}"
+    key = adapter_key(registry_name, version, adapter)
     assert settings.model_cache_dir is not None  # filled by the settings validator
     local = Path(settings.model_cache_dir) / "adapters" / registry_name / version / adapter
     if (local / MANIFEST).is_file():

@@ -15,6 +15,7 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from ray_app.adapters import ADAPTER_NAME
 from ray_app.registry import MODELS_URI
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
@@ -55,7 +56,7 @@ class LoraSettings(BaseModel):
     )
     adapter_name: str | None = Field(
         default=None,
-        pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$",
+        pattern=ADAPTER_NAME.pattern,
         description="save: adapter: its name under the base version (default: the run name); adapters are "
         "immutable, so a name already taken is refused before training",
     )

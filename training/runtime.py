@@ -20,7 +20,7 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
-from ray_app.adapters import adapters_prefix
+from ray_app.adapters import adapter_key
 from ray_app.registry import MODELS_URI
 from training import signing
 from training.config import ConfigError, SFTConfig
@@ -385,7 +385,7 @@ class Setup:
         """Where the run's model folder goes in the store (an adapter: beside its base version's others)."""
         if self.cfg.saves_adapter:
             base = MODELS_URI.match(self.cfg.model)  # pinned to models:/NAME/VERSION by setup()
-            return f"{adapters_prefix(base['name'], base['version'])}/{self.adapter_name}"
+            return adapter_key(base["name"], base["version"], self.adapter_name)
         return f"models/{self.cfg.run_name}"
 
     @property

@@ -111,6 +111,7 @@ def main() -> int:
     parser.add_argument("--micro-batch", type=int, default=8)
     parser.add_argument("--source", default=str(ROOT / "training" / "data" / "chat_sft.jsonl"))
     parser.add_argument("--repeat-data", type=int, default=8)
+    parser.add_argument("--only", default="", help="comma-separated name prefixes of the variants to run (a_, b_, c_)")
     args = parser.parse_args()
 
     import ray
@@ -139,6 +140,8 @@ def main() -> int:
     torch.set_num_threads(cores)
     peaks = {dtype: gemm_peak_flops(dtype) for dtype in ("fp32", "bf16")}
     variants = runners(settings, model_dir, rows, args, cores)
+    if args.only:
+        variants = {name: run for name, run in variants.items() if name.startswith(tuple(args.only.split(",")))}
     # This VM's speed drifts by +-20% over minutes: every variant runs again in reverse order;
     # each run's first (warm-up) step is dropped and the two runs' steps pooled.
     runs: dict[str, list[list[float]]] = {}

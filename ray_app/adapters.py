@@ -19,6 +19,8 @@ from ray_app.storage import MANIFEST, open_store
 SEPARATOR = ":"
 ADAPTER_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
 ADAPTER_FILES = ("adapter_config.json", "adapter_model.safetensors")
+# Tags on the base registry version: the run that trained each adapter, and where each alias points.
+RUN_TAG, ALIAS_TAG = "llmops.adapter.", "llmops.adapter_alias."
 
 
 class AdapterNotFound(LookupError):
@@ -39,6 +41,21 @@ def adapters_prefix(registry_name: str, version: str) -> str:
 def adapter_key(registry_name: str, version: str, adapter: str) -> str:
     """The store folder of one adapter of registry version ``registry_name``/``version``."""
     return f"{adapters_prefix(registry_name, version)}/{adapter}"
+
+
+def run_tag(adapter: str) -> str:
+    """The base version's tag naming the MLflow run that trained ``adapter``."""
+    return f"{RUN_TAG}{adapter}"
+
+
+def alias_tag(alias: str) -> str:
+    """The base version's tag naming the adapter ``NAME:ALIAS`` is answered by (moved by a promotion)."""
+    return f"{ALIAS_TAG}{alias}"
+
+
+def tagged(tags: dict[str, str], prefix: str) -> dict[str, str]:
+    """``{suffix: value}`` of the version ``tags`` under ``prefix`` (RUN_TAG: runs, ALIAS_TAG: aliases)."""
+    return {key[len(prefix) :]: value for key, value in tags.items() if key.startswith(prefix) and value}
 
 
 def check_adapter_name(adapter: str) -> str:

@@ -15,6 +15,7 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
+from ray_app.adapters import SEPARATOR
 from ray_app.settings import Settings, SettingsError, load_settings
 
 app = typer.Typer(
@@ -376,7 +377,7 @@ def serve(
 @app.command()
 @friendly_errors
 def promote(
-    name: Annotated[str, typer.Argument(help="registered model name")],
+    name: Annotated[str, typer.Argument(help="registered model name, or NAME:ALIAS with --adapter")],
     version: Annotated[str | None, typer.Option(help="the version to promote")] = None,
     from_alias: Annotated[str | None, typer.Option("--from", help="promote what this alias points to")] = None,
     rollout_serve: Annotated[bool, typer.Option("--rollout/--no-rollout", help="roll Serve onto it")] = True,
@@ -399,14 +400,24 @@ def promote(
             max=99.9,
         ),
     ] = None,
+    adapter: Annotated[
+        str | None, typer.Option(help="NAME:ALIAS: the stored LoRA adapter of the champion to answer as ALIAS")
+    ] = None,
 ) -> None:
     """Roll the Serve apps that serve models:/NAME@champion onto a version, then move the `champion` alias.
 
     Atomic: if the new replicas do not become healthy, Serve is rolled back and the alias stays.
     With --gate, the offline gate (ray_app.promotion, the demo's and the DAG's) decides first.
+    `llmops promote NAME:ALIAS --adapter ADAPTER` does the same for the adapter answering NAME:ALIAS.
     """
     from ray_app.serving.rollout import promote as promote_version
 
+    if SEPARATOR in name or adapter is not None:
+        if version or from_alias or gate or SEPARATOR not in name or adapter is None:
+            raise ValueError("an adapter alias is promoted as `llmops promote NAME:ALIAS --adapter ADAPTER "
+                             "[--canary PERCENT]` (no --version, --from or --gate)")  # fmt: skip
+        _promote_adapter(name, adapter, None if canary is None else canary / 100, settings())
+        return
     if (version is None) == (from_alias is None):
         raise ValueError("give exactly one of --version V or --from ALIAS")
     current = settings()
@@ -456,15 +467,39 @@ def _start_canary(name: str, version: str | None, from_alias: str | None, share:
                   f"{canary.sticky_by}) {where}; {ends}")  # fmt: skip
 
 
+def _promote_adapter(model: str, adapter: str, share: float | None, current: Settings) -> None:
+    from ray_app.serving.adapter_rollout import promote_adapter, start_adapter_canary
+
+    name, alias = model.split(SEPARATOR, 1)
+    if share is None:
+        with console.status(f"pinning {model} to {adapter} in the Serve apps..."):
+            done = promote_adapter(name, alias, adapter, current, actor="llmops promote")
+        console.print(f"{model}: {done.previous or '(none)'} -> {adapter} (adapter of {name}/{done.version})")
+        console.print(f"Serve apps rolled: {', '.join(done.apps)}" if done.apps else
+                      f"no running Serve app serves models:/{name}@champion with adapters; recorded only")  # fmt: skip
+        return
+    with console.status(f"starting {adapter} as a canary of {model}..."):
+        done = start_adapter_canary(name, alias, adapter, current, share=share, actor="llmops promote --canary")
+    console.print(f"{model}: {adapter} answers {share:.0%} of conversations beside {done.previous} in "
+                  f"{', '.join(done.apps)}; `llmops judge {model}`, `llmops promote {model} --adapter {adapter}` "
+                  f"or `llmops rollback {model}` ends it")  # fmt: skip
+
+
 @app.command()
 @friendly_errors
 def rollback(
-    name: Annotated[str, typer.Argument(help="registered model name")],
+    name: Annotated[str, typer.Argument(help="registered model name, or NAME:ALIAS for an adapter's canary")],
     reason: Annotated[str, typer.Option(help="recorded on the canary's version")] = "rolled back by hand",
 ) -> None:
     """End a canary: the apps serving models:/NAME@champion serve the champion alone again (the alias never moved)."""
+    from ray_app.serving.adapter_rollout import stop_adapter_canary
     from ray_app.serving.rollout import stop_canary
 
+    if SEPARATOR in name:
+        model, alias = name.split(SEPARATOR, 1)
+        apps = stop_adapter_canary(model, alias, settings(), reason, actor="llmops rollback")
+        console.print(f"{name}: canary removed from {', '.join(apps)}" if apps else f"{name}: no canary is running")
+        return
     with console.status("removing the canary's replicas..."):
         apps = stop_canary(name, settings(), reason, actor="llmops rollback")
     console.print(f"{name}: canary removed from {', '.join(apps)}" if apps else f"{name}: no canary is running")
@@ -473,7 +508,7 @@ def rollback(
 @app.command()
 @friendly_errors
 def judge(
-    name: Annotated[str, typer.Argument(help="registered model name")],
+    name: Annotated[str, typer.Argument(help="registered model name, or NAME:ALIAS for an adapter's canary")],
     every: Annotated[
         float | None, typer.Option(help="judge again every SECONDS until the canary is promoted or rolled back")
     ] = None,
@@ -485,10 +520,14 @@ def judge(
     """
     import time
 
-    from ray_app.promotion import judge_canary
+    from ray_app.promotion import judge_adapter_canary, judge_canary
 
     while True:
-        verdict = judge_canary(name, settings(), actor="llmops judge")
+        if SEPARATOR in name:
+            model, alias = name.split(SEPARATOR, 1)
+            verdict = judge_adapter_canary(model, alias, settings(), actor="llmops judge")
+        else:
+            verdict = judge_canary(name, settings(), actor="llmops judge")
         console.print(f"{name}: {verdict.action}: {verdict.reason}")
         for key, value in verdict.evidence.items():
             console.print(f"    {key}: {value}")

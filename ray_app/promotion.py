@@ -524,17 +524,22 @@ def _describe(signals: VersionSignals) -> str:
 
 
 def canary_signals(name: str, champion: str, canary: str, settings: Settings, window_s: float) -> dict:
-    """Per-version signals of a running canary: requests and 5xx and TTFT p95 from Prometheus, chat feedback.
+    """Per-version signals of a running canary (see :func:`signals_of`), keyed by version."""
+    return signals_of({v: f"{name}/{v}" for v in (champion, canary)}, settings, window_s)
 
-    Requests count what the apps' API answered since their ingress last started (the canary's
+
+def signals_of(labels: dict[str, str], settings: Settings, window_s: float) -> dict[str, VersionSignals]:
+    """Signals of what answered as each label (NAME/VERSION, or NAME/VERSION:ADAPTER for an adapter), keyed
+    like ``labels``: requests and 5xx and TTFT p95 from Prometheus, chat feedback.
+
+    Requests count what the apps' API answered since their ingress last started (a canary's
     start restarts it); TTFT p95 is over the last ``window_s``; feedback is every rating the
-    chat database holds per version (the canary's are all from its canary). Raises
+    chat database holds per label (the canary's are all from its canary). Raises
     MonitoringError naming Prometheus when it cannot be read: no decision is taken blind.
     """
     from ray_app import monitoring
 
-    labels = {v: f"{name}/{v}" for v in (champion, canary)}
-    versions = "|".join(labels.values())
+    versions = "|".join(labels.values())  # names are letters, digits, '.', '_', '-' ('.' matches itself too)
     selector = f'model_version=~"{versions}"'
     answered = monitoring.query(settings, "sum by (model_version, code) (ray_llmops_requests_total"
                                 f'{{{selector}, route=~"/v1/(chat/)?completions"}})')  # fmt: skip
@@ -612,6 +617,48 @@ def judge_canary(
         promote(name, settings, version=canary, rollout=True, actor=actor)
     elif verdict.action == "rollback":
         stop_canary(name, settings, verdict.reason, actor=actor)
+    return verdict
+
+
+def judge_adapter_canary(
+    name: str, alias: str, settings: Settings, policy: CanaryPolicy | None = None, actor: str = ""
+) -> CanaryVerdict:
+    """Judge the canary adapter of ``NAME:ALIAS`` once against the adapter the alias names, by the versions'
+    policy on their labels (NAME/VERSION:ADAPTER), and act: promote it, roll it back, or wait.
+
+    The verdict and its evidence are tagged on the champion version (``adapter_canary.ALIAS.verdict``,
+    ``...evidence.*``). Raises PromotionError when no canary of the alias runs.
+    """
+    from ray_app.registry import get_version, tag_version
+    from ray_app.serving.adapter_rollout import (
+        CANARY_TAG,
+        adapter_canaries,
+        current_adapter,
+        promote_adapter,
+        stop_adapter_canary,
+    )
+    from ray_app.serving.rollout import running_config
+
+    policy = policy or CanaryPolicy.from_settings(settings)
+    running = sorted(adapter_canaries(running_config(settings), name).get(alias, ()))
+    if not running:
+        raise PromotionError(f"no canary of {name}:{alias} is running in Serve")
+    version = get_version(f"models:/{name}@champion", settings).version
+    champion, canary = current_adapter(name, alias, settings, version), running[0]
+    key = f"{CANARY_TAG}{alias}"
+    started = get_version(f"models:/{name}/{version}", settings).tags.get(f"{key}.running_at", "")
+    elapsed = time.time() - calendar.timegm(time.strptime(started, "%Y-%m-%dT%H:%M:%SZ")) if started else 0.0
+    labels = {adapter: f"{name}/{version}:{adapter}" for adapter in (champion, canary)}
+    signals = signals_of(labels, settings, min(elapsed, policy.window_s) or 60)
+    verdict = canary_verdict(signals[champion], signals[canary], elapsed, policy)
+    tags = {f"{key}.verdict": verdict.action, f"{key}.verdict_reason": verdict.reason,
+            **{f"{key}.evidence.{item}": value for item, value in verdict.evidence.items()}}  # fmt: skip
+    tag_version(name, version, tags, settings)
+    actor = actor or "ray_app.promotion.judge_adapter_canary"
+    if verdict.action == "promote":
+        promote_adapter(name, alias, canary, settings, actor=actor)
+    elif verdict.action == "rollback":
+        stop_adapter_canary(name, alias, settings, verdict.reason, actor=actor)
     return verdict
 
 

@@ -1,13 +1,17 @@
 """Many LoRA adapters on one base version: stored beside the version, listed by /v1/models, each
 `model: NAME:ADAPTER` answered by one replica of a real Serve app (engine transformers) holding
-at most two at once, concurrent requests of different adapters in the same batches."""
+at most two at once, concurrent requests of different adapters in the same batches; an alias
+(`NAME:ALIAS`) promoted from one adapter to another, and a challenger adapter as its canary,
+without restarting the model replica."""
 
 from __future__ import annotations
 
 import concurrent.futures
 import os
+import re
 import signal
 import subprocess
+import time
 from pathlib import Path
 
 import httpx
@@ -42,10 +46,11 @@ def lora_app(ray_cluster: Settings, mlflow_server: Settings, serve_http_port: in
     store = open_store(settings=settings)
     store.ensure()
     store.upload_dir(base, "adapters-test/base", progress=False)
-    version = register_model_version(BASE, store.uri("adapters-test/base"), run_id=None, settings=settings).version
+    source = store.uri("adapters-test/base")
+    version = register_model_version(BASE, source, run_id=None, alias="champion", settings=settings).version
     for seed, (name, answer) in enumerate(ANSWERS.items()):
         publish_adapter(train_lora_adapter(base, root / name, PROBE, answer, seed=seed), BASE, version, name, settings)
-    config = load_serve_config(REPO / "serve_configs" / "local.yaml", settings, model=f"models:/{BASE}/{version}")
+    config = load_serve_config(REPO / "serve_configs" / "local.yaml", settings, model=f"models:/{BASE}@champion")
     app = config["applications"][0]
     app["runtime_env"] = {"env_vars": {"MLFLOW_TRACKING_URI": str(mlflow_server.mlflow_tracking_uri)}}
     app["args"].update({"engine": "transformers", "max_adapters_per_replica": 2, "default_max_tokens": 12,
@@ -63,7 +68,7 @@ def lora_app(ray_cluster: Settings, mlflow_server: Settings, serve_http_port: in
         try:
             wait_running([app["name"]], settings, wait_s=240)
             key = settings.serve_api_key_path.read_text().strip()
-            yield f"http://127.0.0.1:{settings.serve_port}", {"Authorization": f"Bearer {key}"}
+            yield f"http://127.0.0.1:{settings.serve_port}", {"Authorization": f"Bearer {key}"}, settings
         except ServeError:
             print(path.with_suffix(".log").read_text()[-3000:])
             raise
@@ -79,13 +84,15 @@ def lora_app(ray_cluster: Settings, mlflow_server: Settings, serve_http_port: in
                 pass
 
 
-def _ask(url: str, headers: dict, model: str) -> httpx.Response:
+def _ask(url: str, headers: dict, model: str, conversation: str | None = None) -> httpx.Response:
     body = {"model": model, "messages": [{"role": "user", "content": PROBE}], "temperature": 0, "max_tokens": 12}
+    if conversation:
+        headers = {**headers, "x-conversation-id": conversation}
     return httpx.post(f"{url}/v1/chat/completions", headers=headers, json=body, timeout=60)
 
 
 def test_adapters_of_one_base_answer_each_its_own_concurrently_on_one_replica_holding_two(lora_app):
-    url, headers = lora_app
+    url, headers, _ = lora_app
     listed = httpx.get(f"{url}/v1/models", headers=headers, timeout=30).json()["data"]
     assert [card["id"] for card in listed] == [BASE, *(f"{BASE}:{name}" for name in sorted(ANSWERS))]
     assert all(card["parent"] == BASE for card in listed[1:]) and listed[0]["version"] == f"{BASE}/1"
@@ -97,7 +104,9 @@ def test_adapters_of_one_base_answer_each_its_own_concurrently_on_one_replica_ho
     for model, response in zip(models, answers, strict=True):
         assert response.status_code == 200, response.text
         body = response.json()
-        assert body["model"] == model and response.headers["x-model-version"] == f"{BASE}/1"
+        adapter = model.partition(":")[2]  # answers are labelled with their adapter too (metrics, feedback)
+        assert body["model"] == model
+        assert response.headers["x-model-version"] == (f"{BASE}/1:{adapter}" if adapter else f"{BASE}/1")
         texts.setdefault(model, set()).add(body["choices"][0]["message"]["content"])
     assert all(len(seen) == 1 for seen in texts.values()), texts  # greedy: the same answer in any batch
     for name in ("alpha", "bravo"):
@@ -122,9 +131,9 @@ def test_adapters_of_one_base_answer_each_its_own_concurrently_on_one_replica_ho
 def test_an_adapter_streams_and_a_bad_adapter_name_or_engine_is_refused(lora_app):
     from openai import OpenAI
 
-    from ray_app.serving.config import ServeConfigError, parse_args
+    from ray_app.serving.config import ServeConfigError, parse_args, parse_routing
 
-    url, headers = lora_app
+    url, headers, _ = lora_app
     client = OpenAI(base_url=f"{url}/v1", api_key=headers["Authorization"].split()[1])
     pieces = client.chat.completions.create(model=f"{BASE}:bravo", messages=[{"role": "user", "content": PROBE}],
                                             temperature=0, max_tokens=12, stream=True)  # fmt: skip
@@ -132,3 +141,108 @@ def test_an_adapter_streams_and_a_bad_adapter_name_or_engine_is_refused(lora_app
     assert _ask(url, headers, f"{BASE}:../x").status_code == 404
     with pytest.raises(ServeConfigError, match="max_adapters_per_replica: LoRA adapters are served by engine"):
         parse_args({"engine": "openvino", "max_adapters_per_replica": 2})
+    served = parse_args({"max_adapters_per_replica": 2})
+    with pytest.raises(ServeConfigError, match="adapter aliases need the app arg max_adapters_per_replica"):
+        parse_routing({"adapter_aliases": {"support": "alpha"}}, parse_args({}))
+    with pytest.raises(ServeConfigError, match=re.escape("adapter_aliases: 'support': '../x'")):
+        parse_routing({"adapter_aliases": {"support": "../x"}}, served)
+    with pytest.raises(ServeConfigError, match=re.escape("adapter_canaries.support: a canary runs beside an alias")):
+        parse_routing({"adapter_canaries": {"support": {"adapter": "bravo", "share": 0.1}}}, served)
+    with pytest.raises(ServeConfigError, match="'alpha' is the adapter the alias names already"):
+        parse_routing({"adapter_aliases": {"support": "alpha"},
+                       "adapter_canaries": {"support": {"adapter": "alpha", "share": 0.1}}}, served)  # fmt: skip
+    with pytest.raises(ServeConfigError, match=re.escape("user_config 'adapter_canaries.support.share'")):
+        parse_routing({"adapter_aliases": {"support": "alpha"},
+                       "adapter_canaries": {"support": {"adapter": "bravo", "share": 1.5}}}, served)  # fmt: skip
+    with pytest.raises(ServeConfigError, match="'adapter_aliasez'"):
+        parse_routing({"adapter_aliasez": {}}, served)
+
+
+def _label_of(url: str, headers: dict, model: str, conversation: str | None = None) -> tuple[str, str]:
+    """(the x-model-version label, the answer) of one question."""
+    response = _ask(url, headers, model, conversation)
+    assert response.status_code == 200, response.text
+    assert response.json()["model"] == model  # what the client sent, not the adapter behind it
+    return response.headers["x-model-version"], response.json()["choices"][0]["message"]["content"]
+
+
+def _until(url: str, headers: dict, model: str, label: str, timeout: float = 60) -> None:
+    """Ask until ``model`` is answered as ``label`` (the new ingress replaced the old one)."""
+    deadline = time.monotonic() + timeout
+    while _label_of(url, headers, model)[0] != label:
+        assert time.monotonic() < deadline, f"{model} still not answered as {label}"
+        time.sleep(0.5)
+
+
+def _conversations(url: str, headers: dict, model: str, labels: set[str], timeout: float = 60) -> dict:
+    """{conversation: (label, answer)} of 16 conversations, asked until they are answered as exactly ``labels``
+    (a canary's share of them by the canary: the new ingress replaced the old one)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        seen = {c: _label_of(url, headers, model, c) for c in (f"conversation-{i}" for i in range(16))}
+        if {label for label, _ in seen.values()} == labels:
+            return seen
+        assert time.monotonic() < deadline, seen
+        time.sleep(0.5)
+
+
+def test_an_adapter_alias_is_promoted_and_canaried_without_restarting_any_replica(lora_app, prometheus):
+    """NAME:support names no adapter (404); promoted to alpha; bravo as a canary for half the conversations,
+    each conversation sticky; the judge (feedback liked, window over) promotes bravo; charlie as a canary
+    rolled back. Through all of it the replicas are the same processes (the routing is the ingress's
+    user_config, applied in place); every decision is a tag."""
+    from conftest import write_feedback
+
+    from ray_app.promotion import CanaryPolicy, judge_adapter_canary
+    from ray_app.registry import get_version
+    from ray_app.serving.adapter_rollout import promote_adapter, start_adapter_canary, stop_adapter_canary
+    from ray_app.serving.rollout import canary_lines, ingress_user_config, running_config, serve_details
+
+    url, headers, settings = lora_app
+    alias = f"{BASE}:support"
+
+    def replica_pids() -> list[int]:
+        [app] = serve_details(settings)["applications"].values()
+        return [replica["pid"] for deployment in app["deployments"].values() for replica in deployment["replicas"]]
+
+    pids = replica_pids()
+    assert _ask(url, headers, alias).status_code == 404
+    with pytest.raises(ValueError, match="no adapter 'nope' is stored for tiny-lora/1"):
+        promote_adapter(BASE, "support", "nope", settings, wait_s=120, actor="test")
+    done = promote_adapter(BASE, "support", "alpha", settings, wait_s=120, actor="test")
+    assert done.previous is None and len(done.apps) == 1
+    _until(url, headers, alias, f"{BASE}/1:alpha")
+    assert _label_of(url, headers, alias)[1].startswith(ANSWERS["alpha"][:12])
+    assert alias in [card["id"] for card in httpx.get(f"{url}/v1/models", headers=headers, timeout=30).json()["data"]]
+
+    start_adapter_canary(BASE, "support", "bravo", settings, share=0.5, wait_s=120, actor="test")
+    seen = _conversations(url, headers, alias, {f"{BASE}/1:alpha", f"{BASE}/1:bravo"})
+    [line] = canary_lines(settings)  # what `llmops status` shows
+    assert line.endswith(f"{alias} on adapter alpha, canary adapter bravo for 50% of conversations "
+                         f"(`llmops judge {alias}`)"), line  # fmt: skip
+    for conversation, (label, text) in seen.items():
+        assert _label_of(url, headers, alias, conversation)[0] == label  # sticky
+        assert text.startswith(ANSWERS[label.rpartition(":")[2]][:12])
+
+    liked = [(PROBE, "a good answer", 1, None)] * 10
+    write_feedback(str(settings.chat_database_url), liked, model_version=f"{BASE}/1:bravo")
+    policy = CanaryPolicy(window_s=0, min_requests=10**6, min_ratings=10)  # the window is over; feedback decides
+    verdict = judge_adapter_canary(BASE, "support", settings, policy, actor="test")
+    assert verdict.action == "promote" and "ratings=10" in verdict.evidence["canary"], verdict
+    _until(url, headers, alias, f"{BASE}/1:bravo")
+    assert {_label_of(url, headers, alias, c)[0] for c in seen} == {f"{BASE}/1:bravo"}
+
+    start_adapter_canary(BASE, "support", "charlie", settings, share=0.9, wait_s=120, actor="test")
+    _conversations(url, headers, alias, {f"{BASE}/1:bravo", f"{BASE}/1:charlie"})
+    assert stop_adapter_canary(BASE, "support", settings, "by hand", wait_s=120, actor="test")
+    routing = ingress_user_config(running_config(settings)["applications"][0])
+    assert routing["adapter_aliases"] == {"support": "bravo"} and not routing["adapter_canaries"]
+    _until(url, headers, alias, f"{BASE}/1:bravo")
+    assert {_label_of(url, headers, alias, c)[0] for c in seen} == {f"{BASE}/1:bravo"}
+
+    tags = get_version(f"models:/{BASE}/1", settings).tags
+    assert tags["llmops.adapter_alias.support"] == "bravo"
+    assert tags["adapter_promotion.support"] == "promoted" and tags["adapter_promotion.support.adapter"] == "bravo"
+    assert tags["adapter_canary.support"] == "rolled_back" and tags["adapter_canary.support.adapter"] == "charlie"
+    assert tags["adapter_canary.support.verdict"] == "promote"
+    assert replica_pids() == pids, "promoting an adapter or running its canary restarted a replica"

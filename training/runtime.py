@@ -20,7 +20,7 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
-from ray_app.adapters import adapter_key
+from ray_app.adapters import adapter_key, run_tag
 from ray_app.registry import MODELS_URI
 from training import signing
 from training.config import ConfigError, SFTConfig
@@ -595,7 +595,7 @@ def register_adapter(setup: Setup, run_id: str, eval_loss: float | None) -> str:
     if setup.store.read_manifest(setup.model_prefix) is None:
         raise RuntimeError(f"training finished but {setup.store.uri(setup.model_prefix)} is incomplete")
     loss = "" if eval_loss is None else f"{eval_loss:.6f}"
-    tag_version(base["name"], base["version"], {f"llmops.adapter.{setup.adapter_name}": run_id}, setup.settings)
+    tag_version(base["name"], base["version"], {run_tag(setup.adapter_name): run_id}, setup.settings)
     mlflow.set_tags({"llmops.adapter": f"{base['name']}/{base['version']}:{setup.adapter_name}",
                      "llmops.adapter_eval_loss": loss})  # fmt: skip
     return f"{base['name']}:{setup.adapter_name}"

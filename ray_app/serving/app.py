@@ -181,13 +181,15 @@ class ChatServer:
         self.admission.check()
         chat = isinstance(body, ChatCompletionRequest)
         prompt_ids = self.chat_prompt_ids(body) if chat else self.engine.text_prompt_ids(body.prompt)
-        request = dataclasses.replace(self.plan(body, prompt_ids), adapter=await self.adapter(body.model))
+        adapter = await self.adapter(body.model)
+        request = dataclasses.replace(self.plan(body, prompt_ids), adapter=adapter)
+        label = self.served.with_adapter(adapter.name).label if adapter else None  # metrics per adapter
         generation = self.admission.admit(self.batcher, request)
         tokens, finish, first_at = 0, None, None
         try:
             delta = await generation.first()
             first_at = time.monotonic()
-            self.metrics.first_token(first_at - generation.arrived)
+            self.metrics.first_token(first_at - generation.arrived, label)
             yield {"prompt_tokens": len(prompt_ids)}
             yield delta
             if not delta.finish_reason:
@@ -201,20 +203,20 @@ class ChatServer:
         finally:
             generation.close()  # also when the caller cancelled (the client left)
             decode_s = time.monotonic() - first_at if first_at is not None else 0.0
-            self.metrics.answered(len(prompt_ids), tokens, decode_s)
-            self._log(request_id(), len(prompt_ids), tokens, finish)
+            self.metrics.answered(len(prompt_ids), tokens, decode_s, label)
+            self._log(request_id(), label or self.served.label, len(prompt_ids), tokens, finish)
 
     async def model_card(self) -> dict:
         card = ModelCard(id=self.served.name, version=self.served.label, run_id=self.served.run_id,
                          max_model_len=self.context, max_tokens_limit=self.args.max_tokens_limit)  # fmt: skip
         return card.model_dump()
 
-    def _log(self, request_id: str, prompt: int, completion: int, finish: str | None) -> None:
+    def _log(self, request_id: str, label: str, prompt: int, completion: int, finish: str | None) -> None:
         # Never the text: prompts and answers may be personal data.
         logger.info(
             "request %s: %s prompt=%d completion=%d finish=%s",
             request_id,
-            self.served.label,
+            label,
             prompt,
             completion,
             finish,
@@ -310,7 +312,11 @@ def bind_app(
     (``ChatServerCanary``) has ChatServer's defaults: one to two replicas.
     """
     server = ChatServer.options(**server_options) if server_options else ChatServer
-    # The model replicas never see the canary args: adding or removing a canary restarts no champion replica.
-    model_args = args.model_copy(update={"canary": None})
-    canary_server = ChatServer.options(name=CANARY_DEPLOYMENT_NAME).bind(model_args, canary) if canary else None
-    return OpenAIIngress.bind(server.bind(model_args, served), args, served, key_hashes, canary_server, canary)
+    # The model replicas get only what they use. (Any change of the app's args still restarts every
+    # replica: Serve versions an app's code by its args. Adapter aliases are the ingress's user_config.)
+    model_args = args.for_replicas()
+    canary_server = (
+        ChatServer.options(name=CANARY_DEPLOYMENT_NAME).bind(model_args, canary.for_replicas()) if canary else None
+    )
+    champion = server.bind(model_args, served.for_replicas())
+    return OpenAIIngress.bind(champion, args, served, key_hashes, canary_server, canary)

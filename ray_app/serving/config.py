@@ -7,11 +7,12 @@ starts, with a message that names the field.
 from __future__ import annotations
 
 import dataclasses
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, model_validator
 
+from ray_app.adapters import ADAPTER_NAME, ALIAS_TAG, RUN_TAG, SEPARATOR, tagged
 from ray_app.registry import MODELS_URI
 from ray_app.serving.gate import Limits
 from ray_app.serving.metrics import CANARY_ALIAS
@@ -22,21 +23,72 @@ class ServeConfigError(ValueError):
     """The Serve app's args are invalid; the message names the field."""
 
 
-class CanaryArgs(BaseModel):
-    """A challenger served beside the champion in the same app, for a share of the conversations.
-
-    ``llmops promote NAME --from challenger --canary 10`` sets it; promoting or rolling back removes it.
-    """
+class _Split(BaseModel):
+    """Which share of the conversations a challenger answers (ray_app.serving.routing decides which)."""
 
     model_config = ConfigDict(extra="forbid")
 
-    model_version: str = Field(pattern=r"^\d+$", description="the challenger's registry version")
     share: float = Field(ge=0, lt=1, description="fraction of conversations it answers (0.1 = 10%; 0 = draining)")
     sticky_by: Literal["conversation", "user", "request"] = Field(
         default="conversation",
         description="conversation: the x-conversation-id header, else the `user` field, else the conversation's "
         "opening; user: the `user` field first; request: no stickiness (each request drawn)",
     )
+
+
+class CanaryArgs(_Split):
+    """A challenger version served beside the champion in the same app, for a share of the conversations.
+
+    ``llmops promote NAME --from challenger --canary 10`` sets it; promoting or rolling back removes it.
+    """
+
+    model_version: str = Field(pattern=r"^\d+$", description="the challenger's registry version")
+
+
+class AdapterCanaryArgs(_Split):
+    """A challenger adapter answering a share of the conversations sent to an adapter alias.
+
+    ``llmops promote NAME:ALIAS --adapter ADAPTER --canary 10`` sets it; promoting or rolling back removes it.
+    """
+
+    adapter: str = Field(pattern=ADAPTER_NAME.pattern, description="the challenger: an adapter stored for the version")
+
+
+class AdapterRouting(BaseModel):
+    """Which stored adapter answers ``model: NAME:ALIAS``: the ``user_config`` of the ``OpenAIIngress``
+    deployment in a Serve config. Serve applies a change of it in place (the ingress's ``reconfigure``),
+    so moving an alias or starting an adapter canary restarts no replica; `llmops promote NAME:ALIAS
+    --adapter ADAPTER [--canary PERCENT]` sets it (default: the aliases recorded in the registry)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    adapter_aliases: dict[str, str] = Field(default_factory=dict, description="{ALIAS: ADAPTER}")
+    adapter_canaries: dict[str, AdapterCanaryArgs] = Field(
+        default_factory=dict, description="{ALIAS: challenger}: another adapter answering a share of NAME:ALIAS"
+    )
+
+    @model_validator(mode="after")
+    def _check(self) -> AdapterRouting:
+        for alias, adapter in self.adapter_aliases.items():
+            if not (ADAPTER_NAME.match(alias) and ADAPTER_NAME.match(adapter)):
+                raise ValueError(f"adapter_aliases: {alias!r}: {adapter!r}: names are letters, digits, '.', '_', '-'")
+        for alias, canary in self.adapter_canaries.items():
+            if alias not in self.adapter_aliases:
+                raise ValueError(f"adapter_canaries.{alias}: a canary runs beside an alias in adapter_aliases")
+            if canary.adapter == self.adapter_aliases[alias]:
+                raise ValueError(f"adapter_canaries.{alias}: {canary.adapter!r} is the adapter the alias names already")
+        return self
+
+
+def parse_routing(config: dict[str, Any] | None, args: ServeArgs) -> AdapterRouting:
+    """Validate the ingress's ``user_config``; raises ServeConfigError naming the field."""
+    try:
+        routing = AdapterRouting.model_validate(config or {})
+    except ValidationError as exc:
+        raise ServeConfigError(_named(exc, "OpenAIIngress user_config")) from None
+    if (routing.adapter_aliases or routing.adapter_canaries) and not args.max_adapters_per_replica:
+        raise ServeConfigError("OpenAIIngress user_config: adapter aliases need the app arg max_adapters_per_replica")
+    return routing
 
 
 class ServeArgs(BaseModel):
@@ -146,6 +198,10 @@ class ServeArgs(BaseModel):
             raise ValueError(f"canary.model_version {self.canary.model_version} is the version already served")
         return self
 
+    def for_replicas(self) -> ServeArgs:
+        """These args less the canary, which only the ingress reads."""
+        return self.model_copy(update={"canary": None})
+
     def limits(self) -> Limits:
         return Limits(
             max_request_bytes=self.max_request_bytes,
@@ -161,11 +217,16 @@ def parse_args(args: dict[str, Any] | ServeArgs | None) -> ServeArgs:
     try:
         return ServeArgs.model_validate(args or {})
     except ValidationError as exc:
-        lines = []
-        for error in exc.errors():
-            field = ".".join(str(part) for part in error["loc"]) or "args"
-            lines.append(f"invalid Serve app arg {field!r}: {error['msg']}")
-        raise ServeConfigError("; ".join(lines)) from None
+        raise ServeConfigError(_named(exc, "Serve app arg")) from None
+
+
+def _named(exc: ValidationError, what: str) -> str:
+    """One line per bad field of ``what``, naming it."""
+    lines = []
+    for error in exc.errors():
+        field = ".".join(str(part) for part in error["loc"]) or "args"
+        lines.append(f"invalid {what} {field!r}: {error['msg']}")
+    return "; ".join(lines)
 
 
 @dataclass(frozen=True)
@@ -179,11 +240,24 @@ class ServedModel:
     version: str | None = None
     run_id: str | None = None
     alias: str | None = None  # the registry alias it was pinned from (champion, challenger), if any
+    # Read from the version's tags when pinned: {alias: adapter} promoted, {adapter: MLflow run} trained.
+    adapter_aliases: dict[str, str] = field(default_factory=dict)
+    adapter_runs: dict[str, str] = field(default_factory=dict)
 
     @property
     def version_headers(self) -> dict[str, str]:
         """Sent with every answer: which registry version (and MLflow run) produced it."""
         return {"x-model-version": self.label, "x-mlflow-run-id": self.run_id or ""}
+
+    def with_adapter(self, adapter: str) -> ServedModel:
+        """What answers with the stored ``adapter`` on this version: labelled NAME/VERSION:ADAPTER (answers'
+        headers, metrics and feedback), its run the one that trained it ('' when the registry does not say)."""
+        label = f"{self.label}{SEPARATOR}{adapter}"
+        return dataclasses.replace(self, label=label, run_id=self.adapter_runs.get(adapter, ""), alias=None)
+
+    def for_replicas(self) -> ServedModel:
+        """This, less what only the ingress reads (adapter aliases and runs)."""
+        return dataclasses.replace(self, adapter_aliases={}, adapter_runs={})
 
 
 def pin_model(args: ServeArgs, settings: Settings) -> ServedModel:
@@ -219,6 +293,8 @@ def pin_model(args: ServeArgs, settings: Settings) -> ServedModel:
         version=version.version,
         run_id=version.run_id,
         alias=match["alias"],
+        adapter_aliases=tagged(version.tags, ALIAS_TAG),
+        adapter_runs=tagged(version.tags, RUN_TAG),
     )
 
 

@@ -31,7 +31,7 @@ from ray.serve.exceptions import BackPressureError, DeploymentUnavailableError
 from ray_app.adapters import SEPARATOR, list_adapters, split_model_id
 from ray_app.credentials import as_serve_identity
 from ray_app.serving.admission import DeadlineExceeded, failure
-from ray_app.serving.config import ServeArgs, ServedModel
+from ray_app.serving.config import ServeArgs, ServedModel, parse_routing
 from ray_app.serving.engine import Delta
 from ray_app.serving.gate import BODY_KEY, ApiGate
 from ray_app.serving.metrics import RequestMetrics
@@ -85,13 +85,29 @@ class OpenAIIngress:
     ):
         self.server, self.args, self.served, self.key_hashes = server, args, served, key_hashes
         self.canary_server, self.canary = canary_server, canary
+        self.reconfigure({})
         self._card: dict | None = None
+
+    def reconfigure(self, user_config: dict) -> None:
+        """Serve calls this with the deployment's ``user_config`` (AdapterRouting) when a replica starts and, in
+        place, whenever it changes: an alias moved or an adapter canary started or ended restarts nothing."""
+        self.routing = parse_routing(user_config, self.args)
+        # NAME:ALIAS -> the adapter answering it: the registry's record, then what a rollout pinned.
+        self.adapter_aliases = {**self.served.adapter_aliases, **self.routing.adapter_aliases}
 
     def route(self, body: OpenAIRequest, conversation_id: str | None) -> tuple[object, ServedModel]:
         """The model deployment (and what it serves) answering ``body``: the canary for its share of conversations."""
         if self.canary is not None and answers_as_canary(self.args.canary, body, conversation_id):
             return self.canary_server, self.canary
         return self.server, self.served
+
+    def adapter_for(self, name: str, body: OpenAIRequest, conversation_id: str | None) -> str:
+        """The stored adapter answering ``NAME:name``: an alias's adapter (its canary's for the canary's share of
+        conversations, by the versions' rule), else the adapter of that name."""
+        canary = self.routing.adapter_canaries.get(name)
+        if canary is not None and answers_as_canary(canary, body, conversation_id):
+            return canary.adapter
+        return self.adapter_aliases.get(name, name)
 
     async def model_card(self) -> dict:
         if self._card is None:
@@ -106,6 +122,7 @@ class OpenAIIngress:
         served, settings = self.served, as_serve_identity(get_settings())
         names = await asyncio.to_thread(list_adapters, served.registry_name, served.version, settings)
         adapter = {**card, "root": served.name, "parent": served.name}
+        names = sorted({*names, *self.adapter_aliases})  # an alias is a model clients may send too
         return [card, *({**adapter, "id": f"{served.name}{SEPARATOR}{name}"} for name in names)]
 
     def model_replicas(self) -> dict:
@@ -175,19 +192,26 @@ class OpenAIIngress:
                 param="model",
                 code="model_not_found",
             )
-        server, served = self.route(body, conversation_id) if adapter is None else (self.server, self.served)
+        sent = body.model
+        if adapter is None:
+            server, served = self.route(body, conversation_id)
+        else:  # adapters are the champion's: the replica loads the stored adapter routed to, and answers as it
+            stored = self.adapter_for(adapter, body, conversation_id)
+            server, served = self.server, self.served.with_adapter(stored)
+            body = body.model_copy(update={"model": f"{base}{SEPARATOR}{stored}"})
         try:
-            return await self._answer(body, chat, server, served)
+            return await self._answer(body, chat, server, served, sent)
         except APIError as exc:
             exc.headers = {**(exc.headers or {}), **served.version_headers}
             raise
 
-    async def _answer(self, body: OpenAIRequest, chat: bool, server, served: ServedModel):
+    async def _answer(self, body: OpenAIRequest, chat: bool, server, served: ServedModel, model: str):
+        """``body`` answered by ``server`` as ``served``, the answers naming ``model`` (what the client sent)."""
         from fastapi.responses import JSONResponse
 
         header, first, stream = await self.open(body, server)
         tools = body.tool_use() if chat else ToolUse()
-        answer = _Answer(served, request_id(), chat, header["prompt_tokens"], tools, model=body.model)
+        answer = _Answer(served, request_id(), chat, header["prompt_tokens"], tools, model=model)
         if body.stream:
             return ClosingStreamingResponse(
                 self._events(body, answer, first, stream),

@@ -92,16 +92,18 @@ class ReplicaMetrics:
         self._stopped = threading.Event()
         every(interval_s, self._sample, self._stopped)
 
-    def answered(self, prompt_tokens: int, tokens: int, decode_s: float) -> None:
-        """One request's figures once it ended: ``decode_s`` is the time from its first token to its last."""
-        self.prompt.inc(prompt_tokens)
+    def answered(self, prompt_tokens: int, tokens: int, decode_s: float, label: str | None = None) -> None:
+        """One request's figures once it ended: ``decode_s`` is the time from its first token to its last;
+        ``label``: what answered when not the replica's version (an adapter: NAME/VERSION:ADAPTER)."""
+        tags = {"model_version": label} if label else None
+        self.prompt.inc(prompt_tokens, tags=tags)
         if tokens:
-            self.generated.inc(tokens)
+            self.generated.inc(tokens, tags=tags)
         if tokens > 1:
-            self.itl.observe(decode_s / (tokens - 1))
+            self.itl.observe(decode_s / (tokens - 1), tags=tags)
 
-    def first_token(self, ttft_s: float) -> None:
-        self.ttft.observe(ttft_s)
+    def first_token(self, ttft_s: float, label: str | None = None) -> None:
+        self.ttft.observe(ttft_s, tags={"model_version": label} if label else None)
 
     def stop(self) -> None:
         self._stopped.set()

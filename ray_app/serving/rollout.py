@@ -200,8 +200,8 @@ def record_promotion(
         "promotion.reason": reason[:4000],
         "promotion.from": previous or "none",
         "promotion.to": version,
-        "promotion.by": _by(actor, "ray_app.serving.rollout.promote"),
-        "promotion.at": _now(),
+        "promotion.by": decided_by(actor, "ray_app.serving.rollout.promote"),
+        "promotion.at": utc_now(),
     }
     try:
         mlflow = client(settings)
@@ -229,13 +229,16 @@ def roll_serve_apps(
         return {**_without_canary(args), "model": f"models:/{name}@{CHAMPION}", "model_version": version}
 
     was = f"version {previous}" if previous else "their previous configs"
-    return _roll(name, pinned, settings, wait_s, was)
+    return roll_apps(name, pinned, settings, wait_s, was)
 
 
-def _roll(name: str, change, settings: Settings, wait_s: float, was: str) -> list[str]:
-    """Deploy all apps, ``change(args)`` applied to those serving ``models:/NAME@champion``; roll back on failure."""
+def roll_apps(name: str, change, settings: Settings, wait_s: float, was: str, ingress: bool = False) -> list[str]:
+    """Deploy all apps, ``change(args)`` applied to those serving ``models:/NAME@champion``; roll back on failure.
+
+    ``ingress``: ``change(user_config, args)`` returns the OpenAIIngress deployment's new user_config
+    instead (Serve applies it in place: no replica restarts)."""
     details = serve_details(settings)
-    body, rolled = _rolled_config(details, name, change, settings)
+    body, rolled = _rolled_config(details, name, change, settings, ingress)
     if not rolled:
         return []
     try:
@@ -263,10 +266,13 @@ def running_config(settings: Settings) -> dict[str, Any]:
     return _rolled_config(serve_details(settings), "", None, settings)[0]
 
 
-def _rolled_config(details: dict[str, Any], name: str, change, settings: Settings) -> tuple[dict[str, Any], list[str]]:
+def _rolled_config(
+    details: dict[str, Any], name: str, change, settings: Settings, ingress: bool = False
+) -> tuple[dict[str, Any], list[str]]:
     """The Serve config to PUT (every app), ``change(args)`` applied to the apps serving models:/NAME@champion.
 
     ``change`` returns the new args, or None to leave an app as it is; ``change`` None: all as they are.
+    ``ingress``: ``change(user_config, args)`` returns the ingress deployment's user_config instead.
     """
     wanted = f"models:/{name}@{CHAMPION}"
     configs, rolled = [], []
@@ -281,9 +287,14 @@ def _rolled_config(details: dict[str, Any], name: str, change, settings: Setting
         serves_champion = (
             config.get("import_path") == APP_IMPORT_PATH and (args.get("model") or settings.serve_model) == wanted
         )
-        changed = change(args) if change is not None and serves_champion else None
-        if changed is not None:
+        changed = None
+        if change is not None and serves_champion:
+            changed = change(ingress_user_config(config), args) if ingress else change(args)
+        if changed is not None and ingress:
+            _set_ingress_user_config(config, changed)
+        elif changed is not None:
             config["args"] = changed
+        if changed is not None:
             rolled.append(app_name)
         configs.append(config)
     http = details.get("http_options") or {}
@@ -293,6 +304,23 @@ def _rolled_config(details: dict[str, Any], name: str, change, settings: Setting
         "applications": configs,
     }
     return body, rolled
+
+
+def ingress_user_config(app_config: dict[str, Any]) -> dict[str, Any]:
+    """The OpenAIIngress deployment's user_config in an app's config (its adapter routing); {} when unset."""
+    for deployment in app_config.get("deployments") or []:
+        if deployment.get("name") == INGRESS_DEPLOYMENT:
+            return dict(deployment.get("user_config") or {})
+    return {}
+
+
+def _set_ingress_user_config(app_config: dict[str, Any], user_config: dict[str, Any]) -> None:
+    deployments = app_config.setdefault("deployments", [])
+    for deployment in deployments:
+        if deployment.get("name") == INGRESS_DEPLOYMENT:
+            deployment["user_config"] = user_config
+            return
+    deployments.append({"name": INGRESS_DEPLOYMENT, "user_config": user_config})
 
 
 def _without_canary(args: dict[str, Any]) -> dict[str, Any]:
@@ -350,7 +378,7 @@ def start_canary(
         return {**args, "model": f"models:/{name}@{CHAMPION}", "model_version": champion, "canary": spec}
 
     try:
-        canary.apps = _roll(name, with_canary, settings, wait_s, f"version {champion} alone")
+        canary.apps = roll_apps(name, with_canary, settings, wait_s, f"version {champion} alone")
         if not canary.apps:
             raise ServeError(f"no running Serve app serves models:/{name}@{CHAMPION}: nothing to run a canary in")
     except Exception as exc:
@@ -374,7 +402,7 @@ def stop_canary(
         return _without_canary(args) if "canary" in args else None
 
     drain_canaries(name, settings, wait_s)
-    apps = _roll(name, alone, settings, wait_s, "the champion with its canary")
+    apps = roll_apps(name, alone, settings, wait_s, "the champion with its canary")
     for version in sorted(versions):
         record_canary(name, version, "rolled_back", reason, settings, actor)
     return apps
@@ -391,7 +419,7 @@ def drain_canaries(name: str, settings: Settings, wait_s: float = 600.0) -> list
         canary = args.get("canary")
         return {**args, "canary": {**canary, "share": 0.0}} if canary and canary.get("share") else None
 
-    apps = _roll(name, draining, settings, wait_s, "their canaries")
+    apps = roll_apps(name, draining, settings, wait_s, "their canaries")
     deadline = time.monotonic() + wait_s
     while apps:
         details = serve_details(settings)["applications"]
@@ -411,10 +439,15 @@ def canary_lines(settings: Settings) -> list[str]:
     lines = []
     for app in running_config(settings)["applications"]:
         args = app.get("args") or {}
+        name = str(args.get("model", "")).removeprefix("models:/").split("@")[0]
+        routing = ingress_user_config(app)
+        for alias, challenger in (routing.get("adapter_canaries") or {}).items():
+            lines.append(f"Serve app {app['name']}: {name}:{alias} on adapter {routing['adapter_aliases'][alias]}, "
+                         f"canary adapter {challenger['adapter']} for {challenger['share']:.0%} of conversations "
+                         f"(`llmops judge {name}:{alias}`)")  # fmt: skip
         canary = args.get("canary")
         if not canary:
             continue
-        name = str(args.get("model", "")).removeprefix("models:/").split("@")[0]
         try:
             tags = get_version(f"models:/{name}/{canary['model_version']}", settings).tags
             verdict = f"; last verdict: {tags['canary.verdict']} ({tags.get('canary.verdict_reason', '')})" \
@@ -444,8 +477,8 @@ def record_canary(
     tags = {
         "canary": state,
         "canary.reason": reason[:4000],
-        "canary.by": _by(actor, "ray_app.serving.rollout"),
-        f"canary.{state}_at": _now(),
+        "canary.by": decided_by(actor, "ray_app.serving.rollout"),
+        f"canary.{state}_at": utc_now(),
     }
     try:
         mlflow = client(settings)
@@ -474,7 +507,7 @@ def _target(name: str, version: str | None, from_alias: str | None, settings: Se
     return get_version(f"models:/{name}@{from_alias}" if from_alias else f"models:/{name}/{version}", settings)
 
 
-def _by(actor: str | None, default: str) -> str:
+def decided_by(actor: str | None, default: str) -> str:
     """Who made a decision, as the version's tags record it: the actor, the OS user and the host."""
     import getpass
     import socket
@@ -482,5 +515,5 @@ def _by(actor: str | None, default: str) -> str:
     return f"{actor or default} ({getpass.getuser()}@{socket.gethostname()})"
 
 
-def _now() -> str:
+def utc_now() -> str:
     return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())

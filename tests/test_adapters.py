@@ -246,3 +246,26 @@ def test_an_adapter_alias_is_promoted_and_canaried_without_restarting_any_replic
     assert tags["adapter_canary.support"] == "rolled_back" and tags["adapter_canary.support.adapter"] == "charlie"
     assert tags["adapter_canary.support.verdict"] == "promote"
     assert replica_pids() == pids, "promoting an adapter or running its canary restarted a replica"
+
+
+def test_a_new_champion_version_starts_from_its_own_adapters_and_aliases(lora_app):
+    """Promoting another base version rolls the app onto it: the aliases pinned for the old version's
+    adapters go with it (the new version has none stored or recorded), its tag stays on the old version."""
+    from ray_app.registry import get_version, register_model_version
+    from ray_app.serving.rollout import ingress_user_config, promote, running_config
+
+    url, headers, settings = lora_app
+    old = get_version(f"models:/{BASE}@champion", settings)
+    new = register_model_version(BASE, old.source, run_id=None, settings=settings).version
+    promoted = promote(BASE, settings, version=new, wait_s=240, actor="test")
+    assert promoted.rolled_apps and promoted.previous == old.version
+    assert ingress_user_config(running_config(settings)["applications"][0]) == {}
+    deadline = time.monotonic() + 60
+    while (response := _ask(url, headers, f"{BASE}:support")).status_code == 200:
+        assert time.monotonic() < deadline, "the old version's alias still answers"
+        time.sleep(0.5)
+    assert response.status_code == 404 and response.headers["x-model-version"] == f"{BASE}/{new}:support"
+    assert _label_of(url, headers, BASE)[0] == f"{BASE}/{new}"
+    listed = httpx.get(f"{url}/v1/models", headers=headers, timeout=30).json()["data"]
+    assert [card["id"] for card in listed] == [BASE]
+    assert get_version(f"models:/{BASE}/{old.version}", settings).tags["llmops.adapter_alias.support"] == "bravo"

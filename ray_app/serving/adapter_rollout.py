@@ -73,7 +73,7 @@ def promote_adapter(
 
     try:
         was = f"{name}:{alias} on {rollout.previous}"
-        rollout.apps = roll_apps(name, pinned, settings, wait_s, was, ingress=True)
+        rollout.apps = roll_apps(name, pinned, settings, wait_s, was, part="ingress")
         try:
             _tag(name, rollout.version, {alias_tag(alias): adapter}, settings)
         except Exception:
@@ -118,7 +118,7 @@ def start_adapter_canary(
 
     try:
         was = f"{name}:{alias} on {rollout.previous} alone"
-        rollout.apps = roll_apps(name, with_canary, settings, wait_s, was, ingress=True)
+        rollout.apps = roll_apps(name, with_canary, settings, wait_s, was, part="ingress")
         if not rollout.apps:
             raise ServeError(f"no running Serve app serves models:/{name}@{CHAMPION} with adapters: nothing to run "
                              "a canary in")  # fmt: skip
@@ -146,7 +146,7 @@ def stop_adapter_canary(
             return None
         return {**routing, "adapter_canaries": {key: value for key, value in canaries.items() if key != alias}}
 
-    apps = roll_apps(name, alone, settings, wait_s, f"{name}:{alias} with its canary", ingress=True)
+    apps = roll_apps(name, alone, settings, wait_s, f"{name}:{alias} with its canary", part="ingress")
     version = _champion(name, settings)
     for canary in adapter_canaries(before, name).get(alias, ()):
         stopped = AdapterRollout(name, alias, canary, version, None, apps)

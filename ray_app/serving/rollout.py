@@ -223,22 +223,29 @@ def roll_serve_apps(
     redeployed with the configs they ran before (and waited for), so Serve keeps serving ``previous``.
     """
 
-    def pinned(args: dict[str, Any]) -> dict[str, Any] | None:
+    def pinned(app: dict[str, Any]) -> dict[str, Any] | None:
+        args = app.get("args") or {}
         if args.get("model_version") == version and "canary" not in args:
             return None
-        return {**_without_canary(args), "model": f"models:/{name}@{CHAMPION}", "model_version": version}
+        if args.get("model_version") != version and ingress_user_config(app):
+            # Adapter aliases name adapters of the version they were set on: the new one starts from its own
+            # recorded aliases (its tags).
+            _set_ingress_user_config(app, {})
+        return {**app, "args": {**_without_canary(args), "model": f"models:/{name}@{CHAMPION}",
+                                "model_version": version}}  # fmt: skip
 
     was = f"version {previous}" if previous else "their previous configs"
-    return roll_apps(name, pinned, settings, wait_s, was)
+    return roll_apps(name, pinned, settings, wait_s, was, part="app")
 
 
-def roll_apps(name: str, change, settings: Settings, wait_s: float, was: str, ingress: bool = False) -> list[str]:
+def roll_apps(name: str, change, settings: Settings, wait_s: float, was: str, part: str = "args") -> list[str]:
     """Deploy all apps, ``change(args)`` applied to those serving ``models:/NAME@champion``; roll back on failure.
 
-    ``ingress``: ``change(user_config, args)`` returns the OpenAIIngress deployment's new user_config
-    instead (Serve applies it in place: no replica restarts)."""
+    ``part``: what ``change`` takes and returns (None: leave the app as it is): "args" the app's args;
+    "ingress" ``change(user_config, args)``, the OpenAIIngress deployment's user_config (Serve applies
+    it in place: no replica restarts); "app" the app's whole config."""
     details = serve_details(settings)
-    body, rolled = _rolled_config(details, name, change, settings, ingress)
+    body, rolled = _rolled_config(details, name, change, settings, part)
     if not rolled:
         return []
     try:
@@ -267,13 +274,10 @@ def running_config(settings: Settings) -> dict[str, Any]:
 
 
 def _rolled_config(
-    details: dict[str, Any], name: str, change, settings: Settings, ingress: bool = False
+    details: dict[str, Any], name: str, change, settings: Settings, part: str = "args"
 ) -> tuple[dict[str, Any], list[str]]:
-    """The Serve config to PUT (every app), ``change(args)`` applied to the apps serving models:/NAME@champion.
-
-    ``change`` returns the new args, or None to leave an app as it is; ``change`` None: all as they are.
-    ``ingress``: ``change(user_config, args)`` returns the ingress deployment's user_config instead.
-    """
+    """The Serve config to PUT (every app), ``change`` applied to the ``part`` (see roll_apps) of the apps
+    serving models:/NAME@champion; ``change`` None: all as they are."""
     wanted = f"models:/{name}@{CHAMPION}"
     configs, rolled = [], []
     for app_name, app in details.get("applications", {}).items():
@@ -287,14 +291,9 @@ def _rolled_config(
         serves_champion = (
             config.get("import_path") == APP_IMPORT_PATH and (args.get("model") or settings.serve_model) == wanted
         )
-        changed = None
-        if change is not None and serves_champion:
-            changed = change(ingress_user_config(config), args) if ingress else change(args)
-        if changed is not None and ingress:
-            _set_ingress_user_config(config, changed)
-        elif changed is not None:
-            config["args"] = changed
+        changed = _changed(config, change, part) if change is not None and serves_champion else None
         if changed is not None:
+            config = changed
             rolled.append(app_name)
         configs.append(config)
     http = details.get("http_options") or {}
@@ -304,6 +303,20 @@ def _rolled_config(
         "applications": configs,
     }
     return body, rolled
+
+
+def _changed(config: dict[str, Any], change, part: str) -> dict[str, Any] | None:
+    """The app ``config`` (a copy of its own) with ``change`` applied to its ``part``; None: unchanged."""
+    args = config.get("args") or {}
+    if part == "app":
+        return change(config)
+    if part == "ingress":
+        routing = change(ingress_user_config(config), args)
+        if routing is not None:
+            _set_ingress_user_config(config, routing)
+        return None if routing is None else config
+    changed = change(args)
+    return None if changed is None else {**config, "args": changed}
 
 
 def ingress_user_config(app_config: dict[str, Any]) -> dict[str, Any]:

@@ -38,10 +38,11 @@ def lora_app(ray_cluster: Settings, mlflow_server: Settings, serve_http_port: in
     from ray_app.serving.rollout import ServeError, load_serve_config, shutdown, wait_running
     from ray_app.storage import open_store
 
-    settings = ray_cluster.model_copy(
-        update={"serve_port": serve_http_port, "mlflow_tracking_uri": mlflow_server.mlflow_tracking_uri}
-    )
     root = tmp_path_factory.mktemp("lora")
+    # A chat database of its own: the cluster's must not exist before the Airflow tests' chat runs.
+    settings = ray_cluster.model_copy(update={"serve_port": serve_http_port,
+                                              "chat_database_url": f"sqlite+aiosqlite:///{root / 'chat.db'}",
+                                              "mlflow_tracking_uri": mlflow_server.mlflow_tracking_uri})  # fmt: skip
     base = build_tiny_chat_model(root / "base")
     store = open_store(settings=settings)
     store.ensure()

@@ -1400,7 +1400,7 @@ def test_overload_sheds_with_503_retry_after_and_every_accepted_request_complete
 
 
 def test_a_client_that_disconnects_frees_its_batch_row(serve_app):
-    _wait_for(lambda: len(serve_app.replicas()) == 1, 90, "one replica (its counters are the app's)")
+    _one_replica(serve_app)  # its counters are the app's
     stats_url = f"{serve_app.base_url}/v1/stats"
 
     def stats() -> dict:
@@ -1433,6 +1433,7 @@ def test_eight_concurrent_requests_finish_sooner_than_eight_sequential_ones(serv
     # through the proxy, the ingress and Serve's router (~70 ms here, which batching does not share).
     # The tiny model decodes 256 tokens in ~0.3 s on OpenVINO, so wall time alone is noisy (CI once
     # measured 0.68x): what batching must show is that the eight shared the replica's decode steps.
+    _one_replica(serve_app)  # /v1/stats is one replica's: all eight must be on it
     _ask(serve_app, 4)  # warm
     stats_url = f"{serve_app.base_url}/v1/stats"
     started = time.monotonic()
@@ -1495,16 +1496,22 @@ def _wait_for(predicate, timeout: float, what: str) -> float:
     return time.monotonic()
 
 
+def _one_replica(serve_app: ServeApp) -> None:
+    """Wait until the app runs one model replica (the load of the tests before may have scaled it to two)."""
+    _wait_for(lambda: len(serve_app.replicas()) == 1, 90, "scale-down to one replica")
+
+
 def test_eight_streaming_clients_scale_the_app_to_two_replicas_and_back_to_one(serve_app):
-    assert len(serve_app.replicas()) == 1
+    _one_replica(serve_app)
     with Load(serve_app, clients=8, stream=True, max_tokens=200) as load:
         _wait_for(lambda: len(serve_app.replicas()) == 2, 90, "a second replica")
         time.sleep(3)
     assert not load.errors and load.results
-    _wait_for(lambda: len(serve_app.replicas()) == 1, 90, "scale-down to one replica")
+    _one_replica(serve_app)
 
 
 def test_killed_replica_is_restarted_and_retrying_clients_lose_nothing(serve_app):
+    _one_replica(serve_app)
     [replica] = serve_app.replicas()
     with Load(serve_app, clients=3, stream=False, max_tokens=48, retries=5) as load:
         _wait_for(lambda: len(load.results) >= 3, 60, "traffic")

@@ -640,11 +640,12 @@ def judge_adapter_canary(
     from ray_app.serving.rollout import running_config
 
     policy = policy or CanaryPolicy.from_settings(settings)
-    running = sorted(adapter_canaries(running_config(settings), name).get(alias, ()))
+    config = running_config(settings)
+    running = sorted(adapter_canaries(config, name).get(alias, ()))
     if not running:
         raise PromotionError(f"no canary of {name}:{alias} is running in Serve")
     version = get_version(f"models:/{name}@champion", settings).version
-    champion, canary = current_adapter(name, alias, settings, version), running[0]
+    champion, canary = current_adapter(name, alias, settings, version, config), running[0]
     key = f"{CANARY_TAG}{alias}"
     started = get_version(f"models:/{name}/{version}", settings).tags.get(f"{key}.running_at", "")
     elapsed = time.time() - calendar.timegm(time.strptime(started, "%Y-%m-%dT%H:%M:%SZ")) if started else 0.0

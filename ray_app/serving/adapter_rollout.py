@@ -64,8 +64,8 @@ def promote_adapter(
     RUNNING; only then does the version's alias tag move. Raises ValueError when the adapter is not
     stored for the champion, ServeError when Serve cannot be rolled (it is rolled back).
     """
-    rollout = _rollout(name, alias, adapter, settings)
     before = running_config(settings)
+    rollout = _rollout(name, alias, adapter, settings, before)
 
     def pinned(routing: dict[str, Any], args: dict[str, Any]) -> dict[str, Any] | None:
         canaries = {key: value for key, value in (routing.get("adapter_canaries") or {}).items() if key != alias}
@@ -104,7 +104,7 @@ def start_adapter_canary(
     """Answer ``share`` (settings.canary_share) of the conversations sent to ``NAME:ALIAS`` with ``adapter``,
     beside the adapter the alias names (which does not move). Raises ValueError when the alias names no
     adapter yet or names this one, ServeError when no app serves the champion with adapters."""
-    rollout = _rollout(name, alias, adapter, settings)
+    rollout = _rollout(name, alias, adapter, settings, running_config(settings))
     if rollout.previous is None:
         raise ValueError(f"{name}:{alias} names no adapter yet: promote one first (no --canary)")
     if rollout.previous == adapter:
@@ -164,12 +164,14 @@ def adapter_canaries(config: dict[str, Any], name: str) -> dict[str, set[str]]:
     return found
 
 
-def current_adapter(name: str, alias: str, settings: Settings, version: str | None = None) -> str | None:
-    """The adapter ``NAME:ALIAS`` names now: as pinned in a running app serving the champion, else the
-    version's tag; None when neither says."""
+def current_adapter(
+    name: str, alias: str, settings: Settings, version: str | None = None, config: dict[str, Any] | None = None
+) -> str | None:
+    """The adapter ``NAME:ALIAS`` names now: as pinned in a running app serving the champion (``config``: the
+    running Serve config when the caller has it), else the version's tag; None when neither says."""
     from ray_app.registry import get_version
 
-    for app in running_config(settings)["applications"]:
+    for app in (config or running_config(settings))["applications"]:
         pinned = ingress_user_config(app).get("adapter_aliases") or {}
         if (app.get("args") or {}).get("model") == f"models:/{name}@{CHAMPION}" and alias in pinned:
             return pinned[alias]
@@ -177,8 +179,9 @@ def current_adapter(name: str, alias: str, settings: Settings, version: str | No
     return tagged(get_version(f"models:/{name}/{version}", settings).tags, ALIAS_TAG).get(alias)
 
 
-def _rollout(name: str, alias: str, adapter: str, settings: Settings) -> AdapterRollout:
-    """Check the names and that ``adapter`` is stored for the champion; what the alias names now."""
+def _rollout(name: str, alias: str, adapter: str, settings: Settings, config: dict[str, Any]) -> AdapterRollout:
+    """Check the names and that ``adapter`` is stored for the champion; what the alias names now (in the
+    running Serve ``config``, else the version's tag)."""
     check_adapter_name(alias)
     check_adapter_name(adapter)
     version = _champion(name, settings)
@@ -186,7 +189,7 @@ def _rollout(name: str, alias: str, adapter: str, settings: Settings) -> Adapter
     if adapter not in stored:
         raise ValueError(f"no adapter {adapter!r} is stored for {name}/{version} (the champion); stored: "
                          f"{', '.join(stored) or 'none'}")  # fmt: skip
-    return AdapterRollout(name, alias, adapter, version, current_adapter(name, alias, settings, version))
+    return AdapterRollout(name, alias, adapter, version, current_adapter(name, alias, settings, version, config))
 
 
 def _champion(name: str, settings: Settings) -> str:

@@ -92,7 +92,9 @@ class ChatServer:
 
     def batching_stats(self) -> dict[str, int]:
         """The decode loop's and admission's counters (a handle method, for benchmarks, tests and debugging)."""
-        admitted = {"active_requests": self.admission.active, "rejected_requests": self.admission.rejected}
+        waiting, running = self.batcher.occupancy()
+        admitted = {"active_requests": self.admission.active, "rejected_requests": self.admission.rejected,
+                    "waiting_requests": waiting, "running_rows": running}  # fmt: skip
         lora = getattr(self.engine, "lora", None)
         adapters = {"adapters_loaded": len(lora.loaded), "adapter_loads": lora.loads,
                     "adapter_unloads": lora.unloads} if lora is not None else {}  # fmt: skip

@@ -18,6 +18,7 @@ import httpx
 import pytest
 import yaml
 from conftest import venv_bin
+from fastapi import Request
 from tiny_model import build_tiny_chat_model, train_lora_adapter
 
 from ray_app.settings import Settings
@@ -270,3 +271,79 @@ def test_a_new_champion_version_starts_from_its_own_adapters_and_aliases(lora_ap
     listed = httpx.get(f"{url}/v1/models", headers=headers, timeout=30).json()["data"]
     assert [card["id"] for card in listed] == [BASE]
     assert get_version(f"models:/{BASE}/{old.version}", settings).tags["llmops.adapter_alias.support"] == "bravo"
+
+
+def test_vllm_serves_the_versions_adapters_through_serve_llm_and_routes_aliases_with_the_same_rule(tmp_path):
+    """engine vllm (no vLLM here: what we hand Ray Serve LLM, and our middleware in front of its router):
+    the version's adapter folder is its dynamic_lora_loading_path, vLLM's LoRA is enabled with as many
+    adapters per batch as a replica holds; NAME:ALIAS resolves by the transformers engine's rule (a canary's
+    share sticky per conversation), moves in place with the ingress's user_config, answers are labelled
+    NAME/VERSION:ADAPTER; the version canary leaves adapter requests to the champion."""
+    from fastapi import FastAPI
+    from fastapi.testclient import TestClient
+
+    from ray_app.serving.config import CanaryArgs, ServeConfigError, ServedModel, parse_args, parse_routing
+    from ray_app.serving.gate import ApiGate, Limits
+    from ray_app.serving.protocol import hash_key
+    from ray_app.serving.vllm_app import AdapterRouter, CanaryRouter, llm_config_kwargs, set_adapter_routing
+
+    args = parse_args({"engine": "vllm", "device": "cuda", "max_adapters_per_replica": 4,
+                       "vllm_engine_kwargs": {"max_lora_rank": 16}})  # fmt: skip
+    served = ServedModel(
+        source="s3://bucket/root/models/m/1",
+        name="m",
+        label="m/1",
+        registry_name="m",
+        version="1",
+        run_id="r1",
+        adapter_aliases={"support": "alpha"},
+        adapter_runs={"alpha": "ra", "bravo": "rb"},
+    )
+    s3 = Settings(store_uri="s3://bucket/root", s3_endpoint_url="http://127.0.0.1:9")
+    fields = llm_config_kwargs(args, served, "m", s3)
+    assert fields["lora_config"] == {"dynamic_lora_loading_path": "s3://bucket/root/adapters/m/1",
+                                     "max_num_adapters_per_replica": 4}  # fmt: skip
+    assert (
+        fields["engine_kwargs"] | {"max_lora_rank": 16, "enable_lora": True, "max_loras": 4} == fields["engine_kwargs"]
+    )
+    assert "lora_config" not in llm_config_kwargs(parse_args({"engine": "vllm", "device": "cuda"}), served, "m", s3)
+    with pytest.raises(ServeConfigError, match=f"s3:// store .* the store \\(setting store_uri\\) is {tmp_path}"):
+        llm_config_kwargs(args, served, "m", Settings(store_uri=str(tmp_path)))
+
+    counted = []
+    app = FastAPI()  # stands in for Serve LLM's router: answers with the model it was asked for
+    app.add_middleware(CanaryRouter, canary=CanaryArgs(model_version="2", share=0.5), model_id="m@canary",
+                       version_headers={"x-model-version": "m/2", "x-mlflow-run-id": "r2"})  # fmt: skip
+    app.add_middleware(AdapterRouter, served=served, args=args)
+    app.add_middleware(ApiGate, key_hashes=[hash_key("sk-test")], version_headers=served.version_headers,
+                       limits=Limits(max_request_bytes=4096, max_messages=9, max_tokens_limit=10),
+                       on_response=lambda route, status, version: counted.append(version))  # fmt: skip
+
+    @app.post("/v1/chat/completions")
+    async def answer(request: Request):
+        return {"model": (await request.json())["model"]}
+
+    client = TestClient(app, headers={"Authorization": "Bearer sk-test"})
+
+    def ask(model: str, conversation: str = "c") -> tuple[str, str, str]:
+        body = {"model": model, "messages": [{"role": "user", "content": "hi"}], "max_tokens": 4}
+        response = client.post("/v1/chat/completions", json=body, headers={"x-conversation-id": conversation})
+        assert response.status_code == 200, response.text
+        return response.json()["model"], response.headers["x-model-version"], response.headers["x-mlflow-run-id"]
+
+    assert ask("m:support") == ("m:alpha", "m/1:alpha", "ra")  # the alias recorded on the version
+    assert ask("m:bravo") == ("m:bravo", "m/1:bravo", "rb")  # an adapter by name
+    assert ask("m:gamma") == ("m:gamma", "m/1:gamma", "")  # Serve LLM answers whether it is stored
+    # The version canary takes its share of base requests, never an adapter's (adapters are the champion's).
+    bases = {ask("m", conversation) for conversation in map(str, range(20))}
+    assert bases == {("m", "m/1", "r1"), ("m@canary", "m/2", "r2")}
+    assert {ask("m:bravo", conversation)[0] for conversation in map(str, range(20))} == {"m:bravo"}
+    set_adapter_routing(served, parse_routing({"adapter_aliases": {"support": "alpha"}, "adapter_canaries": {
+        "support": {"adapter": "bravo", "share": 0.5}}}, args))  # fmt: skip
+    split = {conversation: ask("m:support", conversation)[0] for conversation in map(str, range(40))}
+    assert set(split.values()) == {"m:alpha", "m:bravo"}
+    assert 8 <= sum(model == "m:bravo" for model in split.values()) <= 32
+    assert all(ask("m:support", conversation)[0] == model for conversation, model in list(split.items())[:8])
+    set_adapter_routing(served, parse_routing({"adapter_aliases": {"support": "bravo"}}, args))  # promoted
+    assert ask("m:support") == ("m:bravo", "m/1:bravo", "rb")
+    assert counted[:3] == ["m/1:alpha", "m/1:bravo", "m/1:gamma"] and "m/2" in counted

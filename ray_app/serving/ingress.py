@@ -51,7 +51,7 @@ from ray_app.serving.responses import (
     ToolCallDelta,
     Usage,
 )
-from ray_app.serving.routing import CONVERSATION_HEADER, answers_as_canary
+from ray_app.serving.routing import CONVERSATION_HEADER, AdapterRoutes, answers_as_canary
 from ray_app.serving.tools import AutoCalls, ToolUse, parse_calls, tool_calls
 from ray_app.settings import get_settings
 
@@ -91,23 +91,13 @@ class OpenAIIngress:
     def reconfigure(self, user_config: dict) -> None:
         """Serve calls this with the deployment's ``user_config`` (AdapterRouting) when a replica starts and, in
         place, whenever it changes: an alias moved or an adapter canary started or ended restarts nothing."""
-        self.routing = parse_routing(user_config, self.args)
-        # NAME:ALIAS -> the adapter answering it: the registry's record, then what a rollout pinned.
-        self.adapter_aliases = {**self.served.adapter_aliases, **self.routing.adapter_aliases}
+        self.adapters = AdapterRoutes.of(self.served, parse_routing(user_config, self.args))
 
     def route(self, body: OpenAIRequest, conversation_id: str | None) -> tuple[object, ServedModel]:
         """The model deployment (and what it serves) answering ``body``: the canary for its share of conversations."""
         if self.canary is not None and answers_as_canary(self.args.canary, body, conversation_id):
             return self.canary_server, self.canary
         return self.server, self.served
-
-    def adapter_for(self, name: str, body: OpenAIRequest, conversation_id: str | None) -> str:
-        """The stored adapter answering ``NAME:name``: an alias's adapter (its canary's for the canary's share of
-        conversations, by the versions' rule), else the adapter of that name."""
-        canary = self.routing.adapter_canaries.get(name)
-        if canary is not None and answers_as_canary(canary, body, conversation_id):
-            return canary.adapter
-        return self.adapter_aliases.get(name, name)
 
     async def model_card(self) -> dict:
         if self._card is None:
@@ -122,7 +112,7 @@ class OpenAIIngress:
         served, settings = self.served, as_serve_identity(get_settings())
         names = await asyncio.to_thread(list_adapters, served.registry_name, served.version, settings)
         adapter = {**card, "root": served.name, "parent": served.name}
-        names = sorted({*names, *self.adapter_aliases})  # an alias is a model clients may send too
+        names = sorted({*names, *self.adapters.aliases})  # an alias is a model clients may send too
         return [card, *({**adapter, "id": f"{served.name}{SEPARATOR}{name}"} for name in names)]
 
     def model_replicas(self) -> dict:
@@ -196,7 +186,7 @@ class OpenAIIngress:
         if adapter is None:
             server, served = self.route(body, conversation_id)
         else:  # adapters are the champion's: the replica loads the stored adapter routed to, and answers as it
-            stored = self.adapter_for(adapter, body, conversation_id)
+            stored = self.adapters.adapter_for(adapter, body, conversation_id)
             server, served = self.server, self.served.with_adapter(stored)
             body = body.model_copy(update={"model": f"{base}{SEPARATOR}{stored}"})
         try:

@@ -18,8 +18,9 @@ from __future__ import annotations
 
 import hashlib
 import random
+from dataclasses import dataclass
 
-from ray_app.serving.config import CanaryArgs
+from ray_app.serving.config import AdapterCanaryArgs, AdapterRouting, CanaryArgs, ServedModel
 from ray_app.serving.protocol import ChatCompletionRequest, OpenAIRequest
 
 CONVERSATION_HEADER = "x-conversation-id"
@@ -40,6 +41,26 @@ def answers_as_canary(canary: CanaryArgs | None, body: OpenAIRequest, conversati
     if canary is None:
         return False
     return goes_to_canary(conversation_key(body, conversation_id, canary.sticky_by), canary.share)
+
+
+@dataclass(frozen=True)
+class AdapterRoutes:
+    """Which stored adapter answers ``model: NAME:X`` (every engine): an alias's adapter - its canary's for
+    the canary's share of conversations, by the versions' rule - else the adapter named X."""
+
+    aliases: dict[str, str]  # {ALIAS: ADAPTER}
+    canaries: dict[str, AdapterCanaryArgs]  # {ALIAS: challenger}
+
+    @classmethod
+    def of(cls, served: ServedModel, routing: AdapterRouting) -> AdapterRoutes:
+        """The registry's record (the version's alias tags), then what a rollout pinned in the ingress's config."""
+        return cls({**served.adapter_aliases, **routing.adapter_aliases}, dict(routing.adapter_canaries))
+
+    def adapter_for(self, name: str, body: OpenAIRequest, conversation_id: str | None) -> str:
+        canary = self.canaries.get(name)
+        if canary is not None and answers_as_canary(canary, body, conversation_id):
+            return canary.adapter
+        return self.aliases.get(name, name)
 
 
 def goes_to_canary(key: str, share: float) -> bool:

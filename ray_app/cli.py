@@ -385,8 +385,8 @@ def promote(
         Path | None,
         typer.Option(
             "--gate",
-            help="recipe YAML: evaluate the version and the champion on its eval_data first and "
-            "promote only if the version wins (exit 2 when the champion is kept)",
+            help="recipe YAML: evaluate the version and the champion (an adapter and the alias's) on its "
+            "eval_data first and promote only if it wins (exit 2 when the champion is kept)",
         ),
     ] = None,
     min_improvement: Annotated[
@@ -413,10 +413,14 @@ def promote(
     from ray_app.serving.rollout import promote as promote_version
 
     if SEPARATOR in name or adapter is not None:
-        if version or from_alias or gate or SEPARATOR not in name or adapter is None:
+        if version or from_alias or SEPARATOR not in name or adapter is None:
             raise ValueError("an adapter alias is promoted as `llmops promote NAME:ALIAS --adapter ADAPTER "
-                             "[--canary PERCENT]` (no --version, --from or --gate)")  # fmt: skip
-        _promote_adapter(name, adapter, None if canary is None else canary / 100, settings())
+                             "[--gate RECIPE] [--canary PERCENT]` (no --version or --from)")  # fmt: skip
+        share = None if canary is None else canary / 100
+        if gate is not None:
+            _promote_adapter_through_the_gate(name, adapter, gate, min_improvement, share, settings())
+            return
+        _promote_adapter(name, adapter, share, settings())
         return
     if (version is None) == (from_alias is None):
         raise ValueError("give exactly one of --version V or --from ALIAS")
@@ -483,6 +487,28 @@ def _promote_adapter(model: str, adapter: str, share: float | None, current: Set
     console.print(f"{model}: {adapter} answers {share:.0%} of conversations beside {done.previous} in "
                   f"{', '.join(done.apps)}; `llmops judge {model}`, `llmops promote {model} --adapter {adapter}` "
                   f"or `llmops rollback {model}` ends it")  # fmt: skip
+
+
+def _promote_adapter_through_the_gate(
+    model: str, adapter: str, recipe: Path, margin: float | None, share: float | None, current: Settings
+) -> None:
+    from ray_app import promotion
+    from training.config import load_config
+
+    name, alias = model.split(SEPARATOR, 1)
+    cfg = load_config(recipe)
+    with console.status(f"evaluating {adapter} and what {model} answers with now on {', '.join(cfg.eval_data)}..."):
+        decision = promotion.gate_adapter(cfg, current, name, alias, adapter, margin, actor="llmops promote --gate",
+                                          canary_share=share or 0.0)  # fmt: skip
+    was = decision["previous"] or "(none)"
+    if decision.get("canary"):
+        console.print(f"{model}: {adapter} passed the gate and answers {share:.0%} of conversations beside {was}; "
+                      f"`llmops judge {model}` decides: {decision['reason']}")  # fmt: skip
+        return
+    if not decision["promoted"]:
+        console.print(f"{model}: kept {was}: {decision['reason']}")
+        raise typer.Exit(2)
+    console.print(f"{model}: {was} -> {adapter} (adapter of {name}/{decision['version']}): {decision['reason']}")
 
 
 @app.command()

@@ -19,6 +19,11 @@ per token against the reference. No case is no evidence against.
 Every evaluation is tagged on the candidate (``gate.candidate_loss``, ``gate.champion_loss``,
 ``gate.champion``, ``gate.replay_*``, ``gate.regression_*``) and every decision too
 (``promotion`` and ``promotion.*``, by ``rollout.record_promotion``).
+
+**LoRA adapters behind an alias** (``NAME:ALIAS``) pass the same gate (:func:`gate_adapter`): the
+champion with the new adapter against the champion with the alias's adapter, tagged on the
+champion version (``adapter_gate.ALIAS.*``); their canary is judged by the same policy
+(:func:`judge_adapter_canary`).
 """
 
 from __future__ import annotations
@@ -193,15 +198,18 @@ def preference_learned(scores: CaseScores | None, tags: dict[str, str], referenc
 
 
 def score_cases(candidate: str, reference: str, replay: list[dict], regression: list[dict], margin: float,
-                seq_len: int, settings: Settings, regression_set: str = "") -> CaseScores:  # fmt: skip
-    """Score ``candidate`` and ``reference`` on the replay pairs and regression cases (``ray_app.regression``)."""
+                seq_len: int, settings: Settings, regression_set: str = "",
+                adapters: tuple[str | None, str | None] = (None, None)) -> CaseScores:  # fmt: skip
+    """Score ``candidate`` and ``reference`` (each with its LoRA adapter of ``adapters``, if any) on the replay
+    pairs and regression cases (``ray_app.regression``)."""
     from training.evaluate import completion_scores
 
     items = [(case["messages"], case[side]) for case in replay for side in ("chosen", "rejected")]
     items += [(case["messages"], case["completion"]) for case in regression]
     if not items:
         return CaseScores(regression_set=regression_set)
-    ours, theirs = (completion_scores(model, items, seq_len, settings) for model in (candidate, reference))
+    ours, theirs = (completion_scores(model, items, seq_len, settings, adapter)
+                    for model, adapter in zip((candidate, reference), adapters, strict=True))  # fmt: skip
 
     def margins(scores: list[tuple[float, int]]) -> list[float]:
         per_token = [logp / max(tokens, 1) for logp, tokens in scores[: 2 * len(replay)]]
@@ -222,8 +230,10 @@ def score_cases(candidate: str, reference: str, replay: list[dict], regression: 
                       regression_set)  # fmt: skip
 
 
-def replay_and_regression(name: str, candidate: str, reference: str, seq_len: int, settings: Settings) -> CaseScores:
-    """The chat's cases for ``name`` (the regression set grown first), scored on ``candidate`` and ``reference``."""
+def replay_and_regression(name: str, candidate: str, reference: str, seq_len: int, settings: Settings,
+                          adapters: tuple[str | None, str | None] = (None, None)) -> CaseScores:  # fmt: skip
+    """The chat's cases for ``name`` (the regression set grown first), scored on ``candidate`` and ``reference``
+    (with their LoRA ``adapters``, if any)."""
     from ray_app.chat.feedback import read_feedback
     from ray_app.chat.review import ReviewPolicy
     from ray_app.regression import grow_regression_set, regression_cases, replay_cases, replay_since
@@ -233,7 +243,7 @@ def replay_and_regression(name: str, candidate: str, reference: str, seq_len: in
     replay = replay_cases(records, policy, replay_since(settings.gate_replay_days))
     kept = grow_regression_set(name, regression_cases(records, policy), settings)
     return score_cases(candidate, reference, replay, kept.cases, settings.gate_regression_margin, seq_len, settings,
-                       kept.uri)  # fmt: skip
+                       kept.uri, adapters)  # fmt: skip
 
 
 @dataclass
@@ -661,6 +671,69 @@ def judge_adapter_canary(
     elif verdict.action == "rollback":
         stop_adapter_canary(name, alias, settings, verdict.reason, actor=actor)
     return verdict
+
+
+ADAPTER_GATE = "adapter_gate."  # + ALIAS: the evaluation of the last adapter gated for NAME:ALIAS
+
+
+def gate_adapter(
+    cfg, settings: Settings, name: str, alias: str, adapter: str, margin: float | None = None, actor: str = "",
+    canary_share: float = 0.0,
+) -> dict[str, Any]:  # fmt: skip
+    """The offline gate for ``NAME:ALIAS`` moving to the stored ``adapter`` of the champion, then the move.
+
+    The candidate is the champion with ``adapter``; its reference the champion with the adapter the alias
+    names now (the champion alone for a new alias), on ``cfg.eval_data`` and the chat's cases, by the
+    versions' rule (``offline_gate``, ``case_gate``). The evaluation is tagged on the version
+    (``adapter_gate.ALIAS.*``). A loser is recorded rejected (``adapter_promotion.ALIAS``) and nothing
+    moves; a winner is promoted (``promote_adapter``) or, with ``canary_share``, served as the alias's
+    canary first (``judge_adapter_canary`` decides). Raises PromotionError without eval_data, ValueError
+    when the adapter is not stored for the champion.
+    """
+    from ray_app.serving.adapter_rollout import plan_adapter, promote_adapter, reject_adapter, start_adapter_canary
+
+    if not cfg.eval_data:
+        raise PromotionError("the config has no eval_data: the gate needs a held-out set")
+    margin = settings.promotion_min_improvement if margin is None else margin
+    plan = plan_adapter(name, alias, adapter, settings)
+    result = {"name": name, "alias": alias, "adapter": adapter, "version": plan.version, "previous": plan.previous}
+    if plan.previous == adapter:
+        return {**result, "promoted": True, "reason": f"{name}:{alias} already is answered by {adapter!r}"}
+    gate = _adapter_evaluation(cfg, settings, plan, margin)
+    actor = actor or "ray_app.promotion.gate_adapter"
+    if not gate.promoted:
+        reject_adapter(plan, gate.reason, settings, actor)
+        return {**result, "promoted": False, "reason": gate.reason}
+    if canary_share and plan.previous is not None:
+        started = start_adapter_canary(name, alias, adapter, settings, share=canary_share, actor=actor)
+        return {**result, "promoted": False, "canary": canary_share, "apps": started.apps, "reason": gate.reason}
+    done = promote_adapter(name, alias, adapter, settings, actor=actor)
+    return {**result, "promoted": True, "apps": done.apps, "reason": gate.reason}
+
+
+def _adapter_evaluation(cfg, settings: Settings, plan, margin: float) -> GateDecision:
+    """Evaluate ``plan.adapter`` and the alias's adapter (``plan.previous``) on the champion; tag and judge it."""
+    from ray_app.adapters import adapter_key
+    from ray_app.registry import tag_version
+    from ray_app.storage import open_store
+    from training.evaluate import evaluate_model
+
+    store = open_store(settings=settings)
+    base = f"models:/{plan.name}/{plan.version}"
+    adapters = (plan.adapter, plan.previous)  # the reference's is None for a new alias: the base alone
+    uris = tuple(store.uri(adapter_key(plan.name, plan.version, one)) if one else None for one in adapters)
+    reference = f"{base}:{plan.previous}" if plan.previous else base
+    kwargs = {"seq_len": cfg.seq_len, "settings": settings, "prompts": (), "max_new_tokens": 0}
+    losses = [evaluate_model(base, cfg.eval_data, adapter=uri, **kwargs).loss for uri in uris]
+    cases = replay_and_regression(plan.name, base, base, cfg.seq_len, settings, adapters=uris)
+    gate = offline_gate(losses[0], losses[1], margin, reference)
+    passed, why = case_gate(cases, CasePolicy.from_settings(settings), reference)
+    key = f"{ADAPTER_GATE}{plan.alias}"
+    tags = {key: plan.adapter, f"{key}.reference": reference, f"{key}.candidate_loss": f"{losses[0]:.6f}",
+            f"{key}.reference_loss": f"{losses[1]:.6f}", f"{key}.eval_data": ",".join(cfg.eval_data)[:4000],
+            **{f"{key}.{item.removeprefix('gate.')}": value for item, value in cases.as_tags().items()}}  # fmt: skip
+    tag_version(plan.name, plan.version, tags, settings)
+    return dataclasses.replace(gate, promoted=gate.promoted and passed, reason=f"{gate.reason}; {why}")
 
 
 def await_canary(

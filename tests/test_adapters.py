@@ -250,6 +250,48 @@ def test_an_adapter_alias_is_promoted_and_canaried_without_restarting_any_replic
     assert replica_pids() == pids, "promoting an adapter or running its canary restarted a replica"
 
 
+def test_an_adapter_passes_the_offline_gate_only_when_it_beats_what_the_alias_answers_with(
+    lora_app, tmp_path, monkeypatch
+):
+    """`llmops promote NAME:gated --adapter A --gate RECIPE`: alpha (taught the recipe's answer) beats the base
+    alone for a new alias and is promoted; bravo then loses to alpha on the held-out loss and on the answer
+    users liked (alpha's, a regression case): kept (exit 2), the rejection and evidence tagged, the alias and
+    its answers unmoved."""
+    import json
+
+    from conftest import write_feedback
+    from typer.testing import CliRunner
+
+    from ray_app import cli
+    from ray_app.registry import get_version
+
+    url, headers, settings = lora_app
+    settings = settings.model_copy(update={"chat_database_url": f"sqlite+aiosqlite:///{tmp_path / 'chat.db'}"})
+    write_feedback(str(settings.chat_database_url), [(PROBE, ANSWERS["alpha"], 1, None)],
+                   model_version=f"{BASE}/1:alpha")  # fmt: skip
+    data = tmp_path / "probe.jsonl"
+    turns = [{"role": "user", "content": PROBE}, {"role": "assistant", "content": ANSWERS["alpha"]}]
+    data.write_text(json.dumps({"messages": turns}) + "\n")
+    recipe = tmp_path / "recipe.yaml"
+    recipe.write_text(yaml.safe_dump({"train_data": str(data), "eval_data": str(data), "seq_len": 64}))
+    monkeypatch.setattr(cli, "settings", lambda: settings)
+    runner, alias = CliRunner(), f"{BASE}:gated"
+
+    promoted = runner.invoke(cli.app, ["promote", alias, "--adapter", "alpha", "--gate", str(recipe)])
+    assert promoted.exit_code == 0 and "(none) -> alpha" in promoted.output, promoted.output
+    _until(url, headers, alias, f"{BASE}/1:alpha")
+    kept = runner.invoke(cli.app, ["promote", alias, "--adapter", "bravo", "--gate", str(recipe)])
+    assert kept.exit_code == 2 and f"{alias}: kept alpha: eval loss" in kept.output, kept.output
+
+    tags, key = get_version(f"models:/{BASE}/1", settings).tags, "adapter_gate.gated"
+    assert tags[key] == "bravo" and tags[f"{key}.reference"] == f"models:/{BASE}/1:alpha"
+    assert float(tags[f"{key}.candidate_loss"]) > float(tags[f"{key}.reference_loss"])
+    assert (tags[f"{key}.regression_cases"], tags[f"{key}.regressions"]) == ("1", "1")  # bravo loses alpha's answer
+    assert tags["adapter_promotion.gated"] == "rejected" and tags["adapter_promotion.gated.adapter"] == "bravo"
+    assert tags["llmops.adapter_alias.gated"] == "alpha"
+    assert _label_of(url, headers, alias)[0] == f"{BASE}/1:alpha"
+
+
 def test_a_new_champion_version_starts_from_its_own_adapters_and_aliases(lora_app):
     """Promoting another base version rolls the app onto it: the aliases pinned for the old version's
     adapters go with it (the new version has none stored or recorded), its tag stays on the old version."""

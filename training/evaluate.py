@@ -103,23 +103,11 @@ def evaluate_model(
 ) -> EvalReport:
     """Loss/perplexity of ``model_ref`` (with the LoRA ``adapter`` folder or store URI, if given) on the
     assistant tokens of ``data_uris``, and greedy samples."""
-    import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    from ray_app.models import resolve_model
-
     settings = settings or get_settings()
-    folder = resolve_model(model_ref, settings)
-    tokenizer = AutoTokenizer.from_pretrained(folder)
+    model, tokenizer = load_model(model_ref, settings, adapter)
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
     examples = heldout_examples(data_uris, tokenizer, seq_len, settings)
-    model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32)
-    if adapter is not None:
-        from peft import PeftModel
-
-        model = PeftModel.from_pretrained(model, str(resolve_model(adapter, settings)))
-    model.eval()
     total_nll, total_tokens = heldout_nll(model, examples)
     loss = total_nll / total_tokens
     return EvalReport(
@@ -132,24 +120,43 @@ def evaluate_model(
     )
 
 
+def load_model(model_ref: str | None, settings: Settings, adapter: str | None = None):
+    """``(model, tokenizer)`` of ``model_ref`` in fp32 and eval mode, with the LoRA ``adapter`` (a PEFT folder
+    or its store URI) on it when given: what every held-out measure here scores."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from ray_app.models import resolve_model
+
+    folder = resolve_model(model_ref, settings)
+    tokenizer = AutoTokenizer.from_pretrained(folder)
+    model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32)
+    if adapter is not None:
+        from peft import PeftModel
+
+        model = PeftModel.from_pretrained(model, str(resolve_model(adapter, settings)))
+    return model.eval(), tokenizer
+
+
 def completion_scores(
-    model_ref: str, items: list[tuple[list[dict[str, str]], str]], seq_len: int, settings: Settings | None = None
+    model_ref: str,
+    items: list[tuple[list[dict[str, str]], str]],
+    seq_len: int,
+    settings: Settings | None = None,
+    adapter: str | None = None,
 ) -> list[tuple[float, int]]:
-    """``(summed log-prob, tokens)`` of each completion answering its conversation, under ``model_ref``.
+    """``(summed log-prob, tokens)`` of each completion answering its conversation, under ``model_ref`` (with
+    the LoRA ``adapter`` on it, if given).
 
     Only the completion's tokens are scored (``training.scoring.completion_tokens``): what the
     preference metrics and the promotion gate's replay and regression cases compare.
     """
     import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from ray_app.models import resolve_model
     from training.data import IGNORE_INDEX
     from training.scoring import completion_logps, completion_tokens
 
-    folder = resolve_model(model_ref, settings or get_settings())
-    tokenizer = AutoTokenizer.from_pretrained(folder)
-    model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
+    model, tokenizer = load_model(model_ref, settings or get_settings(), adapter)
     scores = []
     for messages, completion in items:
         ids, labels = completion_tokens(messages, completion, tokenizer, seq_len)

@@ -154,6 +154,17 @@ def stop_adapter_canary(
     return apps
 
 
+def plan_adapter(name: str, alias: str, adapter: str, settings: Settings) -> AdapterRollout:
+    """What promoting ``adapter`` as ``NAME:ALIAS`` would move (the champion version, what the alias names now);
+    raises ValueError when a name is invalid or the adapter is not stored for the champion."""
+    return _rollout(name, alias, adapter, settings, running_config(settings))
+
+
+def reject_adapter(rollout: AdapterRollout, reason: str, settings: Settings, actor: str | None = None) -> None:
+    """Record that ``rollout.adapter`` was not promoted as ``NAME:ALIAS`` (a gate kept the alias's adapter)."""
+    _record(rollout, PROMOTION_TAG, "rejected", reason, settings, actor)
+
+
 def adapter_canaries(config: dict[str, Any], name: str) -> dict[str, set[str]]:
     """``{alias: challenger adapters}`` the apps of a Serve config (``running_config``) run for ``name``."""
     found: dict[str, set[str]] = {}

@@ -292,6 +292,43 @@ def test_an_adapter_passes_the_offline_gate_only_when_it_beats_what_the_alias_an
     assert _label_of(url, headers, alias)[0] == f"{BASE}/1:alpha"
 
 
+def test_unknown_adapters_are_refused_by_the_ingress_without_a_store_request_each_and_new_ones_come_in(
+    lora_app, tmp_path
+):
+    """Requests naming adapters that do not exist (a client probing names) get 404 at the ingress, which lists
+    the store at most once per ADAPTER_LIST_TTL_S instead of once a request; an adapter published meanwhile
+    is answered within that time."""
+    import shutil
+
+    from ray_app.adapters import ADAPTER_FILES, fetch_adapter, publish_adapter
+    from ray_app.serving.ingress import ADAPTER_LIST_TTL_S
+
+    url, headers, settings = lora_app
+
+    def listings() -> int:
+        return httpx.get(f"{url}/v1/stats", headers=headers, timeout=30).json()["adapter_listings"]
+
+    before, started = listings(), time.monotonic()
+    for index in range(24):
+        refused = _ask(url, headers, f"{BASE}:ghost-{index}")
+        assert refused.status_code == 404 and refused.json()["error"]["code"] == "model_not_found", refused.text
+        assert f"no adapter 'ghost-{index}' is stored for {BASE}/1" in refused.json()["error"]["message"]
+    allowed = 2 + int((time.monotonic() - started) // ADAPTER_LIST_TTL_S)
+    assert listings() - before <= allowed, "the ingress listed the store for every unknown adapter"
+
+    copy = tmp_path / "delta"
+    copy.mkdir()
+    for name in ADAPTER_FILES:  # alpha's weights under a new name
+        shutil.copy(fetch_adapter(BASE, "1", "alpha", settings) / name, copy / name)
+    publish_adapter(copy, BASE, "1", "delta", settings)
+    deadline = time.monotonic() + ADAPTER_LIST_TTL_S + 10
+    while (answer := _ask(url, headers, f"{BASE}:delta")).status_code == 404:
+        assert time.monotonic() < deadline, "a newly published adapter was not served within the listing's TTL"
+        time.sleep(0.5)
+    assert answer.status_code == 200 and answer.headers["x-model-version"] == f"{BASE}/1:delta"
+    assert answer.json()["choices"][0]["message"]["content"].startswith(ANSWERS["alpha"][:12])
+
+
 def test_a_new_champion_version_starts_from_its_own_adapters_and_aliases(lora_app):
     """Promoting another base version rolls the app onto it: the aliases pinned for the old version's
     adapters go with it (the new version has none stored or recorded), its tag stays on the old version."""

@@ -64,6 +64,32 @@ REPLICA_FAILED = APIError(
 )
 
 
+ADAPTER_LIST_TTL_S = 5.0  # how old the ingress's list of stored adapters may be; a new adapter waits at most this
+
+
+class StoredAdapters:
+    """The adapters stored for the served version, as the ingress knows them: listed from the store at most
+    once per ADAPTER_LIST_TTL_S, so requests naming adapters that do not exist (a typo, a client probing names)
+    are refused here, without a store request each; a newly published adapter is served within the TTL.
+    A store that cannot be listed keeps the last list (None before any: the replica decides, as without)."""
+
+    def __init__(self, served: ServedModel):
+        self.served, self.names, self.listed_at, self.listings = served, None, None, 0
+        self._lock = asyncio.Lock()
+
+    async def get(self) -> frozenset[str] | None:
+        async with self._lock:
+            if self.listed_at is None or time.monotonic() - self.listed_at >= ADAPTER_LIST_TTL_S:
+                served, settings = self.served, as_serve_identity(get_settings())
+                try:
+                    names = await asyncio.to_thread(list_adapters, served.registry_name, served.version, settings)
+                    self.names = frozenset(names)
+                except Exception as exc:
+                    logger.warning("cannot list the adapters of %s (%s); keeping the last list", served.label, exc)
+                self.listed_at, self.listings = time.monotonic(), self.listings + 1
+        return self.names
+
+
 @serve.deployment(
     name=INGRESS_NAME,
     num_replicas=1,
@@ -87,6 +113,7 @@ class OpenAIIngress:
         self.canary_server, self.canary = canary_server, canary
         self.reconfigure({})
         self._card: dict | None = None
+        self.stored_adapters = StoredAdapters(served)
 
     def reconfigure(self, user_config: dict) -> None:
         """Serve calls this with the deployment's ``user_config`` (AdapterRouting) when a replica starts and, in
@@ -109,10 +136,9 @@ class OpenAIIngress:
         card = await self.model_card()
         if not self.args.max_adapters_per_replica:
             return [card]
-        served, settings = self.served, as_serve_identity(get_settings())
-        names = await asyncio.to_thread(list_adapters, served.registry_name, served.version, settings)
+        served, stored = self.served, await self.stored_adapters.get()
         adapter = {**card, "root": served.name, "parent": served.name}
-        names = sorted({*names, *self.adapters.aliases})  # an alias is a model clients may send too
+        names = sorted({*(stored or ()), *self.adapters.aliases})  # an alias is a model clients may send too
         return [card, *({**adapter, "id": f"{served.name}{SEPARATOR}{name}"} for name in names)]
 
     def model_replicas(self) -> dict:
@@ -189,6 +215,11 @@ class OpenAIIngress:
             stored = self.adapters.adapter_for(adapter, body, conversation_id)
             server, served = self.server, self.served.with_adapter(stored)
             body = body.model_copy(update={"model": f"{base}{SEPARATOR}{stored}"})
+            known = await self.stored_adapters.get()  # None: the store could never be listed; the replica decides
+            if known is not None and stored not in known:
+                raise APIError(404, f"model {sent!r} does not exist: no adapter {stored!r} is stored for "
+                               f"{self.served.label}", param="model", code="model_not_found",
+                               headers=served.version_headers)  # fmt: skip
         try:
             return await self._answer(body, chat, server, served, sent)
         except APIError as exc:
@@ -354,7 +385,10 @@ def build_api(ingress: OpenAIIngress):
 
     @app.get("/v1/stats")
     async def stats():  # a ray-llmops extension: one model replica's decode loop and admission counters
-        return {"version": ingress.served.label, **await ingress.server.batching_stats.remote()}
+        listings = (
+            {"adapter_listings": ingress.stored_adapters.listings} if ingress.args.max_adapters_per_replica else {}
+        )
+        return {"version": ingress.served.label, **await ingress.server.batching_stats.remote(), **listings}
 
     @app.post("/v1/chat/completions")
     async def chat_completions(request: Request):

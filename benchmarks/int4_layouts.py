@@ -17,13 +17,17 @@ ContinuousBatchingPipeline the engine uses (greedy, 2 threads, f32 activations):
 
 and (p) llama.cpp on the GGUF (benchmark-only venv, see serve_throughput.py). Held-out loss is
 training/evaluate.py's on ``chat_eval.jsonl`` and ``chat_sft.jsonl`` against the fp32 model; speed
-is decode tokens/s, the variants in turn for --rounds rounds (medians). Prints a table, writes
+is decode tokens/s of one stream, the variants in turn for --rounds rounds (medians). Beside it,
+what a serving default must not lose: 8 streams decoded together (aggregate tokens/s) and the
+prefill of a 600-token prompt, in the same pipeline (OpenVINO variants only; a layout with float
+zero points misses the CPU plugin's fast path there). Prints a table, writes
 benchmarks/results/int4_layouts.json and .png. Not run by CI.
 """
 
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import os
 import statistics
@@ -236,17 +240,26 @@ def losses(irs: dict[str, Path], model_dir: Path, examples: dict) -> dict[str, d
     return found
 
 
+@functools.cache
+def _pipeline(folder: Path):
+    """One ContinuousBatchingPipeline per variant (greedy, 2 threads, f32 activations, up to 8 sequences)."""
+    import openvino_genai
+
+    scheduler = openvino_genai.SchedulerConfig()
+    scheduler.cache_size, scheduler.max_num_seqs, scheduler.max_num_batched_tokens = 1, 8, 2048
+    scheduler.enable_prefix_caching = False  # every prefill measured is computed
+    return openvino_genai.ContinuousBatchingPipeline(
+        str(folder), scheduler, "CPU", {"INFERENCE_NUM_THREADS": 2, "INFERENCE_PRECISION_HINT": "f32"}
+    )
+
+
 def pipeline_runner(folder: Path, prompt_ids: list[int], tokens: int):
     """Decode tokens/s of one greedy stream in the ContinuousBatchingPipeline (the engine's), in this process;
     ``folder``: an IR folder or a GGUF file."""
     import openvino
     import openvino_genai
 
-    scheduler = openvino_genai.SchedulerConfig()
-    scheduler.cache_size, scheduler.max_num_seqs, scheduler.max_num_batched_tokens = 1, 8, 2048
-    pipeline = openvino_genai.ContinuousBatchingPipeline(
-        str(folder), scheduler, "CPU", {"INFERENCE_NUM_THREADS": 2, "INFERENCE_PRECISION_HINT": "f32"}
-    )
+    pipeline = _pipeline(folder)
     ids = openvino.Tensor(np.asarray([prompt_ids], dtype=np.int64))
     counter = iter(range(1 << 30))
 
@@ -264,6 +277,42 @@ def pipeline_runner(folder: Path, prompt_ids: list[int], tokens: int):
 
     once()  # warm-up
     return once
+
+
+def batch_runners(folder: Path, prompt_ids: list[int], clients: int = 8, tokens: int = 96):
+    """(aggregate tokens/s of ``clients`` streams decoded together, seconds to prefill 600 tokens), each a
+    callable measuring once, on the ContinuousBatchingPipeline the engine uses."""
+    import openvino
+    import openvino_genai
+
+    pipeline = _pipeline(folder)
+    counter = iter(range(1 << 31, 1 << 32))  # request ids apart from the one-stream runner's
+
+    def run(ids: list[list[int]], new_tokens: int) -> int:
+        handles = []
+        for row in ids:
+            config = openvino_genai.GenerationConfig()
+            config.max_new_tokens, config.ignore_eos = new_tokens, True
+            tensor = openvino.Tensor(np.asarray([row], dtype=np.int64))
+            handles.append(pipeline.add_request(next(counter), tensor, config))
+        produced = 0
+        while pipeline.has_non_finished_requests():
+            pipeline.step()
+            produced += sum(len(out.generated_ids) for h in handles if h.can_read() for out in h.read().values())
+        return produced
+
+    def batch() -> float:
+        started = time.perf_counter()
+        produced = run([[*prompt_ids, 10 + client] for client in range(clients)], tokens)  # distinct prompts
+        return produced / (time.perf_counter() - started)
+
+    def prefill() -> float:
+        started = time.perf_counter()
+        run([(prompt_ids * (600 // len(prompt_ids) + 1))[:600]], 1)
+        return time.perf_counter() - started
+
+    batch(), prefill()  # warm-up
+    return batch, prefill
 
 
 def main() -> int:
@@ -292,6 +341,10 @@ def main() -> int:
     gguf_name = default_gguf_path().name
     runners = {name: pipeline_runner(folder / gguf_name if (folder / gguf_name).is_file() else folder, prompt,
                                      args.tokens) for name, folder in irs.items()}  # fmt: skip
+    for name, folder in irs.items():
+        if not (folder / gguf_name).is_file():
+            batch, prefill = batch_runners(folder, prompt)
+            runners[f"{name}{BATCH}"], runners[f"{name}{PREFILL}"] = batch, prefill
     peer = None
     if args.llamacpp_python.is_file():
         peer, llamacpp = llamacpp_runner(args.llamacpp_python, 2, args.tokens)
@@ -319,18 +372,28 @@ def llamacpp_loss(python: Path, gguf: Path, examples: dict) -> dict[str, float]:
         return json.loads(subprocess.run(argv, check=True, capture_output=True, text=True).stdout.splitlines()[-1])
 
 
+BATCH, PREFILL = " 8 streams", " prefill"  # the suffixes of the batched and prefill runs' names
+
+
 def report(loss: dict, rates: dict, sizes: dict[str, float]) -> None:
     reference, peer = loss["fp32"], statistics.median(rates.get("llamacpp_q4_1") or [float("nan")])
+    base = {suffix: statistics.median(rates[f"int8{suffix}"]) for suffix in (BATCH, PREFILL)}
     rows = {}
-    print(f"\n{'variant':<18}{'MB':>7}{'tok/s':>8}{'vs llama.cpp':>14}" + "".join(f"{d + ' loss':>22}" for d in DATA))
-    for name in rates:
+    print(f"\n{'variant':<18}{'MB':>7}{'tok/s':>8}{'vs llama.cpp':>14}" + "".join(f"{d + ' loss':>22}" for d in DATA)
+          + f"{'8 streams vs int8':>19}{'prefill vs int8':>17}")  # fmt: skip
+    for name in (name for name in rates if not name.endswith((BATCH, PREFILL))):
         size = sizes[name]
         rate = statistics.median(rates[name])
         change = {data: loss[name][data] / reference[data] - 1 for data in DATA}
+        batch, prefill = (rates.get(f"{name}{suffix}") for suffix in (BATCH, PREFILL))
+        relative = {"batch_vs_int8": statistics.median(batch) / base[BATCH] if batch else None,
+                    "prefill_s_vs_int8": statistics.median(prefill) / base[PREFILL] if prefill else None}  # fmt: skip
         rows[name] = {"mb": size, "tokens_per_s": rate, "vs_llamacpp": rate / peer, "loss": loss[name],
-                      "loss_vs_fp32": change, "runs": rates[name]}  # fmt: skip
+                      "loss_vs_fp32": change, "runs": rates[name], **relative,
+                      "batch_runs": batch, "prefill_runs": prefill}  # fmt: skip
+        shown = "".join(f"{value:>17.2f}" if value else f"{'-':>17}" for value in relative.values())
         print(f"{name:<18}{size:>7.1f}{rate:>8.1f}{rate / peer:>14.2f}"
-              + "".join(f"{loss[name][d]:>14.4f} ({change[d]:+.1%})" for d in DATA))  # fmt: skip
+              + "".join(f"{loss[name][d]:>14.4f} ({change[d]:+.1%})" for d in DATA) + shown)  # fmt: skip
     out = ROOT / "benchmarks" / "results" / "int4_layouts.json"
     out.write_text(json.dumps({"reference_loss": reference, "variants": rows}, indent=2) + "\n")
     names = list(rows)

@@ -402,6 +402,10 @@ def test_vllm_serves_the_versions_adapters_through_serve_llm_and_routes_aliases_
     async def answer(request: Request):
         return {"model": (await request.json())["model"]}
 
+    @app.get("/v1/models")
+    async def models():  # Serve LLM's list: the base and the adapter folders it finds
+        return {"object": "list", "data": [{"id": "m", "object": "model", "owned_by": "o"}, {"id": "m:alpha"}]}
+
     client = TestClient(app, headers={"Authorization": "Bearer sk-test"})
 
     def ask(model: str, conversation: str = "c") -> tuple[str, str, str]:
@@ -411,6 +415,9 @@ def test_vllm_serves_the_versions_adapters_through_serve_llm_and_routes_aliases_
         return response.json()["model"], response.headers["x-model-version"], response.headers["x-mlflow-run-id"]
 
     assert ask("m:support") == ("m:alpha", "m/1:alpha", "ra")  # the alias recorded on the version
+    listed = client.get("/v1/models").json()["data"]
+    assert [card["id"] for card in listed] == ["m", "m:alpha", "m:support"]  # an alias is a model clients send
+    assert listed[2] == {"id": "m:support", "object": "model", "owned_by": "o", "root": "m", "parent": "m"}
     assert ask("m:bravo") == ("m:bravo", "m/1:bravo", "rb")  # an adapter by name
     assert ask("m:gamma") == ("m:gamma", "m/1:gamma", "")  # Serve LLM answers whether it is stored
     # The version canary takes its share of base requests, never an adapter's (adapters are the champion's).
@@ -425,4 +432,4 @@ def test_vllm_serves_the_versions_adapters_through_serve_llm_and_routes_aliases_
     assert all(ask("m:support", conversation)[0] == model for conversation, model in list(split.items())[:8])
     set_adapter_routing(served, parse_routing({"adapter_aliases": {"support": "bravo"}}, args))  # promoted
     assert ask("m:support") == ("m:bravo", "m/1:bravo", "rb")
-    assert counted[:3] == ["m/1:alpha", "m/1:bravo", "m/1:gamma"] and "m/2" in counted
+    assert counted[:4] == ["m/1:alpha", "m/1", "m/1:bravo", "m/1:gamma"] and "m/2" in counted  # m/1: the list

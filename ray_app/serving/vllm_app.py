@@ -181,7 +181,8 @@ class AdapterRouter:
 
     An alias (the version's tags, then the ingress's user_config) names its adapter, its canary's for the
     canary's share of conversations (:class:`AdapterRoutes`); Serve LLM's router then loads that adapter
-    from the store. Answers are labelled ``NAME/VERSION:ADAPTER`` (headers and request metrics).
+    from the store. Answers are labelled ``NAME/VERSION:ADAPTER`` (headers and request metrics). The model
+    list (Serve LLM's: the base and the stored adapters) gains a card per alias, as on the transformers engine.
     """
 
     def __init__(self, app, served: ServedModel, args: ServeArgs):
@@ -189,14 +190,44 @@ class AdapterRouter:
         self.default = AdapterRoutes.of(served, parse_routing({}, args))
 
     async def __call__(self, scope, receive, send):
+        if scope["type"] == "http" and scope.get("method") == "GET" and scope["path"].rstrip("/").endswith("/models"):
+            return await self._listing(scope, receive, send)
         body = scope.get(BODY_KEY) if scope["type"] == "http" else None
         base, adapter = split_model_id(body.model) if body is not None else (None, None)
         if adapter is None or base != self.served.name:  # the base model, or Serve LLM's 404 for an unknown one
             return await self.app(scope, receive, send)
-        routes = _ROUTING.get(self.served.name, self.default)
-        stored = routes.adapter_for(adapter, body, _conversation_id(scope))
+        stored = self._routes().adapter_for(adapter, body, _conversation_id(scope))
         headers = _encoded(self.served.with_adapter(stored).version_headers)
         await _answer_as(self.app, scope, receive, send, f"{base}{SEPARATOR}{stored}", headers)
+
+    def _routes(self) -> AdapterRoutes:
+        return _ROUTING.get(self.served.name, self.default)
+
+    async def _listing(self, scope, receive, send) -> None:
+        """Serve LLM's model list with a card per adapter alias (``NAME:ALIAS``: a model clients may send)."""
+        start, chunks = {}, []
+
+        async def keep(message):
+            if message["type"] == "http.response.start":
+                start.update(message)
+            elif message["type"] == "http.response.body":
+                chunks.append(message.get("body", b""))
+
+        await self.app(scope, receive, keep)
+        body = b"".join(chunks)
+        if start.get("status") == 200:
+            listing = json.loads(body)
+            cards = listing.get("data") or []
+            base = next((card for card in cards if card.get("id") == self.served.name), None)
+            listed = {card.get("id") for card in cards}
+            for alias in sorted(self._routes().aliases) if base is not None else ():
+                model_id = f"{self.served.name}{SEPARATOR}{alias}"
+                if model_id not in listed:
+                    cards.append({**base, "id": model_id, "root": self.served.name, "parent": self.served.name})
+            body = json.dumps(listing).encode()
+        headers = [(name, value) for name, value in start.get("headers", []) if name.lower() != b"content-length"]
+        await send({**start, "headers": [*headers, (b"content-length", str(len(body)).encode())]})
+        await send({"type": "http.response.body", "body": body})
 
 
 class CanaryRouter:

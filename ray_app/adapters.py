@@ -10,6 +10,7 @@ against the manifest.
 
 from __future__ import annotations
 
+import json
 import re
 from pathlib import Path
 
@@ -19,8 +20,9 @@ from ray_app.storage import MANIFEST, open_store
 SEPARATOR = ":"
 ADAPTER_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
 ADAPTER_FILES = ("adapter_config.json", "adapter_model.safetensors")
-# Tags on the base registry version: the run that trained each adapter, and where each alias points.
-RUN_TAG, ALIAS_TAG = "llmops.adapter.", "llmops.adapter_alias."
+# Tags on the base registry version: the run that trained each adapter, where each alias points, and
+# each adapter's lineage (JSON: what it was trained on, as a version's own tags say for a version).
+RUN_TAG, ALIAS_TAG, LINEAGE_TAG = "llmops.adapter.", "llmops.adapter_alias.", "llmops.adapter_lineage."
 
 
 class AdapterNotFound(LookupError):
@@ -51,6 +53,24 @@ def run_tag(adapter: str) -> str:
 def alias_tag(alias: str) -> str:
     """The base version's tag naming the adapter ``NAME:ALIAS`` is answered by (moved by a promotion)."""
     return f"{ALIAS_TAG}{alias}"
+
+
+def lineage_tag(adapter: str) -> str:
+    """The base version's tag holding ``adapter``'s lineage (a JSON object of tags)."""
+    return f"{LINEAGE_TAG}{adapter}"
+
+
+def lineages(tags: dict[str, str]) -> dict[str, dict[str, str]]:
+    """``{adapter: lineage}`` recorded on a base version's ``tags`` (unreadable ones are skipped)."""
+    found = {}
+    for adapter, value in tagged(tags, LINEAGE_TAG).items():
+        try:
+            lineage = json.loads(value)
+        except ValueError:
+            continue
+        if isinstance(lineage, dict):
+            found[adapter] = lineage
+    return found
 
 
 def tagged(tags: dict[str, str], prefix: str) -> dict[str, str]:

@@ -391,11 +391,18 @@ def test_lora_learns_the_answer_style_users_prefer_with_its_adapters_off_as_refe
     reference (adapters off) give the same log-probs, so DPO's margin is 0 and its loss log 2 (KTO's
     rewards 0). The adapters learn the warm openings users prefer: held-out questions go from a coin
     toss to >= 90%; liked answers end above the reference and disliked ones below it (KTO's reference
-    point is its KL estimate: the batch's mean log-ratio); the published folder has the adapters merged."""
+    point is its KL estimate: the batch's mean log-ratio). KTO's folder has the adapters merged; DPO's is
+    published unmerged as an adapter of the registered base, its lineage on that version, and measured
+    (the held-out accuracy) as the base with the adapter."""
     from ray_app.models import resolve_model
     from training.dpo import run
 
     model = build_tiny_chat_model(tmp_path / "tiny", hidden=128, layers=2)
+    lora = {"rank": 16, "alpha": 32, "dropout": 0.0}
+    base, registered = model, None
+    if objective == "dpo":
+        base, registered = _registered(cluster, model, "tiny-pref-lora"), "tiny-pref-lora"
+        lora["save"] = "adapter"
     pairs = style_pairs(range(6))
     if objective == "dpo":
         data = write_jsonl(tmp_path / "pairs.jsonl", pairs)
@@ -404,9 +411,9 @@ def test_lora_learns_the_answer_style_users_prefer_with_its_adapters_off_as_refe
     held = write_jsonl(tmp_path / "held.jsonl", style_pairs(range(100, 104)))
     steps = 16 if objective == "dpo" else 32
     values = {"objective": objective, "method": "lora", "learning_rate": 1e-2, "max_steps": steps,
-              "checkpoint_every": steps, "registered_model": None, "eval_data": [str(held)],
-              "lora": {"rank": 16, "alpha": 32, "dropout": 0.0}}  # fmt: skip
-    result = run(preference_config(model, data, **values), cluster)
+              "checkpoint_every": steps, "registered_model": registered, "eval_data": [str(held)],
+              "lora": lora}  # fmt: skip
+    result = run(preference_config(base, data, **values), cluster)
 
     liked = metric_history(cluster, result.mlflow_run_id, "chosen_reward")
     disliked = metric_history(cluster, result.mlflow_run_id, "rejected_reward")
@@ -425,5 +432,31 @@ def test_lora_learns_the_answer_style_users_prefer_with_its_adapters_off_as_refe
     liked_logp = metric_history(cluster, result.mlflow_run_id, "chosen_logp")
     disliked_logp = metric_history(cluster, result.mlflow_run_id, "rejected_logp")
     assert mean(liked_logp[-4:]) - mean(disliked_logp[-4:]) > mean(liked_logp[:2]) - mean(disliked_logp[:2]) + 0.5
-    folder = resolve_model(result.model_uri, cluster)
-    assert (folder / "model.safetensors").is_file() and not list(folder.glob("adapter_*"))
+    if objective == "kto":
+        folder = resolve_model(result.model_uri, cluster)
+        assert (folder / "model.safetensors").is_file() and not list(folder.glob("adapter_*"))
+        return
+    from mlflow import MlflowClient
+
+    from ray_app.adapters import fetch_adapter, lineage_tag
+
+    assert result.registered_version is None and result.adapter == result.run_name, result
+    folder = fetch_adapter("tiny-pref-lora", "1", result.adapter, cluster)
+    assert (folder / "adapter_model.safetensors").is_file() and not (folder / "model.safetensors").exists()
+    tags = MlflowClient(cluster.mlflow_tracking_uri).get_model_version("tiny-pref-lora", "1").tags
+    lineage = json.loads(tags[lineage_tag(result.adapter)])
+    assert lineage["training.objective"] == "dpo" and lineage["run_id"] == result.mlflow_run_id, lineage
+    assert float(lineage["training.preference_accuracy"]) == pytest.approx(result.preference_accuracy, abs=1e-4)
+
+
+def _registered(settings, folder: Path, name: str) -> str:
+    """``folder`` uploaded to the store and registered as version 1 of ``name`` (champion): its reference."""
+    from ray_app.registry import register_model_version
+    from ray_app.storage import open_store
+
+    store = open_store(settings=settings)
+    store.ensure()
+    store.upload_dir(folder, f"tests-preference/{name}", progress=False)
+    source = store.uri(f"tests-preference/{name}")
+    register_model_version(name, source, run_id=None, alias="champion", settings=settings)
+    return f"models:/{name}@champion"

@@ -392,8 +392,9 @@ def _step_metrics(worker, window: dict[str, list[float]], tokens: int, elapsed: 
 # --------------------------------------------------------------------------------------
 # The driver: data, tracking, the trainer, evaluation and registration.
 # --------------------------------------------------------------------------------------
-def preference_accuracy(model_ref: str, uris: list[str], seq_len: int, settings) -> float:
-    """How often ``model_ref`` finds the chosen completion of a held-out pair more likely than the rejected one."""
+def preference_accuracy(model_ref: str, uris: list[str], seq_len: int, settings, adapter: str | None = None) -> float:
+    """How often ``model_ref`` (with the LoRA ``adapter`` on it, if given) finds the chosen completion of a
+    held-out pair more likely than the rejected one."""
     from training.data import read_text_lines
     from training.evaluate import completion_scores
 
@@ -406,7 +407,7 @@ def preference_accuracy(model_ref: str, uris: list[str], seq_len: int, settings)
     if not pairs:
         raise DatasetError(f"no preference pair in {', '.join(uris)} to measure preference accuracy on")
     items = [(pair["messages"], pair[side]) for pair in pairs for side in PAIR_SIDES]
-    scores = [logp for logp, _tokens in completion_scores(model_ref, items, seq_len, settings)]
+    scores = [logp for logp, _tokens in completion_scores(model_ref, items, seq_len, settings, adapter=adapter)]
     return sum(chosen > rejected for chosen, rejected in zip(scores[::2], scores[1::2], strict=True)) / len(pairs)
 
 
@@ -433,7 +434,8 @@ def run(cfg: PreferenceConfig, settings=None) -> PreferenceResult:
         before = after = None
         if cfg.eval_data:  # held-out pairs, whichever the objective
             before = preference_accuracy(model_dir, cfg.eval_data, cfg.seq_len, settings)
-            after = preference_accuracy(model_uri, cfg.eval_data, cfg.seq_len, settings)
+            trained = (cfg.model, model_uri) if cfg.saves_adapter else (model_uri, None)  # base + adapter
+            after = preference_accuracy(trained[0], cfg.eval_data, cfg.seq_len, settings, adapter=trained[1])
             mlflow.log_metrics({"base_preference_accuracy": before, "preference_accuracy": after}, step=step)
             accuracy = {
                 "training.base_preference_accuracy": f"{before:.4f}",
@@ -441,8 +443,20 @@ def run(cfg: PreferenceConfig, settings=None) -> PreferenceResult:
             }
             setup.cfg = cfg.model_copy(update={"version_tags": {**cfg.version_tags, **accuracy}})  # the gate reads them
         version = runtime.register_result(setup, run_id, None)
-    return PreferenceResult(cfg.run_name, run_id, model_uri, cfg.registered_model, version.version if version else None,
-                            step, metrics.get("train_loss"), None, stats, before, after)  # fmt: skip
+    return PreferenceResult(
+        run_name=cfg.run_name,
+        mlflow_run_id=run_id,
+        model_uri=model_uri,
+        registered_model=cfg.registered_model,
+        registered_version=version.version if version else None,
+        global_step=step,
+        final_loss=metrics.get("train_loss"),
+        eval_loss=None,
+        data=stats,
+        adapter=setup.adapter_name if cfg.saves_adapter else None,
+        base_preference_accuracy=before,
+        preference_accuracy=after,
+    )
 
 
 def main(argv: list[str] | None = None) -> int:

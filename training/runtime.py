@@ -20,7 +20,7 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
-from ray_app.adapters import adapter_key, run_tag
+from ray_app.adapters import adapter_key, lineage_tag, run_tag
 from ray_app.registry import MODELS_URI
 from training import signing
 from training.config import ConfigError, SFTConfig
@@ -44,6 +44,7 @@ class TrainResult:
     final_loss: float | None
     eval_loss: float | None
     data: dict[str, Any]
+    adapter: str | None = None  # an adapter run (lora.save: adapter): its name under the base version
 
 
 # --------------------------------------------------------------------------------------
@@ -585,8 +586,9 @@ def register_result(setup: Setup, run_id: str, eval_loss: float | None):
 
 
 def register_adapter(setup: Setup, run_id: str, eval_loss: float | None) -> str:
-    """Record the published adapter on its base version (a tag per adapter: the run that trained it) and
-    on the run; returns the ``model`` clients send for it (NAME:ADAPTER)."""
+    """Record the published adapter on its base version (the run that trained it, and its lineage: the
+    recipe's ``version_tags``, as a version records them) and on the run; returns the ``model`` clients send
+    for it (NAME:ADAPTER)."""
     import mlflow
 
     from ray_app.registry import tag_version
@@ -595,7 +597,10 @@ def register_adapter(setup: Setup, run_id: str, eval_loss: float | None) -> str:
     if setup.store.read_manifest(setup.model_prefix) is None:
         raise RuntimeError(f"training finished but {setup.store.uri(setup.model_prefix)} is incomplete")
     loss = "" if eval_loss is None else f"{eval_loss:.6f}"
-    tag_version(base["name"], base["version"], {run_tag(setup.adapter_name): run_id}, setup.settings)
+    lineage = {"run_id": run_id, "train_data": ",".join(setup.cfg.train_data), "eval_loss": loss,
+               **setup.cfg.version_tags}  # fmt: skip
+    tags = {run_tag(setup.adapter_name): run_id, lineage_tag(setup.adapter_name): json.dumps(lineage, sort_keys=True)}
+    tag_version(base["name"], base["version"], tags, setup.settings)
     mlflow.set_tags({"llmops.adapter": f"{base['name']}/{base['version']}:{setup.adapter_name}",
-                     "llmops.adapter_eval_loss": loss})  # fmt: skip
+                     "llmops.adapter_eval_loss": loss, **setup.cfg.version_tags})  # fmt: skip
     return f"{base['name']}:{setup.adapter_name}"

@@ -210,6 +210,7 @@ def run(
         final_loss=metrics.get("train_loss"),
         eval_loss=eval_loss,
         data=asdict(train_stats),
+        adapter=setup.adapter_name if cfg.saves_adapter else None,
     )
 
 

@@ -28,6 +28,13 @@ store, MLflow or the chat database. Each job prints its result, which becomes th
   promoted (alias moves, all traffic, old replicas drain). Ends with ``decision`` promoted or
   rolled_back; then checks that the apps serving ``models:/NAME@champion`` run the champion.
 
+**An adapter line** (``adapter_alias``, or ``LLMOPS_RETRAIN_ADAPTER_ALIAS``): the same loop retrains
+a LoRA adapter of the champion for ``model: NAME:ALIAS`` instead of a whole version: train publishes
+it beside the champion's other adapters (its lineage and ``feedback_until`` recorded on the version;
+new feedback is counted from the alias's last adapter), evaluate compares the champion with it to the
+champion with the adapter the alias names now, promote moves the alias (or starts the adapter as the
+alias's canary), rollout judges that canary. No replica restarts: adapters load on first use.
+
 Schedule, config and thresholds come from settings (``LLMOPS_RETRAIN_*``, ``LLMOPS_CANARY_*``);
 a manual run can override recipe, margins, canary share and window with params. Module level
 imports nothing heavy: parsing stays well under 2 s.
@@ -70,9 +77,18 @@ TRAIN = (
     "python -m training.{{ recipe }} --config {{ (params.preference_config if recipe == 'dpo' else params.config)"
     " | shq }}" + OVERRIDES + "{% for o in export['train_overrides'] %} --set {{ o | shq }}{% endfor %}"
     " --set run_name=retrain-{{ run_id | slug }}"
+    # An adapter's name is never reused: a retried train step (the first try may have published it) takes another.
+    "{% if export.get('adapter_name') and ti.try_number > 1 %}"
+    " --set lora.adapter_name={{ export['adapter_name'] }}-try{{ ti.try_number }}{% endif %}"
 )
 MARGIN = "{{ params.min_improvement }}"
-VERSION = "{{ ti.xcom_pull(task_ids='train')['registered_version'] }}"
+# What evaluate, promote and rollout decide on: the version train registered, or the adapter it published.
+CANDIDATE = (
+    "{% set trained = ti.xcom_pull(task_ids='train') %}{% if trained.get('adapter') %}"
+    "--adapter {{ trained['adapter'] | shq }} --adapter-alias "
+    "{{ ti.xcom_pull(task_ids='export_feedback')['adapter_alias'] | shq }}"
+    "{% else %}--version {{ trained['registered_version'] }}{% endif %}"
+)
 WINDOW = "{{ params.canary_window_s }}"
 MAX_CANARY_WINDOW_S = 24 * 3600
 
@@ -96,6 +112,11 @@ with DAG(
             settings.retrain_objective,
             enum=["auto", "sft", "dpo", "kto"],
             description="what to train; auto: DPO when enough preference pairs are new, else SFT",
+        ),
+        "adapter_alias": Param(
+            settings.retrain_adapter_alias or "",
+            type="string",
+            description="retrain a LoRA adapter of the champion for NAME:ALIAS instead of a version (empty: a version)",
         ),
         "min_new_examples": Param(settings.retrain_min_new_examples, type="integer", minimum=0),
         "min_improvement": Param(settings.promotion_min_improvement, type="number", minimum=0, maximum=1),
@@ -122,7 +143,7 @@ with DAG(
         task_id="export_feedback",
         entrypoint=(f"{PIPELINE} export-feedback {RECIPE} --run-key {{{{ run_id | slug }}}} "
                     "--date {{ dag_run.run_after | day }} --min-new-examples {{ params.min_new_examples }} "
-                    "--objective {{ params.objective | shq }}"),
+                    "--objective {{ params.objective | shq }} --adapter-alias {{ params.adapter_alias | shq }}"),
     )  # fmt: skip
 
     @task.short_circuit
@@ -145,11 +166,11 @@ with DAG(
         execution_timeout=timedelta(hours=12),
     )  # fmt: skip
 
-    evaluate = RayJobOperator(task_id="evaluate", entrypoint=f"{PIPELINE} evaluate {RECIPE} --version {VERSION}")
+    evaluate = RayJobOperator(task_id="evaluate", entrypoint=f"{PIPELINE} evaluate {RECIPE} {CANDIDATE}")
 
     promote = RayJobOperator(
         task_id="promote",
-        entrypoint=(f"{PIPELINE} promote {RECIPE} --version {VERSION} --min-improvement {MARGIN} "
+        entrypoint=(f"{PIPELINE} promote {RECIPE} {CANDIDATE} --min-improvement {MARGIN} "
                     "--canary-share {{ params.canary_share }}"),
     )  # fmt: skip
 
@@ -165,7 +186,7 @@ with DAG(
 
     rollout = RayJobOperator(
         task_id="rollout",
-        entrypoint=f"{PIPELINE} rollout {RECIPE} --version {VERSION} --canary-window-s {WINDOW}",
+        entrypoint=f"{PIPELINE} rollout {RECIPE} {CANDIDATE} --canary-window-s {WINDOW}",
         execution_timeout=timedelta(seconds=MAX_CANARY_WINDOW_S + 3600),  # a canary's window, and a promotion
     )  # fmt: skip
 

@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import calendar
 import dataclasses
+import functools
 import math
 import time
 from dataclasses import dataclass, field
@@ -631,13 +632,15 @@ def judge_canary(
 
 
 def judge_adapter_canary(
-    name: str, alias: str, settings: Settings, policy: CanaryPolicy | None = None, actor: str = ""
-) -> CanaryVerdict:
+    name: str, alias: str, settings: Settings, policy: CanaryPolicy | None = None, actor: str = "",
+    adapter: str | None = None,
+) -> CanaryVerdict:  # fmt: skip
     """Judge the canary adapter of ``NAME:ALIAS`` once against the adapter the alias names, by the versions'
     policy on their labels (NAME/VERSION:ADAPTER), and act: promote it, roll it back, or wait.
 
     The verdict and its evidence are tagged on the champion version (``adapter_canary.ALIAS.verdict``,
-    ``...evidence.*``). Raises PromotionError when no canary of the alias runs.
+    ``...evidence.*``). Raises PromotionError when no canary of the alias runs, or (``adapter`` given) when
+    that adapter is not the one running.
     """
     from ray_app.registry import get_version, tag_version
     from ray_app.serving.adapter_rollout import (
@@ -654,6 +657,8 @@ def judge_adapter_canary(
     running = sorted(adapter_canaries(config, name).get(alias, ()))
     if not running:
         raise PromotionError(f"no canary of {name}:{alias} is running in Serve")
+    if adapter is not None and adapter not in running:
+        raise PromotionError(f"adapter {adapter!r} is not running as the canary of {name}:{alias} in Serve")
     version = get_version(f"models:/{name}@champion", settings).version
     champion, canary = current_adapter(name, alias, settings, version, config), running[0]
     key = f"{CANARY_TAG}{alias}"
@@ -674,66 +679,123 @@ def judge_adapter_canary(
 
 
 ADAPTER_GATE = "adapter_gate."  # + ALIAS: the evaluation of the last adapter gated for NAME:ALIAS
+# The evaluation's tags under ADAPTER_GATE + ALIAS + ".", as the versions' gate reads them (gate.*).
+_ADAPTER_GATE_TAGS = {"candidate_loss": GATE_CANDIDATE_LOSS, "reference_loss": GATE_CHAMPION_LOSS,
+                      **{key.removeprefix("gate."): key for key in CaseScores().as_tags()}}  # fmt: skip
 
 
 def gate_adapter(
     cfg, settings: Settings, name: str, alias: str, adapter: str, margin: float | None = None, actor: str = "",
     canary_share: float = 0.0,
 ) -> dict[str, Any]:  # fmt: skip
-    """The offline gate for ``NAME:ALIAS`` moving to the stored ``adapter`` of the champion, then the move.
+    """The offline gate for ``NAME:ALIAS`` moving to the stored ``adapter`` of the champion, then the move:
+    :func:`evaluate_adapter`, then :func:`decide_adapter` (``llmops promote NAME:ALIAS --adapter A --gate``)."""
+    evaluation = evaluate_adapter(cfg, settings, name, alias, adapter)
+    decision = decide_adapter(settings, name, alias, adapter, margin, actor, canary_share)
+    return {**evaluation, **decision}
 
-    The candidate is the champion with ``adapter``; its reference the champion with the adapter the alias
-    names now (the champion alone for a new alias), on ``cfg.eval_data`` and the chat's cases, by the
-    versions' rule (``offline_gate``, ``case_gate``). The evaluation is tagged on the version
-    (``adapter_gate.ALIAS.*``). A loser is recorded rejected (``adapter_promotion.ALIAS``) and nothing
-    moves; a winner is promoted (``promote_adapter``) or, with ``canary_share``, served as the alias's
-    canary first (``judge_adapter_canary`` decides). Raises PromotionError without eval_data, ValueError
-    when the adapter is not stored for the champion.
+
+def evaluate_adapter(cfg, settings: Settings, name: str, alias: str, adapter: str) -> dict[str, Any]:
+    """Evaluate the champion with ``adapter`` and its reference, the champion with the adapter ``NAME:ALIAS``
+    names now (the champion alone for a new alias), on ``cfg.eval_data`` and the chat's cases.
+
+    The evaluation is tagged on the champion version (``adapter_gate.ALIAS.*``: what
+    :func:`decide_adapter` reads). Raises PromotionError without eval_data, ValueError when the adapter
+    is not stored for the champion.
     """
-    from ray_app.serving.adapter_rollout import plan_adapter, promote_adapter, reject_adapter, start_adapter_canary
+    from ray_app.adapters import adapter_key
+    from ray_app.registry import tag_version
+    from ray_app.serving.adapter_rollout import plan_adapter
+    from ray_app.storage import open_store
+    from training.evaluate import evaluate_model
 
     if not cfg.eval_data:
         raise PromotionError("the config has no eval_data: the gate needs a held-out set")
+    plan = plan_adapter(name, alias, adapter, settings)
+    result = {"name": name, "alias": alias, "adapter": adapter, "version": plan.version, "previous": plan.previous}
+    if plan.previous == adapter:
+        return {**result, "note": f"{name}:{alias} already is answered by {adapter!r}: nothing to evaluate"}
+    store, base = open_store(settings=settings), f"models:/{name}/{plan.version}"
+    adapters = (adapter, plan.previous)  # the reference's is None for a new alias: the base alone
+    uris = tuple(store.uri(adapter_key(name, plan.version, one)) if one else None for one in adapters)
+    kwargs = {"seq_len": cfg.seq_len, "settings": settings, "prompts": (), "max_new_tokens": 0}
+    losses = [evaluate_model(base, cfg.eval_data, adapter=uri, **kwargs).loss for uri in uris]
+    cases = replay_and_regression(name, base, base, cfg.seq_len, settings, adapters=uris)
+    key, reference = f"{ADAPTER_GATE}{alias}", _adapter_reference(base, plan.previous)
+    tags = {key: adapter, f"{key}.reference": reference, f"{key}.candidate_loss": f"{losses[0]:.6f}",
+            f"{key}.reference_loss": f"{losses[1]:.6f}", f"{key}.eval_data": ",".join(cfg.eval_data)[:4000],
+            **{f"{key}.{item.removeprefix('gate.')}": value for item, value in cases.as_tags().items()}}  # fmt: skip
+    tag_version(name, plan.version, tags, settings)
+    return {**result, "reference": reference, "candidate_loss": losses[0], "reference_loss": losses[1],
+            "eval_data": list(cfg.eval_data), "cases": dataclasses.asdict(cases)}  # fmt: skip
+
+
+def decide_adapter(
+    settings: Settings, name: str, alias: str, adapter: str, margin: float | None = None, actor: str = "",
+    canary_share: float = 0.0,
+) -> dict[str, Any]:  # fmt: skip
+    """Apply the versions' offline gate (``_full_gate``: loss, cases, and for a preference adapter what it
+    learned) to the evaluation :func:`evaluate_adapter` tagged, and act on it.
+
+    A loser is recorded rejected (``adapter_promotion.ALIAS``) and nothing moves; a winner is promoted
+    (``promote_adapter``) or, with ``canary_share`` and an adapter already behind the alias, served as the
+    alias's canary first (``result["canary"]``; :func:`judge_adapter_canary` decides) - unless no Serve app
+    serves the champion with adapters: no traffic to judge, promoted on the gate alone. Refuses
+    (PromotionError) an adapter not evaluated, or evaluated against what the alias named before.
+    """
+    from ray_app.adapters import lineages
+    from ray_app.registry import get_version
+    from ray_app.serving.adapter_rollout import plan_adapter, promote_adapter, reject_adapter
+
     margin = settings.promotion_min_improvement if margin is None else margin
     plan = plan_adapter(name, alias, adapter, settings)
     result = {"name": name, "alias": alias, "adapter": adapter, "version": plan.version, "previous": plan.previous}
     if plan.previous == adapter:
         return {**result, "promoted": True, "reason": f"{name}:{alias} already is answered by {adapter!r}"}
-    gate = _adapter_evaluation(cfg, settings, plan, margin)
-    actor = actor or "ray_app.promotion.gate_adapter"
+    tags, key = get_version(f"models:/{name}/{plan.version}", settings).tags, f"{ADAPTER_GATE}{alias}"
+    if tags.get(key) != adapter:
+        raise PromotionError(f"{name}:{alias} -> {adapter} has not been evaluated ({key} names "
+                             f"{tags.get(key) or 'nothing'}): run evaluate first")  # fmt: skip
+    reference = _adapter_reference(f"models:/{name}/{plan.version}", plan.previous)
+    if tags.get(f"{key}.reference") != reference:
+        raise PromotionError(f"what {name}:{alias} answers with changed since the evaluation "
+                             f"({tags.get(f'{key}.reference')} -> {reference}); re-run evaluate")  # fmt: skip
+    evaluated = {gate: tags.get(f"{key}.{item}", "") for item, gate in _ADAPTER_GATE_TAGS.items()}
+    gate = _full_gate({**lineages(tags).get(adapter, {}), **evaluated}, margin, reference, settings)
+    actor = actor or "ray_app.promotion.decide_adapter"
     if not gate.promoted:
         reject_adapter(plan, gate.reason, settings, actor)
         return {**result, "promoted": False, "reason": gate.reason}
+    reason = gate.reason
     if canary_share and plan.previous is not None:
-        started = start_adapter_canary(name, alias, adapter, settings, share=canary_share, actor=actor)
-        return {**result, "promoted": False, "canary": canary_share, "apps": started.apps, "reason": gate.reason}
+        canary, why = _adapter_canary_for(plan, canary_share, settings, actor)
+        if canary is not None:
+            return {**result, "promoted": False, "canary": canary, "reason": f"{gate.reason}; {why}"}
+        reason = f"{gate.reason}; {why}"
     done = promote_adapter(name, alias, adapter, settings, actor=actor)
-    return {**result, "promoted": True, "apps": done.apps, "reason": gate.reason}
+    return {**result, "promoted": True, "apps": done.apps, "reason": reason}
 
 
-def _adapter_evaluation(cfg, settings: Settings, plan, margin: float) -> GateDecision:
-    """Evaluate ``plan.adapter`` and the alias's adapter (``plan.previous``) on the champion; tag and judge it."""
-    from ray_app.adapters import adapter_key
-    from ray_app.registry import tag_version
-    from ray_app.storage import open_store
-    from training.evaluate import evaluate_model
+def _adapter_reference(base: str, adapter: str | None) -> str:
+    """What an adapter is compared with: the base version with the alias's adapter, or alone."""
+    return f"{base}:{adapter}" if adapter else base
 
-    store = open_store(settings=settings)
-    base = f"models:/{plan.name}/{plan.version}"
-    adapters = (plan.adapter, plan.previous)  # the reference's is None for a new alias: the base alone
-    uris = tuple(store.uri(adapter_key(plan.name, plan.version, one)) if one else None for one in adapters)
-    reference = f"{base}:{plan.previous}" if plan.previous else base
-    kwargs = {"seq_len": cfg.seq_len, "settings": settings, "prompts": (), "max_new_tokens": 0}
-    losses = [evaluate_model(base, cfg.eval_data, adapter=uri, **kwargs).loss for uri in uris]
-    cases = replay_and_regression(plan.name, base, base, cfg.seq_len, settings, adapters=uris)
-    gate = offline_gate(losses[0], losses[1], margin, reference)
-    passed, why = case_gate(cases, CasePolicy.from_settings(settings), reference)
-    key = f"{ADAPTER_GATE}{plan.alias}"
-    tags = {key: plan.adapter, f"{key}.reference": reference, f"{key}.candidate_loss": f"{losses[0]:.6f}",
-            f"{key}.reference_loss": f"{losses[1]:.6f}", f"{key}.eval_data": ",".join(cfg.eval_data)[:4000],
-            **{f"{key}.{item.removeprefix('gate.')}": value for item, value in cases.as_tags().items()}}  # fmt: skip
-    tag_version(plan.name, plan.version, tags, settings)
-    return dataclasses.replace(gate, promoted=gate.promoted and passed, reason=f"{gate.reason}; {why}")
+
+def _adapter_canary_for(plan, share: float, settings: Settings, actor: str) -> tuple[dict | None, str]:
+    """Serve ``plan.adapter`` as the canary of ``NAME:ALIAS`` (or find it served so already): (its
+    description, why); (None, why) when no Serve app serves the champion with adapters."""
+    from ray_app.serving.adapter_rollout import adapter_apps, adapter_canaries, start_adapter_canary
+    from ray_app.serving.rollout import running_config
+
+    config = running_config(settings)
+    apps = adapter_apps(config, plan.name)
+    if not apps:
+        return None, f"no Serve app serves models:/{plan.name}@champion with adapters: promoted without a canary"
+    if plan.adapter not in adapter_canaries(config, plan.name).get(plan.alias, ()):  # else a retried step's
+        apps = start_adapter_canary(plan.name, plan.alias, plan.adapter, settings, share=share, actor=actor).apps
+    canary = {"adapter": plan.adapter, "share": share, "sticky_by": settings.canary_sticky_by, "apps": apps}
+    why = f"canary for {canary['share']:.0%} of {plan.name}:{plan.alias}'s conversations beside {plan.previous}"
+    return canary, f"{why} (sticky by {canary['sticky_by']}) in {', '.join(apps)}"
 
 
 def await_canary(
@@ -745,9 +807,25 @@ def await_canary(
     Each verdict is echoed (a Ray job's log, hence the Airflow task's) and tagged on the version.
     Raises PromotionError when ``version`` is not (or no longer) running as a canary.
     """
+    judge = functools.partial(judge_canary, name, settings, policy, actor, version=version)
+    return _await(judge, f"canary {name} v{version}", every_s, echo)
+
+
+def await_adapter_canary(
+    name: str, alias: str, adapter: str, settings: Settings, policy: CanaryPolicy | None = None,
+    every_s: float = 60.0, actor: str = "", echo=None,
+) -> CanaryVerdict:  # fmt: skip
+    """Judge ``adapter``, the canary of ``NAME:ALIAS``, every ``every_s`` until it is promoted or rolled back
+    (:func:`await_canary` for adapters). Raises PromotionError when it is not (or no longer) running."""
+    judge = functools.partial(judge_adapter_canary, name, alias, settings, policy, actor, adapter=adapter)
+    return _await(judge, f"canary {name}:{alias} {adapter}", every_s, echo)
+
+
+def _await(judge, label: str, every_s: float, echo) -> CanaryVerdict:
+    """Call ``judge()`` every ``every_s`` until its verdict is not ``wait``; each verdict echoed."""
     while True:
-        verdict = judge_canary(name, settings, policy, actor, version=version)
-        (echo or _say)(f"canary {name} v{version}: {verdict.action}: {verdict.reason}")
+        verdict = judge()
+        (echo or _say)(f"{label}: {verdict.action}: {verdict.reason}")
         if verdict.action != "wait":
             return verdict
         time.sleep(every_s)

@@ -255,6 +255,11 @@ class Settings(BaseSettings):
     retrain_preference_config: str = Field(
         default="training/configs/tiny_dpo_cpu.yaml", description="recipe the DAG trains DPO/KTO with"
     )
+    retrain_adapter_alias: str | None = Field(
+        default=None,
+        description="retrain a LoRA adapter of the champion for model NAME:ALIAS (served unmerged on the champion's "
+        "replicas, promoted and canaried behind the alias) instead of a whole version; unset: versions",
+    )
 
     # --- promotion (ray_app.promotion: the demo, `llmops promote --gate` and the DAG) -----
     promotion_min_improvement: float = Field(
@@ -319,6 +324,15 @@ class Settings(BaseSettings):
     @classmethod
     def _schedule(cls, value: str | None) -> str | None:
         return None if value is None or value.strip().lower() in ("", "none", "null") else value.strip()
+
+    @field_validator("retrain_adapter_alias", mode="after")
+    @classmethod
+    def _adapter_alias(cls, value: str | None) -> str | None:
+        if not value or not value.strip():
+            return None
+        from ray_app.adapters import check_adapter_name  # the one rule for adapter names (it imports settings)
+
+        return check_adapter_name(value.strip())
 
     @field_validator("store_uri", mode="after")
     @classmethod

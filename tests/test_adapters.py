@@ -291,6 +291,16 @@ def test_an_adapter_passes_the_offline_gate_only_when_it_beats_what_the_alias_an
     assert tags["llmops.adapter_alias.gated"] == "alpha"
     assert _label_of(url, headers, alias)[0] == f"{BASE}/1:alpha"
 
+    # The pipeline's promote step decides on what its evaluate step tagged, and only on that.
+    from ray_app.promotion import PromotionError, decide_adapter
+    from ray_app.serving.adapter_rollout import promote_adapter
+
+    with pytest.raises(PromotionError, match="gated -> charlie has not been evaluated"):
+        decide_adapter(settings, BASE, "gated", "charlie", 0.0)
+    promote_adapter(BASE, "gated", "charlie", settings)  # by hand: bravo's evaluation is against alpha
+    with pytest.raises(PromotionError, match=r"changed since the evaluation .*1:alpha -> .*1:charlie"):
+        decide_adapter(settings, BASE, "gated", "bravo", 0.0)
+
 
 def test_unknown_adapters_are_refused_by_the_ingress_without_a_store_request_each_and_new_ones_come_in(
     lora_app, tmp_path

@@ -326,11 +326,49 @@ def test_retrain_dag_exports_feedback_trains_on_ray_promotes_a_better_model_and_
     assert dpo["training.dataset"] == export["preference_data_uri"] and dpo["feedback_until"] > version.tags[
         "feedback_until"]  # fmt: skip
     assert json.loads(dpo["training.feedback"])["pairs_from_thumbs"] == 2, dpo
-    # Each step's Ray job counted how it ended: two runs, one promotion, one canary rolled back.
+    an_adapter_line_retrains_its_alias_from_all_feedback_then_only_from_new(airflow, ray_cluster, trigger)
+    # Each step's Ray job counted how it ended: four runs (one skipped), two promotions, one canary rolled back.
     steps_counted_in_prometheus(prometheus, MODEL, {
-        ("export-feedback", "exported"): 2, ("evaluate", "evaluated"): 2, ("promote", "promoted"): 1,
-        ("promote", "canary"): 1, ("rollout", "rolled"): 1, ("rollout", "rolled_back"): 1,
+        ("export-feedback", "exported"): 3, ("export-feedback", "skipped"): 1, ("evaluate", "evaluated"): 3,
+        ("promote", "promoted"): 2, ("promote", "canary"): 1, ("rollout", "rolled"): 2, ("rollout", "rolled_back"): 1,
     })  # fmt: skip
+
+
+def an_adapter_line_retrains_its_alias_from_all_feedback_then_only_from_new(airflow, ray_cluster, trigger) -> None:
+    """With ``adapter_alias`` the DAG trains a LoRA adapter of the champion (v1) for MODEL:support, unmerged: its
+    line has no watermark yet, so all feedback is new (not only what came after v2's); the gate compares v1 with
+    the adapter to v1 alone (a new alias) and moves the alias; no version is registered. The next run finds
+    nothing new since the adapter's lineage and is skipped."""
+    from mlflow import MlflowClient
+
+    from ray_app.adapters import alias_tag, lineage_tag
+
+    mlflow = MlflowClient(ray_cluster.mlflow_tracking_uri)
+    line = {"adapter_alias": "support", "objective": "sft", "overrides": ["max_steps=8", "learning_rate=0.01"]}
+    run_id, states, done = trigger("2026-03-05", **line)
+    assert set(states.values()) == {"success"}, (states, done.stdout[-4000:], done.stderr[-4000:])
+    export = airflow.xcom("retrain_chat_model", run_id, "export_feedback")
+    assert export["adapter_alias"] == "support" and export["base_version"] == "1", export
+    assert export["since"] is None and export["new_examples"] == 5 and export["objective"] == "sft", export
+    train = airflow.xcom("retrain_chat_model", run_id, "train")
+    adapter = export["adapter_name"]
+    assert train["adapter"] == adapter and train["registered_version"] is None, train
+    assert f"/adapters/{MODEL}/1/{adapter}" in train["model_uri"], train
+    decision = airflow.xcom("retrain_chat_model", run_id, "promote")
+    assert decision["promoted"] is True and decision["previous"] is None, decision
+    assert airflow.xcom("retrain_chat_model", run_id, "rollout")["decision"] == "promoted"
+    tags = mlflow.get_model_version(MODEL, "1").tags
+    assert tags[alias_tag("support")] == adapter and tags["adapter_gate.support"] == adapter, tags
+    assert tags["adapter_gate.support.reference"] == f"models:/{MODEL}/1", tags
+    lineage = json.loads(tags[lineage_tag(adapter)])
+    assert lineage["training.adapter_alias"] == "support" and lineage["training.objective"] == "sft", lineage
+    assert lineage["feedback_until"] == export["feedback_until"] and lineage["run_id"] == train["mlflow_run_id"]
+    assert sorted(v.version for v in mlflow.search_model_versions(f"name='{MODEL}'")) == ["1", "2"]  # no new version
+
+    run_id, states, _done = trigger("2026-03-06", **line)
+    skipped = airflow.xcom("retrain_chat_model", run_id, "export_feedback")
+    assert skipped["skip"] is True and skipped["since"] == export["feedback_until"], skipped
+    assert states["train"] == "skipped", states
 
 
 def a_winner_is_judged_as_a_canary_and_rolled_back(airflow, ray_cluster, serve_http_port, trigger, chat_db,
@@ -544,3 +582,40 @@ def test_export_without_a_chat_database_or_feedback_and_with_its_services_down(t
     assert done.returncode == 1, (done.stdout, done.stderr)
     assert mlflow_url in done.stderr and "Traceback" not in done.stderr, done.stderr
     assert not (tmp_path / "store" / "datasets/retrain/2026-03-05/run-d").exists()
+
+
+def test_an_adapter_line_trains_lora_on_the_champion_and_counts_feedback_from_its_own_adapters(tmp_path):
+    """The adapter line's pieces without services: its watermark is the newest ``feedback_until`` among the
+    adapters trained for its alias (other aliases' do not count); its adapter names are valid, dated and per
+    run; the train step's overrides (even a DPO plan's, whose model was the alias's adapter) make a LoRA
+    adapter of the champion version whose lineage names the alias; preferences are weighed against the label
+    the alias answers with."""
+    from ray_app.adapters import ADAPTER_NAME
+    from ray_app.chat.review import ReviewPolicy
+    from ray_app.orchestration.pipeline import AdapterLine, _training_plan, chat_preferences, feedback_watermark
+    from ray_app.settings import load_settings
+    from training.config import load_config
+    from training.dpo import PreferenceConfig
+
+    settings = load_settings(home=tmp_path / "home", store_uri=str(tmp_path / "store"))
+    lineages = {"a": {"training.adapter_alias": "support", "feedback_until": "2026-03-01T10:00:00Z"},
+                "b": {"training.adapter_alias": "sales", "feedback_until": "2026-04-01T10:00:00Z"},
+                "c": {"training.adapter_alias": "support", "feedback_until": "2026-02-01T10:00:00Z"},
+                "d": {"run_id": "trained by hand"}}  # fmt: skip
+    line = AdapterLine("support", "3", "a", lineages)
+    assert feedback_watermark("chat", settings, line) == "2026-03-01T10:00:00Z"
+    assert feedback_watermark("chat", settings, AdapterLine("new", "3", None, lineages)) is None
+    names = {line.adapter_name(run, "2026-03-05") for run in ("manual__1", "manual__2", "scheduled__1")}
+    assert len(names) == 3 and all(name.startswith("support-20260305-") for name in names), names
+    longest = AdapterLine("x" * 64, "3", None, {}).adapter_name("manual__1", "2026-03-05")
+    assert all(ADAPTER_NAME.match(name) for name in (*names, longest)), (names, longest)
+
+    summary = {"adapter_name": "support-20260305-abc123", "feedback_until": "", "preferences": {"new_pairs": 2}}
+    plan = _training_plan("dpo", summary, {"preference_data_uri": "s3://b/p.jsonl"}, "chat", "chat/3:a", line)
+    cfg = load_config(REPO / "training" / "configs" / "tiny_dpo_cpu.yaml", plan["train_overrides"],
+                      schema=PreferenceConfig)  # fmt: skip
+    assert plan["recipe"] == "dpo" and cfg.saves_adapter and cfg.lora.adapter_name == summary["adapter_name"]
+    assert cfg.model == "models:/chat/3" and cfg.objective == "dpo" and cfg.registered_model == "chat", cfg
+    assert cfg.train_data == ["s3://b/p.jsonl"] and cfg.version_tags["training.adapter_alias"] == "support", cfg
+    _data, current = chat_preferences([], ReviewPolicy(), "chat", settings, line)
+    assert current == "chat/3:a"

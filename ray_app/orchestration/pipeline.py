@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import hashlib
 import json
 import sys
 import tempfile
@@ -46,6 +47,7 @@ from ray_app.settings import Settings, get_settings
 from training.config import load_config
 
 FEEDBACK_UNTIL_TAG = "feedback_until"
+ADAPTER_ALIAS_TAG = "training.adapter_alias"  # in an adapter's lineage: the alias whose line trained it
 PIPELINE_ACTOR = "pipeline promote step (Ray job)"
 ROLLOUT_ACTOR = "pipeline rollout step (Ray job)"
 
@@ -63,10 +65,15 @@ def feedback_examples(records, policy) -> list[tuple[str, dict]]:
     return [(ready, example) for ready, example in usable if example is not None]
 
 
-def feedback_watermark(name: str | None, settings: Settings) -> str | None:
-    """The newest ``feedback_until`` among the versions of ``name``: what earlier trainings already saw."""
+def feedback_watermark(name: str | None, settings: Settings, line: AdapterLine | None = None) -> str | None:
+    """The newest ``feedback_until`` among the versions of ``name``: what earlier trainings already saw; for
+    an adapter ``line``, among the adapters trained for its alias on its base version (their lineage)."""
     if not name:
         return None
+    if line is not None:
+        marks = [lineage.get(FEEDBACK_UNTIL_TAG) for lineage in line.lineages.values()
+                 if lineage.get(ADAPTER_ALIAS_TAG) == line.alias]  # fmt: skip
+        return max(filter(None, marks), default=None)
     from mlflow.exceptions import MlflowException
 
     from ray_app.registry import RegistryError, client
@@ -81,13 +88,47 @@ def feedback_watermark(name: str | None, settings: Settings) -> str | None:
     return max(marks) if marks else None
 
 
-def chat_preferences(records, policy, name: str | None, settings: Settings):
-    """The chat's preference pairs and thumbs (``ray_app.chat.preferences``), weighed against ``name``'s champion."""
+def chat_preferences(records, policy, name: str | None, settings: Settings, line: AdapterLine | None = None):
+    """The chat's preference pairs and thumbs (``ray_app.chat.preferences``), weighed against what answers now:
+    ``name``'s champion, or for an adapter ``line`` the adapter its alias names on it (its label)."""
     from ray_app.chat.preferences import preference_data
 
-    champion = promotion.champion_of(name, settings) if name else None
-    current = f"{name}/{champion.version}" if champion else None
+    if line is not None:
+        current = f"{name}/{line.version}" + (f":{line.adapter}" if line.adapter else "")
+    else:
+        champion = promotion.champion_of(name, settings) if name else None
+        current = f"{name}/{champion.version}" if champion else None
     return preference_data(records, policy, current, settings.preference_other_version_weight), current
+
+
+@dataclasses.dataclass(frozen=True)
+class AdapterLine:
+    """Retraining ``NAME:ALIAS``: a LoRA adapter of the champion ``version``, where ``adapter`` answers now."""
+
+    alias: str
+    version: str
+    adapter: str | None
+    lineages: dict[str, dict[str, str]]  # of the version's adapters (``ray_app.adapters.lineages``)
+
+    @classmethod
+    def of(cls, name: str | None, alias: str, settings: Settings) -> AdapterLine:
+        """The line of ``NAME:ALIAS`` as the registry records it (no Serve needed); PipelineError without a champion."""
+        from ray_app.adapters import ALIAS_TAG, check_adapter_name, lineages, tagged
+
+        try:
+            check_adapter_name(alias)
+        except ValueError as exc:
+            raise PipelineError(f"adapter_alias: {exc}") from None
+        champion = promotion.champion_of(name, settings) if name else None
+        if champion is None:
+            raise PipelineError(f"adapter_alias {alias!r}: an adapter is trained on the champion of "
+                                f"registered_model ({name or 'none'}), and there is none yet")  # fmt: skip
+        return cls(alias, champion.version, tagged(champion.tags, ALIAS_TAG).get(alias), lineages(champion.tags))
+
+    def adapter_name(self, run_key: str, date: str) -> str:
+        """The new adapter's name: the alias, the day and the run (``ALIAS-YYYYMMDD-<hash of run>``)."""
+        digest = hashlib.sha256(run_key.encode()).hexdigest()[:6]
+        return f"{self.alias[:48]}-{date.replace('-', '')}-{digest}"
 
 
 OBJECTIVES = ("auto", "sft", "dpo", "kto")
@@ -107,22 +148,25 @@ def choose_objective(requested: str, new: dict[str, int], minimum: int) -> tuple
 
 
 def export_feedback(cfg, settings: Settings, run_key: str, date: str, min_new_examples: int,
-                    objective: str = "auto") -> dict[str, Any]:  # fmt: skip
+                    objective: str = "auto", adapter_alias: str | None = None) -> dict[str, Any]:  # fmt: skip
     """Write base data + every usable feedback example to ``datasets/retrain/DATE/RUN_KEY/`` in the store,
     and choose what the train step runs (``objective``: see :func:`choose_objective`).
 
     Beside ``train.jsonl`` (SFT): ``preferences.jsonl`` (DPO pairs) and ``thumbs.jsonl`` (KTO)
     from the same reviewed ratings, when there are any. The run is skipped when the chosen
-    objective has fewer than ``min_new_examples`` new examples.
+    objective has fewer than ``min_new_examples`` new examples. With ``adapter_alias`` the run trains
+    a LoRA adapter of the champion for ``NAME:ALIAS`` instead of a version (:class:`AdapterLine`).
     """
     from ray_app.chat.feedback import chat_database_missing, database_label, read_feedback
     from ray_app.chat.review import ReviewPolicy
 
-    watermark = feedback_watermark(cfg.registered_model, settings)  # first: MLflow down fails before any work
+    name = cfg.registered_model
+    line = AdapterLine.of(name, adapter_alias, settings) if adapter_alias else None
+    watermark = feedback_watermark(name, settings, line)  # first: MLflow down fails before any work
     records = read_feedback(settings.chat_database_url)
     policy = ReviewPolicy.from_settings(settings)
     examples = feedback_examples(records, policy)
-    preferences, current = chat_preferences(records, policy, cfg.registered_model, settings)
+    preferences, current = chat_preferences(records, policy, name, settings, line)
     fresh = preferences.new_since(watermark)
     new = {"sft": sum(1 for ready, _ in examples if watermark is None or ready > watermark),
            "dpo": len(fresh.pairs), "kto": len(fresh.thumbs)}  # fmt: skip
@@ -134,6 +178,10 @@ def export_feedback(cfg, settings: Settings, run_key: str, date: str, min_new_ex
                         "current_version": current},
         "objective": chosen, "objective_reason": why,
     }  # fmt: skip
+    if line is not None:
+        summary.update(
+            adapter_alias=line.alias, base_version=line.version, adapter_name=line.adapter_name(run_key, date)
+        )
     if chat_database_missing(settings.chat_database_url):
         summary["note"] = f"no chat database at {database_label(settings.chat_database_url)} yet: no feedback"
         print(summary["note"], flush=True)
@@ -147,14 +195,16 @@ def export_feedback(cfg, settings: Settings, run_key: str, date: str, min_new_ex
     summary["feedback_until"] = max(ready, default=watermark or "")
     uris = _write_export(cfg, settings, f"datasets/retrain/{date}/{run_key}", [e for _, e in examples], preferences,
                          summary)  # fmt: skip
-    return {**summary, "skip": False, **uris, **_training_plan(chosen, summary, uris, cfg.registered_model, current)}
+    return {**summary, "skip": False, **uris, **_training_plan(chosen, summary, uris, name, current, line)}
 
 
 def _training_plan(objective: str, summary: dict[str, Any], uris: dict[str, str], name: str | None,
-                   current: str | None) -> dict:  # fmt: skip
+                   current: str | None, line: AdapterLine | None = None) -> dict:  # fmt: skip
     """The recipe module the train step runs and its overrides: the data, the lineage tags of the version it
     registers, and for DPO/KTO the registered model this step read (one name for every step) and the
-    champion's version to start from (its answers are the on-policy ones)."""
+    champion's version to start from (its answers are the on-policy ones). For an adapter ``line``: LoRA on
+    the champion version, saved as the adapter the export named, its lineage naming the alias (what the
+    line's watermark reads)."""
     data = summary["dataset_uri"] if objective == "sft" else uris[TRAINS_ON[objective][0]]
     if objective == "sft":
         counts = {"feedback_examples": summary["feedback_examples"], "base_examples": summary["base_examples"]}
@@ -164,12 +214,17 @@ def _training_plan(objective: str, summary: dict[str, Any], uris: dict[str, str]
             "training.feedback": json.dumps(counts, sort_keys=True)}  # fmt: skip
     if summary["feedback_until"]:
         tags[FEEDBACK_UNTIL_TAG] = summary["feedback_until"]
+    if line is not None:
+        tags[ADAPTER_ALIAS_TAG] = line.alias
     # What the train step passes to the recipe: the data, and the lineage (with the watermark) to record.
     overrides = [f"train_data={data}", "version_tags=" + json.dumps(tags)]
     if objective != "sft":
         overrides += [f"objective={objective}", f"registered_model={name}"] if name else [f"objective={objective}"]
-        if current:
-            overrides.append(f"model=models:/{current}")
+    if line is not None:
+        overrides += ["method=lora", "lora.save=adapter", f"lora.adapter_name={summary['adapter_name']}",
+                      f"model=models:/{name}/{line.version}"]  # fmt: skip
+    elif objective != "sft" and current:
+        overrides.append(f"model=models:/{current}")
     return {"recipe": "sft" if objective == "sft" else "dpo", "train_overrides": overrides}
 
 
@@ -247,9 +302,7 @@ def rollout(cfg, settings: Settings, version: str, canary_window_s: float | None
 
     name = _registered_name(cfg)
     if version in canary_versions(running_config(settings), name):
-        policy = promotion.CanaryPolicy.from_settings(settings)
-        if canary_window_s:
-            policy = dataclasses.replace(policy, window_s=canary_window_s)
+        policy = _canary_policy(settings, canary_window_s)
         verdict = promotion.await_canary(name, version, settings, policy, judge_interval(policy.window_s),
                                          actor=ROLLOUT_ACTOR)  # fmt: skip
         if verdict.action == "rollback":
@@ -268,6 +321,40 @@ def rollout(cfg, settings: Settings, version: str, canary_window_s: float | None
             "canary": tags.get("canary", "none"),
             "note": "" if apps else f"no app needed rolling: those serving models:/{name}@champion run "
                                     f"version {version}"}  # fmt: skip
+
+
+def rollout_adapter(cfg, settings: Settings, alias: str, adapter: str,
+                    canary_window_s: float | None = None) -> dict[str, Any]:  # fmt: skip
+    """:func:`rollout` for an adapter line: judge ``adapter`` while it runs as the canary of ``NAME:ALIAS``, until
+    promoted or rolled back; then check the alias names it. Nothing to re-roll: a fresh deploy starts from
+    the alias tag the promotion moved."""
+    from ray_app.registry import get_version
+    from ray_app.serving.adapter_rollout import CANARY_TAG, adapter_apps, adapter_canaries, current_adapter
+    from ray_app.serving.rollout import running_config
+
+    name = _registered_name(cfg)
+    result = {"name": name, "alias": alias, "adapter": adapter}
+    if adapter in adapter_canaries(running_config(settings), name).get(alias, ()):
+        policy = _canary_policy(settings, canary_window_s)
+        every = judge_interval(policy.window_s)
+        verdict = promotion.await_adapter_canary(name, alias, adapter, settings, policy, every, actor=ROLLOUT_ACTOR)
+        if verdict.action == "rollback":
+            return {**result, "decision": "rolled_back", "reason": verdict.reason, "evidence": verdict.evidence}
+    champion = get_version(f"models:/{name}@champion", settings)
+    key = f"{CANARY_TAG}{alias}"
+    if champion.tags.get(key) == "rolled_back" and champion.tags.get(f"{key}.adapter") == adapter:
+        return {**result, "decision": "rolled_back", "reason": champion.tags.get(f"{key}.reason", "")}
+    current = current_adapter(name, alias, settings, champion.version)
+    if current != adapter:
+        raise PipelineError(f"adapter {adapter!r} is neither what {name}:{alias} answers with ({current or 'none'}) "
+                            "nor its canary: nothing to roll out")  # fmt: skip
+    return {**result, "decision": "promoted", "version": champion.version,
+            "apps": adapter_apps(running_config(settings), name)}  # fmt: skip
+
+
+def _canary_policy(settings: Settings, window_s: float | None) -> promotion.CanaryPolicy:
+    policy = promotion.CanaryPolicy.from_settings(settings)
+    return dataclasses.replace(policy, window_s=window_s) if window_s else policy
 
 
 def judge_interval(window_s: float) -> float:
@@ -289,6 +376,15 @@ def main(argv: list[str] | None = None) -> int:
                         help="export-feedback: what to train (default: retrain_objective)")  # fmt: skip
     parser.add_argument("--version", help="evaluate/promote/rollout: the candidate's registry version")
     parser.add_argument(
+        "--adapter-alias",
+        default=None,
+        metavar="ALIAS",
+        help="export-feedback: train a LoRA adapter of the champion for NAME:ALIAS (default: "
+        "retrain_adapter_alias; empty: a version); evaluate/promote/rollout: the alias of --adapter",
+    )
+    parser.add_argument("--adapter", help="evaluate/promote/rollout: the candidate adapter of the champion "
+                        "(with --adapter-alias), instead of --version")  # fmt: skip
+    parser.add_argument(
         "--min-improvement",
         type=float,
         default=None,
@@ -305,8 +401,10 @@ def main(argv: list[str] | None = None) -> int:
     if args.canary_window_s is not None and args.canary_window_s <= 0:
         parser.error(f"--canary-window-s: {args.canary_window_s} is not a positive number of seconds")
 
-    if args.step != "export-feedback" and not args.version:
-        parser.error(f"{args.step} needs --version")
+    if args.step != "export-feedback" and not (args.version or (args.adapter and args.adapter_alias)):
+        parser.error(f"{args.step} needs --version, or --adapter with --adapter-alias")
+    if args.adapter and args.version:
+        parser.error(f"{args.step}: give --version or --adapter, not both")
     cfg = result = None
     try:
         cfg = load_config(args.config, args.overrides)
@@ -325,13 +423,29 @@ def run_step(args: argparse.Namespace, cfg) -> dict[str, Any]:
     settings = get_settings()
     if args.step == "export-feedback":
         objective = args.objective or settings.retrain_objective
-        return export_feedback(cfg, settings, args.run_key, args.date, args.min_new_examples, objective)
+        alias = settings.retrain_adapter_alias if args.adapter_alias is None else args.adapter_alias
+        return export_feedback(cfg, settings, args.run_key, args.date, args.min_new_examples, objective, alias or None)
+    share = settings.canary_share if args.canary_share is None else args.canary_share
+    if args.adapter:
+        return _adapter_step(args, cfg, settings, share)
     if args.step == "evaluate":
         return evaluate(cfg, settings, args.version)
     if args.step == "promote":
-        share = settings.canary_share if args.canary_share is None else args.canary_share
         return promote(cfg, settings, args.version, args.min_improvement, share)
     return rollout(cfg, settings, args.version, args.canary_window_s)
+
+
+def _adapter_step(args: argparse.Namespace, cfg, settings: Settings, share: float) -> dict[str, Any]:
+    """evaluate/promote/rollout of candidate ``--adapter`` for ``NAME:ALIAS`` (``--adapter-alias``)."""
+    name, alias, adapter = _registered_name(cfg), args.adapter_alias, args.adapter
+    try:
+        if args.step == "evaluate":
+            return promotion.evaluate_adapter(cfg, settings, name, alias, adapter)
+        if args.step == "promote":
+            return promotion.decide_adapter(settings, name, alias, adapter, args.min_improvement, PIPELINE_ACTOR, share)
+    except ValueError as exc:  # a bad name, or an adapter not stored for the champion (it moved since training)
+        raise PipelineError(str(exc)) from None
+    return rollout_adapter(cfg, settings, alias, adapter, args.canary_window_s)
 
 
 def _expected_failures() -> tuple[type[BaseException], ...]:

@@ -165,6 +165,12 @@ def reject_adapter(rollout: AdapterRollout, reason: str, settings: Settings, act
     _record(rollout, PROMOTION_TAG, "rejected", reason, settings, actor)
 
 
+def adapter_apps(config: dict[str, Any], name: str) -> list[str]:
+    """The apps of a Serve config (``running_config``) serving ``models:/NAME@champion`` with adapters."""
+    return [app["name"] for app in config["applications"] if (app.get("args") or {}).get("model") ==
+            f"models:/{name}@{CHAMPION}" and (app.get("args") or {}).get("max_adapters_per_replica")]  # fmt: skip
+
+
 def adapter_canaries(config: dict[str, Any], name: str) -> dict[str, set[str]]:
     """``{alias: challenger adapters}`` the apps of a Serve config (``running_config``) run for ``name``."""
     found: dict[str, set[str]] = {}

@@ -198,19 +198,17 @@ def preference_learned(scores: CaseScores | None, tags: dict[str, str], referenc
                    f"above its base's ({before} -> {after})")  # fmt: skip
 
 
-def score_cases(candidate: str, reference: str, replay: list[dict], regression: list[dict], margin: float,
-                seq_len: int, settings: Settings, regression_set: str = "",
-                adapters: tuple[str | None, str | None] = (None, None)) -> CaseScores:  # fmt: skip
-    """Score ``candidate`` and ``reference`` (each with its LoRA adapter of ``adapters``, if any) on the replay
-    pairs and regression cases (``ray_app.regression``)."""
-    from training.evaluate import completion_scores
-
+def case_items(replay: list[dict], regression: list[dict]) -> list[tuple[list[dict], str]]:
+    """The completions the cases score, in order: each replay pair's chosen and rejected, then each regression
+    case's (``ray_app.regression``)."""
     items = [(case["messages"], case[side]) for case in replay for side in ("chosen", "rejected")]
-    items += [(case["messages"], case["completion"]) for case in regression]
-    if not items:
-        return CaseScores(regression_set=regression_set)
-    ours, theirs = (completion_scores(model, items, seq_len, settings, adapter)
-                    for model, adapter in zip((candidate, reference), adapters, strict=True))  # fmt: skip
+    return items + [(case["messages"], case["completion"]) for case in regression]
+
+
+def compare_cases(ours: list[tuple[float, int]], theirs: list[tuple[float, int]], replay: list[dict],
+                  regression: list[dict], margin: float, regression_set: str = "") -> CaseScores:  # fmt: skip
+    """The candidate's and its reference's scores of :func:`case_items` (``(summed log-prob, tokens)`` each,
+    ``training.evaluate.completion_scores``) compared as the gate judges them."""
 
     def margins(scores: list[tuple[float, int]]) -> list[float]:
         per_token = [logp / max(tokens, 1) for logp, tokens in scores[: 2 * len(replay)]]
@@ -231,10 +229,9 @@ def score_cases(candidate: str, reference: str, replay: list[dict], regression: 
                       regression_set)  # fmt: skip
 
 
-def replay_and_regression(name: str, candidate: str, reference: str, seq_len: int, settings: Settings,
-                          adapters: tuple[str | None, str | None] = (None, None)) -> CaseScores:  # fmt: skip
-    """The chat's cases for ``name`` (the regression set grown first), scored on ``candidate`` and ``reference``
-    (with their LoRA ``adapters``, if any)."""
+def chat_cases(name: str, settings: Settings) -> tuple[list[dict], list[dict], str]:
+    """The chat's replay pairs and regression cases for ``name`` (the regression set grown first), and the
+    stored regression set they come from."""
     from ray_app.chat.feedback import read_feedback
     from ray_app.chat.review import ReviewPolicy
     from ray_app.regression import grow_regression_set, regression_cases, replay_cases, replay_since
@@ -243,8 +240,39 @@ def replay_and_regression(name: str, candidate: str, reference: str, seq_len: in
     policy = ReviewPolicy.from_settings(settings)
     replay = replay_cases(records, policy, replay_since(settings.gate_replay_days))
     kept = grow_regression_set(name, regression_cases(records, policy), settings)
-    return score_cases(candidate, reference, replay, kept.cases, settings.gate_regression_margin, seq_len, settings,
-                       kept.uri, adapters)  # fmt: skip
+    return replay, kept.cases, kept.uri
+
+
+@dataclass
+class Side:
+    """One side of a gate: a model reference with a LoRA ``adapter`` on it (None: none), and its held-out loss
+    when it is already known (not evaluated again)."""
+
+    model: str
+    adapter: str | None = None
+    known_loss: float | None = None
+
+
+def measure_sides(name: str, candidate: Side, reference: Side, cfg, settings: Settings,
+                  prompts=()) -> tuple[tuple[float, float], CaseScores, list[dict[str, Any]]]:  # fmt: skip
+    """The held-out losses of ``candidate`` and ``reference`` on ``cfg.eval_data`` and their comparison on the
+    chat's cases for ``name``, each side's model loaded once; and the candidate's answers to ``prompts``."""
+    from training.evaluate import completion_scores, evaluate_model
+
+    replay, regression, regression_set = chat_cases(name, settings)
+    items = case_items(replay, regression)
+    measured = []
+    for side, asked in ((candidate, prompts), (reference, ())):
+        if side.known_loss is not None:
+            scores = completion_scores(side.model, items, cfg.seq_len, settings, side.adapter) if items else []
+            measured.append((side.known_loss, scores, []))
+            continue
+        report = evaluate_model(side.model, cfg.eval_data, cfg.seq_len, settings, prompts=asked,
+                                max_new_tokens=cfg.max_new_tokens, adapter=side.adapter, completions=items)  # fmt: skip
+        measured.append((report.loss, report.scores, report.samples))
+    (ours_loss, ours, samples), (theirs_loss, theirs, _) = measured
+    cases = compare_cases(ours, theirs, replay, regression, settings.gate_regression_margin, regression_set)
+    return (ours_loss, theirs_loss), cases, samples
 
 
 @dataclass
@@ -285,7 +313,6 @@ def evaluate(cfg, settings: Settings, version: str, known_losses: dict[str, floa
     evaluated again. The losses are tagged on the candidate version (``gate.*``).
     """
     from ray_app.registry import client, get_version
-    from training.evaluate import evaluate_model
 
     name = _registered_name(cfg)
     if not cfg.eval_data:
@@ -295,16 +322,8 @@ def evaluate(cfg, settings: Settings, version: str, known_losses: dict[str, floa
     candidate_ref = f"models:/{name}/{candidate.version}"
     reference = reference_for(name, champion, cfg.model)
     known = known_losses or {}
-    kwargs = {"seq_len": cfg.seq_len, "settings": settings, "prompts": cfg.sample_prompts,
-              "max_new_tokens": cfg.max_new_tokens}  # fmt: skip
-    samples: list[dict[str, Any]] = []
-    if candidate_ref in known:
-        candidate_loss = known[candidate_ref]
-    else:
-        report = evaluate_model(candidate_ref, cfg.eval_data, **kwargs)
-        candidate_loss, samples = report.loss, report.samples
-    reference_loss = known[reference] if reference in known else evaluate_model(reference, cfg.eval_data, **kwargs).loss
-    cases = replay_and_regression(name, candidate_ref, reference, cfg.seq_len, settings)
+    sides = Side(candidate_ref, known_loss=known.get(candidate_ref)), Side(reference, known_loss=known.get(reference))
+    (candidate_loss, reference_loss), cases, samples = measure_sides(name, *sides, cfg, settings, cfg.sample_prompts)
     mlflow = client(settings)
     tags = {GATE_CANDIDATE_LOSS: f"{candidate_loss:.6f}", GATE_CHAMPION_LOSS: f"{reference_loss:.6f}",
             **cases.as_tags(), GATE_CHAMPION: reference}  # the reference last: decide() checks it  # fmt: skip
@@ -707,7 +726,6 @@ def evaluate_adapter(cfg, settings: Settings, name: str, alias: str, adapter: st
     from ray_app.registry import tag_version
     from ray_app.serving.adapter_rollout import plan_adapter
     from ray_app.storage import open_store
-    from training.evaluate import evaluate_model
 
     if not cfg.eval_data:
         raise PromotionError("the config has no eval_data: the gate needs a held-out set")
@@ -717,10 +735,8 @@ def evaluate_adapter(cfg, settings: Settings, name: str, alias: str, adapter: st
         return {**result, "note": f"{name}:{alias} already is answered by {adapter!r}: nothing to evaluate"}
     store, base = open_store(settings=settings), f"models:/{name}/{plan.version}"
     adapters = (adapter, plan.previous)  # the reference's is None for a new alias: the base alone
-    uris = tuple(store.uri(adapter_key(name, plan.version, one)) if one else None for one in adapters)
-    kwargs = {"seq_len": cfg.seq_len, "settings": settings, "prompts": (), "max_new_tokens": 0}
-    losses = [evaluate_model(base, cfg.eval_data, adapter=uri, **kwargs).loss for uri in uris]
-    cases = replay_and_regression(name, base, base, cfg.seq_len, settings, adapters=uris)
+    sides = [Side(base, store.uri(adapter_key(name, plan.version, one)) if one else None) for one in adapters]
+    losses, cases, _samples = measure_sides(name, *sides, cfg, settings)
     key, reference = f"{ADAPTER_GATE}{alias}", _adapter_reference(base, plan.previous)
     tags = {key: adapter, f"{key}.reference": reference, f"{key}.candidate_loss": f"{losses[0]:.6f}",
             f"{key}.reference_loss": f"{losses[1]:.6f}", f"{key}.eval_data": ",".join(cfg.eval_data)[:4000],

@@ -302,6 +302,61 @@ def test_an_adapter_passes_the_offline_gate_only_when_it_beats_what_the_alias_an
         decide_adapter(settings, BASE, "gated", "bravo", 0.0)
 
 
+def test_the_retraining_steps_gate_an_adapter_and_judge_it_as_the_alias_canary(
+    lora_app, prometheus, tmp_path, monkeypatch, capsys
+):
+    """The retraining DAG's evaluate, promote and rollout steps (`python -m ray_app.orchestration.pipeline`,
+    in-process) for an adapter of an alias: alpha against bravo (what NAME:looped answers with): promote
+    refuses before evaluate, then alpha wins and answers half of the alias's conversations as its canary;
+    rollout judges it until its window ends without ratings and rolls it back: bravo answers alone."""
+    import json
+
+    from conftest import write_feedback
+
+    from ray_app.orchestration import pipeline
+    from ray_app.orchestration.ray_jobs import parse_result
+    from ray_app.registry import get_version
+    from ray_app.serving.adapter_rollout import promote_adapter
+
+    url, headers, settings = lora_app
+    settings = settings.model_copy(update={"chat_database_url": f"sqlite+aiosqlite:///{tmp_path / 'chat.db'}"})
+    write_feedback(str(settings.chat_database_url), [(PROBE, ANSWERS["alpha"], 1, None)],
+                   model_version=f"{BASE}/1:alpha")  # fmt: skip
+    data = tmp_path / "probe.jsonl"
+    turns = [{"role": "user", "content": PROBE}, {"role": "assistant", "content": ANSWERS["alpha"]}]
+    data.write_text(json.dumps({"messages": turns}) + "\n")
+    recipe = tmp_path / "recipe.yaml"
+    recipe.write_text(yaml.safe_dump({"train_data": str(data), "eval_data": str(data), "seq_len": 64,
+                                      "registered_model": BASE}))  # fmt: skip
+    monkeypatch.setattr(pipeline, "get_settings", lambda: settings)
+    promote_adapter(BASE, "looped", "bravo", settings, wait_s=120, actor="test")
+    alias = f"{BASE}:looped"
+
+    def step(name: str, *args: str) -> tuple[int, dict | None, str]:
+        code = pipeline.main([name, "--config", str(recipe), "--adapter", "alpha", "--adapter-alias", "looped", *args])
+        out = capsys.readouterr()
+        return code, parse_result(out.out), out.err
+
+    code, _result, err = step("promote", "--min-improvement", "0", "--canary-share", "0.5")
+    assert code == 1 and "looped -> alpha has not been evaluated" in err, err
+    code, evaluated, err = step("evaluate")
+    assert code == 0 and evaluated["reference"] == f"models:/{BASE}/1:bravo", (err, evaluated)
+    assert evaluated["candidate_loss"] < evaluated["reference_loss"], evaluated
+    code, decision, err = step("promote", "--min-improvement", "0", "--canary-share", "0.5")
+    assert code == 0 and decision["promoted"] is False, (err, decision)
+    assert decision["canary"] == {"adapter": "alpha", "share": 0.5, "sticky_by": "conversation", "apps": ["chat"]}
+    _conversations(url, headers, alias, {f"{BASE}/1:alpha", f"{BASE}/1:bravo"})
+    code, verdict, err = step("rollout", "--canary-window-s", "1")
+    assert code == 0 and verdict["decision"] == "rolled_back", (err, verdict)
+    assert "window over with 1 rating(s)" in verdict["reason"], verdict  # the liked answer above, alpha's
+    _until(url, headers, alias, f"{BASE}/1:bravo")
+    tags = get_version(f"models:/{BASE}/1", settings).tags
+    assert tags["adapter_canary.looped"] == "rolled_back" and tags["adapter_canary.looped.adapter"] == "alpha"
+    assert tags["adapter_canary.looped.by"].startswith("pipeline rollout") and tags["llmops.adapter_alias.looped"] == (
+        "bravo"
+    )
+
+
 def test_unknown_adapters_are_refused_by_the_ingress_without_a_store_request_each_and_new_ones_come_in(
     lora_app, tmp_path
 ):

@@ -25,6 +25,8 @@ class EvalReport:
     tokens: int
     examples: int
     samples: list[dict[str, str]] = field(default_factory=list)
+    # (summed log-prob, tokens) of the completions asked for (``completions``): scored on the same load
+    scores: list[tuple[float, int]] = field(default_factory=list)
 
     def as_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -100,9 +102,11 @@ def evaluate_model(
     prompts: list[str] | tuple[str, ...] = DEFAULT_PROMPTS,
     max_new_tokens: int = 32,
     adapter: str | None = None,
+    completions: list[tuple[list[dict[str, str]], str]] | tuple = (),
 ) -> EvalReport:
     """Loss/perplexity of ``model_ref`` (with the LoRA ``adapter`` folder or store URI, if given) on the
-    assistant tokens of ``data_uris``, and greedy samples."""
+    assistant tokens of ``data_uris``, greedy samples, and the scores of ``completions`` (as
+    :func:`completion_scores`) from the same load of the model."""
     settings = settings or get_settings()
     model, tokenizer = load_model(model_ref, settings, adapter)
     if tokenizer.pad_token_id is None:
@@ -117,6 +121,7 @@ def evaluate_model(
         tokens=total_tokens,
         examples=len(examples),
         samples=generate_answers(model, tokenizer, list(prompts), max_new_tokens),
+        scores=score_completions(model, tokenizer, list(completions), seq_len),
     )
 
 
@@ -151,12 +156,17 @@ def completion_scores(
     Only the completion's tokens are scored (``training.scoring.completion_tokens``): what the
     preference metrics and the promotion gate's replay and regression cases compare.
     """
+    model, tokenizer = load_model(model_ref, settings or get_settings(), adapter)
+    return score_completions(model, tokenizer, items, seq_len)
+
+
+def score_completions(model, tokenizer, items: list[tuple[list[dict[str, str]], str]], seq_len: int):
+    """:func:`completion_scores` on a model already loaded."""
     import torch
 
     from training.data import IGNORE_INDEX
     from training.scoring import completion_logps, completion_tokens
 
-    model, tokenizer = load_model(model_ref, settings or get_settings(), adapter)
     scores = []
     for messages, completion in items:
         ids, labels = completion_tokens(messages, completion, tokenizer, seq_len)

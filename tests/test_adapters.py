@@ -7,6 +7,7 @@ without restarting the model replica."""
 from __future__ import annotations
 
 import concurrent.futures
+import json
 import os
 import re
 import signal
@@ -17,7 +18,7 @@ from pathlib import Path
 import httpx
 import pytest
 import yaml
-from conftest import venv_bin
+from conftest import venv_bin, write_feedback
 from fastapi import Request
 from tiny_model import build_tiny_chat_model, train_lora_adapter
 
@@ -193,7 +194,6 @@ def test_an_adapter_alias_is_promoted_and_canaried_without_restarting_any_replic
     each conversation sticky; the judge (feedback liked, window over) promotes bravo; charlie as a canary
     rolled back. Through all of it the replicas are the same processes (the routing is the ingress's
     user_config, applied in place); every decision is a tag."""
-    from conftest import write_feedback
 
     from ray_app.promotion import CanaryPolicy, judge_adapter_canary
     from ray_app.registry import get_version
@@ -250,6 +250,20 @@ def test_an_adapter_alias_is_promoted_and_canaried_without_restarting_any_replic
     assert replica_pids() == pids, "promoting an adapter or running its canary restarted a replica"
 
 
+def _alpha_liked(settings: Settings, folder: Path, **recipe) -> tuple[Settings, Path]:
+    """Settings with a chat database of their own where users liked alpha's answer to the probe, and a recipe
+    whose held-out set is that answer: alpha beats the base and the other adapters there."""
+    settings = settings.model_copy(update={"chat_database_url": f"sqlite+aiosqlite:///{folder / 'chat.db'}"})
+    write_feedback(str(settings.chat_database_url), [(PROBE, ANSWERS["alpha"], 1, None)],
+                   model_version=f"{BASE}/1:alpha")  # fmt: skip
+    data = folder / "probe.jsonl"
+    turns = [{"role": "user", "content": PROBE}, {"role": "assistant", "content": ANSWERS["alpha"]}]
+    data.write_text(json.dumps({"messages": turns}) + "\n")
+    path = folder / "recipe.yaml"
+    path.write_text(yaml.safe_dump({"train_data": str(data), "eval_data": str(data), "seq_len": 64, **recipe}))
+    return settings, path
+
+
 def test_an_adapter_passes_the_offline_gate_only_when_it_beats_what_the_alias_answers_with(
     lora_app, tmp_path, monkeypatch
 ):
@@ -257,23 +271,14 @@ def test_an_adapter_passes_the_offline_gate_only_when_it_beats_what_the_alias_an
     alone for a new alias and is promoted; bravo then loses to alpha on the held-out loss and on the answer
     users liked (alpha's, a regression case): kept (exit 2), the rejection and evidence tagged, the alias and
     its answers unmoved."""
-    import json
 
-    from conftest import write_feedback
     from typer.testing import CliRunner
 
     from ray_app import cli
     from ray_app.registry import get_version
 
     url, headers, settings = lora_app
-    settings = settings.model_copy(update={"chat_database_url": f"sqlite+aiosqlite:///{tmp_path / 'chat.db'}"})
-    write_feedback(str(settings.chat_database_url), [(PROBE, ANSWERS["alpha"], 1, None)],
-                   model_version=f"{BASE}/1:alpha")  # fmt: skip
-    data = tmp_path / "probe.jsonl"
-    turns = [{"role": "user", "content": PROBE}, {"role": "assistant", "content": ANSWERS["alpha"]}]
-    data.write_text(json.dumps({"messages": turns}) + "\n")
-    recipe = tmp_path / "recipe.yaml"
-    recipe.write_text(yaml.safe_dump({"train_data": str(data), "eval_data": str(data), "seq_len": 64}))
+    settings, recipe = _alpha_liked(settings, tmp_path)
     monkeypatch.setattr(cli, "settings", lambda: settings)
     runner, alias = CliRunner(), f"{BASE}:gated"
 
@@ -308,10 +313,7 @@ def test_the_retraining_steps_gate_an_adapter_and_judge_it_as_the_alias_canary(
     """The retraining DAG's evaluate, promote and rollout steps (`python -m ray_app.orchestration.pipeline`,
     in-process) for an adapter of an alias: alpha against bravo (what NAME:looped answers with): promote
     refuses before evaluate, then alpha wins and answers half of the alias's conversations as its canary;
-    rollout judges it until its window ends without ratings and rolls it back: bravo answers alone."""
-    import json
-
-    from conftest import write_feedback
+    rollout judges it until its window ends with too few ratings and rolls it back: bravo answers alone."""
 
     from ray_app.orchestration import pipeline
     from ray_app.orchestration.ray_jobs import parse_result
@@ -319,15 +321,7 @@ def test_the_retraining_steps_gate_an_adapter_and_judge_it_as_the_alias_canary(
     from ray_app.serving.adapter_rollout import promote_adapter
 
     url, headers, settings = lora_app
-    settings = settings.model_copy(update={"chat_database_url": f"sqlite+aiosqlite:///{tmp_path / 'chat.db'}"})
-    write_feedback(str(settings.chat_database_url), [(PROBE, ANSWERS["alpha"], 1, None)],
-                   model_version=f"{BASE}/1:alpha")  # fmt: skip
-    data = tmp_path / "probe.jsonl"
-    turns = [{"role": "user", "content": PROBE}, {"role": "assistant", "content": ANSWERS["alpha"]}]
-    data.write_text(json.dumps({"messages": turns}) + "\n")
-    recipe = tmp_path / "recipe.yaml"
-    recipe.write_text(yaml.safe_dump({"train_data": str(data), "eval_data": str(data), "seq_len": 64,
-                                      "registered_model": BASE}))  # fmt: skip
+    settings, recipe = _alpha_liked(settings, tmp_path, registered_model=BASE)
     monkeypatch.setattr(pipeline, "get_settings", lambda: settings)
     promote_adapter(BASE, "looped", "bravo", settings, wait_s=120, actor="test")
     alias = f"{BASE}:looped"

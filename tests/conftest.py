@@ -54,11 +54,22 @@ for _name in ("MLFLOW_TRACKING_URI", "RAY_ADDRESS", "AWS_ENDPOINT_URL", "MLFLOW_
     os.environ.pop(_name, None)
 
 
+# Below the kernel's ephemeral range (32768-60999: the source ports of outgoing connections, and the
+# ports of servers bound to port 0, e.g. Ray's) and above Ray's worker ports (10002-19999): a port chosen
+# here stays free until the service that was given it binds it, seconds later (a Serve proxy once found
+# its port taken by then).
+SERVICE_PORTS = (20000, 30000)
+_GIVEN: set[int] = set()  # each port is handed out once a session: two services never get the same one
+
+
 def free_port() -> int:
-    """A TCP port nothing listens on right now."""
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
+    """A TCP port nothing listens on right now, outside the ranges others take ports from (SERVICE_PORTS)."""
+    for _ in range(500):
+        port = random.randrange(*SERVICE_PORTS)
+        if port not in _GIVEN and port_free("127.0.0.1", port):
+            _GIVEN.add(port)
+            return port
+    raise RuntimeError(f"no free port in {SERVICE_PORTS}")
 
 
 def free_port_block(size: int, low: int = 30000, high: int = 60000) -> int:

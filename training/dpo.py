@@ -434,8 +434,8 @@ def run(cfg: PreferenceConfig, settings=None) -> PreferenceResult:
         before = after = None
         if cfg.eval_data:  # held-out pairs, whichever the objective
             before = preference_accuracy(model_dir, cfg.eval_data, cfg.seq_len, settings)
-            trained = (cfg.model, model_uri) if cfg.saves_adapter else (model_uri, None)  # base + adapter
-            after = preference_accuracy(trained[0], cfg.eval_data, cfg.seq_len, settings, adapter=trained[1])
+            model, adapter = setup.trained
+            after = preference_accuracy(model, cfg.eval_data, cfg.seq_len, settings, adapter=adapter)
             mlflow.log_metrics({"base_preference_accuracy": before, "preference_accuracy": after}, step=step)
             accuracy = {
                 "training.base_preference_accuracy": f"{before:.4f}",
@@ -453,7 +453,7 @@ def run(cfg: PreferenceConfig, settings=None) -> PreferenceResult:
         final_loss=metrics.get("train_loss"),
         eval_loss=None,
         data=stats,
-        adapter=setup.adapter_name if cfg.saves_adapter else None,
+        adapter=setup.adapter,
         base_preference_accuracy=before,
         preference_accuracy=after,
     )

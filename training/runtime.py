@@ -393,6 +393,18 @@ class Setup:
     def adapter_name(self) -> str:
         return self.cfg.lora.adapter_name or self.cfg.run_name
 
+    @property
+    def adapter(self) -> str | None:
+        """The adapter the run publishes (``lora.save: adapter``), else None: what its result names."""
+        return self.adapter_name if self.cfg.saves_adapter else None
+
+    @property
+    def trained(self) -> tuple[str, str | None]:
+        """What the run produced, as held-out measures load it: ``(model folder URI, None)``, or for an adapter
+        ``(its pinned base, the adapter folder URI)``."""
+        uri = self.store.uri(self.model_prefix)
+        return (self.cfg.model, uri) if self.cfg.saves_adapter else (uri, None)
+
 
 def setup(cfg: SFTConfig, settings, kind: str) -> Setup:
     """Check the services a run needs to record and keep what it does (each named if down), connect

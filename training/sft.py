@@ -190,9 +190,9 @@ def run(
 
         eval_loss = None
         if eval_uris:
-            evaluated = (cfg.model, model_uri) if cfg.saves_adapter else (model_uri, None)  # base + adapter
-            report = evaluate_model(evaluated[0], eval_uris, cfg.seq_len, settings, prompts=cfg.sample_prompts,
-                                    max_new_tokens=cfg.max_new_tokens, adapter=evaluated[1])  # fmt: skip
+            model, adapter = setup.trained
+            report = evaluate_model(model, eval_uris, cfg.seq_len, settings, prompts=cfg.sample_prompts,
+                                    max_new_tokens=cfg.max_new_tokens, adapter=adapter)  # fmt: skip
             eval_loss = report.loss
             mlflow.log_metrics({"eval_loss": report.loss, "eval_perplexity": report.perplexity},
                                step=int(metrics.get("global_step", 0)))  # fmt: skip
@@ -210,7 +210,7 @@ def run(
         final_loss=metrics.get("train_loss"),
         eval_loss=eval_loss,
         data=asdict(train_stats),
-        adapter=setup.adapter_name if cfg.saves_adapter else None,
+        adapter=setup.adapter,
     )
 
 

@@ -698,7 +698,8 @@ def judge_adapter_canary(
 
 
 ADAPTER_GATE = "adapter_gate."  # + ALIAS: the evaluation of the last adapter gated for NAME:ALIAS
-# The evaluation's tags under ADAPTER_GATE + ALIAS + ".", as the versions' gate reads them (gate.*).
+# The evaluation's tags under ADAPTER_GATE + ALIAS + "." and the versions' gate tags (gate.*) they hold: one
+# map, for writing them (evaluate_adapter) and reading them back (decide_adapter).
 _ADAPTER_GATE_TAGS = {"candidate_loss": GATE_CANDIDATE_LOSS, "reference_loss": GATE_CHAMPION_LOSS,
                       **{key.removeprefix("gate."): key for key in CaseScores().as_tags()}}  # fmt: skip
 
@@ -738,9 +739,9 @@ def evaluate_adapter(cfg, settings: Settings, name: str, alias: str, adapter: st
     sides = [Side(base, store.uri(adapter_key(name, plan.version, one)) if one else None) for one in adapters]
     losses, cases, _samples = measure_sides(name, *sides, cfg, settings)
     key, reference = f"{ADAPTER_GATE}{alias}", _adapter_reference(base, plan.previous)
-    tags = {key: adapter, f"{key}.reference": reference, f"{key}.candidate_loss": f"{losses[0]:.6f}",
-            f"{key}.reference_loss": f"{losses[1]:.6f}", f"{key}.eval_data": ",".join(cfg.eval_data)[:4000],
-            **{f"{key}.{item.removeprefix('gate.')}": value for item, value in cases.as_tags().items()}}  # fmt: skip
+    evaluated = {GATE_CANDIDATE_LOSS: f"{losses[0]:.6f}", GATE_CHAMPION_LOSS: f"{losses[1]:.6f}", **cases.as_tags()}
+    tags = {key: adapter, f"{key}.reference": reference, f"{key}.eval_data": ",".join(cfg.eval_data)[:4000],
+            **{f"{key}.{item}": evaluated[gate] for item, gate in _ADAPTER_GATE_TAGS.items()}}  # fmt: skip
     tag_version(name, plan.version, tags, settings)
     return {**result, "reference": reference, "candidate_loss": losses[0], "reference_loss": losses[1],
             "eval_data": list(cfg.eval_data), "cases": dataclasses.asdict(cases)}  # fmt: skip

@@ -344,12 +344,12 @@ def rollout_adapter(cfg, settings: Settings, alias: str, adapter: str,
     key = f"{CANARY_TAG}{alias}"
     if champion.tags.get(key) == "rolled_back" and champion.tags.get(f"{key}.adapter") == adapter:
         return {**result, "decision": "rolled_back", "reason": champion.tags.get(f"{key}.reason", "")}
-    current = current_adapter(name, alias, settings, champion.version)
+    config = running_config(settings)  # after the verdict: what Serve runs now, read once
+    current = current_adapter(name, alias, settings, champion.version, config)
     if current != adapter:
         raise PipelineError(f"adapter {adapter!r} is neither what {name}:{alias} answers with ({current or 'none'}) "
                             "nor its canary: nothing to roll out")  # fmt: skip
-    return {**result, "decision": "promoted", "version": champion.version,
-            "apps": adapter_apps(running_config(settings), name)}  # fmt: skip
+    return {**result, "decision": "promoted", "version": champion.version, "apps": adapter_apps(config, name)}
 
 
 def _canary_policy(settings: Settings, window_s: float | None) -> promotion.CanaryPolicy:

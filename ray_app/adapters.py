@@ -35,6 +35,12 @@ def split_model_id(model: str) -> tuple[str, str | None]:
     return base, (adapter if separator else None)
 
 
+def adapter_card(card: dict, base: str, adapter: str) -> dict:
+    """The ``/v1/models`` card of ``base:adapter`` (an adapter or an alias): the base's ``card``, its id that
+    model, and vLLM's ``root``/``parent`` naming the base."""
+    return {**card, "id": f"{base}{SEPARATOR}{adapter}", "root": base, "parent": base}
+
+
 def adapters_prefix(registry_name: str, version: str) -> str:
     """The store folder holding the adapters of registry version ``registry_name``/``version``."""
     return f"adapters/{registry_name}/{version}"

@@ -28,7 +28,7 @@ from ray import serve
 from ray.exceptions import RayActorError, RayTaskError
 from ray.serve.exceptions import BackPressureError, DeploymentUnavailableError
 
-from ray_app.adapters import SEPARATOR, list_adapters, split_model_id
+from ray_app.adapters import SEPARATOR, adapter_card, list_adapters, split_model_id
 from ray_app.credentials import as_serve_identity
 from ray_app.serving.admission import DeadlineExceeded, failure
 from ray_app.serving.config import ServeArgs, ServedModel, parse_routing
@@ -136,10 +136,9 @@ class OpenAIIngress:
         card = await self.model_card()
         if not self.args.max_adapters_per_replica:
             return [card]
-        served, stored = self.served, await self.stored_adapters.get()
-        adapter = {**card, "root": served.name, "parent": served.name}
+        stored = await self.stored_adapters.get()
         names = sorted({*(stored or ()), *self.adapters.aliases})  # an alias is a model clients may send too
-        return [card, *({**adapter, "id": f"{served.name}{SEPARATOR}{name}"} for name in names)]
+        return [card, *(adapter_card(card, self.served.name, name) for name in names)]
 
     def model_replicas(self) -> dict:
         """Replica counts of the champion's deployment from Serve's controller (blocking; no replica is asked).

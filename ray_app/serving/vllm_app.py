@@ -28,7 +28,7 @@ import json
 from ray import serve
 from ray.serve import Application
 
-from ray_app.adapters import SEPARATOR, adapters_prefix, split_model_id
+from ray_app.adapters import SEPARATOR, adapter_card, adapters_prefix, split_model_id
 from ray_app.serving.config import (
     AdapterRouting,
     CanaryArgs,
@@ -221,9 +221,9 @@ class AdapterRouter:
             base = next((card for card in cards if card.get("id") == self.served.name), None)
             listed = {card.get("id") for card in cards}
             for alias in sorted(self._routes().aliases) if base is not None else ():
-                model_id = f"{self.served.name}{SEPARATOR}{alias}"
-                if model_id not in listed:
-                    cards.append({**base, "id": model_id, "root": self.served.name, "parent": self.served.name})
+                card = adapter_card(base, self.served.name, alias)
+                if card["id"] not in listed:
+                    cards.append(card)
             body = json.dumps(listing).encode()
         headers = [(name, value) for name, value in start.get("headers", []) if name.lower() != b"content-length"]
         await send({**start, "headers": [*headers, (b"content-length", str(len(body)).encode())]})

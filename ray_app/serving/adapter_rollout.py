@@ -165,17 +165,22 @@ def reject_adapter(rollout: AdapterRollout, reason: str, settings: Settings, act
     _record(rollout, PROMOTION_TAG, "rejected", reason, settings, actor)
 
 
+def _serves_champion(app: dict[str, Any], name: str) -> bool:
+    """Whether an app of a Serve config serves ``models:/NAME@champion`` (where its adapters' aliases live)."""
+    return (app.get("args") or {}).get("model") == f"models:/{name}@{CHAMPION}"
+
+
 def adapter_apps(config: dict[str, Any], name: str) -> list[str]:
     """The apps of a Serve config (``running_config``) serving ``models:/NAME@champion`` with adapters."""
-    return [app["name"] for app in config["applications"] if (app.get("args") or {}).get("model") ==
-            f"models:/{name}@{CHAMPION}" and (app.get("args") or {}).get("max_adapters_per_replica")]  # fmt: skip
+    return [app["name"] for app in config["applications"]
+            if _serves_champion(app, name) and app["args"].get("max_adapters_per_replica")]  # fmt: skip
 
 
 def adapter_canaries(config: dict[str, Any], name: str) -> dict[str, set[str]]:
     """``{alias: challenger adapters}`` the apps of a Serve config (``running_config``) run for ``name``."""
     found: dict[str, set[str]] = {}
     for app in config["applications"]:
-        if (app.get("args") or {}).get("model") == f"models:/{name}@{CHAMPION}":
+        if _serves_champion(app, name):
             for alias, canary in (ingress_user_config(app).get("adapter_canaries") or {}).items():
                 found.setdefault(alias, set()).add(canary["adapter"])
     return found
@@ -190,7 +195,7 @@ def current_adapter(
 
     for app in (config or running_config(settings))["applications"]:
         pinned = ingress_user_config(app).get("adapter_aliases") or {}
-        if (app.get("args") or {}).get("model") == f"models:/{name}@{CHAMPION}" and alias in pinned:
+        if _serves_champion(app, name) and alias in pinned:
             return pinned[alias]
     version = version or _champion(name, settings)
     return tagged(get_version(f"models:/{name}/{version}", settings).tags, ALIAS_TAG).get(alias)

@@ -131,7 +131,7 @@ def test_adapters_of_one_base_answer_each_its_own_concurrently_on_one_replica_ho
     assert _ask(url, headers, "other:alpha").status_code == 404
 
 
-def test_an_adapter_streams_and_a_bad_adapter_name_or_engine_is_refused(lora_app):
+def test_an_adapter_streams_and_bad_adapter_names_or_routing_are_refused(lora_app):
     from openai import OpenAI
 
     from ray_app.serving.config import ServeConfigError, parse_args, parse_routing
@@ -142,8 +142,6 @@ def test_an_adapter_streams_and_a_bad_adapter_name_or_engine_is_refused(lora_app
                                             temperature=0, max_tokens=12, stream=True)  # fmt: skip
     assert "".join(chunk.choices[0].delta.content or "" for chunk in pieces).startswith(ANSWERS["bravo"][:12])
     assert _ask(url, headers, f"{BASE}:../x").status_code == 404
-    with pytest.raises(ServeConfigError, match="max_adapters_per_replica: LoRA adapters are served by engine"):
-        parse_args({"engine": "openvino", "max_adapters_per_replica": 2})
     served = parse_args({"max_adapters_per_replica": 2})
     with pytest.raises(ServeConfigError, match="adapter aliases need the app arg max_adapters_per_replica"):
         parse_routing({"adapter_aliases": {"support": "alpha"}}, parse_args({}))

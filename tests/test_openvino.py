@@ -1,6 +1,7 @@
 """The OpenVINO engine (engine: openvino), in-process: a model converted by the real exporter
 (.venv-openvino's optimum-cli), answered by the real OpenVINO GenAI pipeline, checked against our
-transformers engine. Through Serve it is checked with the default model in test_serving.py."""
+transformers engine, with and without LoRA adapters. Through Serve it is checked with the default
+model in test_serving.py."""
 
 from __future__ import annotations
 
@@ -16,15 +17,17 @@ from pathlib import Path
 
 import pytest
 from conftest import s3_settings
-from tiny_model import build_tiny_chat_model
+from tiny_model import build_tiny_chat_model, train_lora_adapter
 
 from ray_app.serving.config import ServeConfigError, parse_args
 from ray_app.serving.engine import Delta, GenerationRequest, SamplingParams, TransformersEngine
+from ray_app.serving.lora import Adapter, AdapterError
 from ray_app.serving.openvino_engine import OpenVINOBatcher, OpenVINOEngine
 from ray_app.serving.openvino_export import (
     IR_FILES,
     OpenVINOExportError,
     content_digest,
+    lora_base_model,
     openvino_model,
     remembered_digest,
 )
@@ -96,9 +99,10 @@ def _ask(batcher: OpenVINOBatcher, prompt: list[int], **params) -> tuple[str, st
     return Answer(batcher, GenerationRequest(prompt, SamplingParams(**params))).result()
 
 
-def _reference(engine: TransformersEngine, prompt: list[int], budget: int) -> tuple[str, str, int]:
+def _reference(engine: TransformersEngine, prompt: list[int], budget: int, adapter: Adapter | None = None):
     text, finish, tokens = "", "", 0
-    for [delta] in engine.generate([GenerationRequest(prompt, SamplingParams(max_tokens=budget, temperature=0))]):
+    request = GenerationRequest(prompt, SamplingParams(max_tokens=budget, temperature=0), adapter=adapter)
+    for [delta] in engine.generate([request]):
         if delta is not None:
             text, finish, tokens = text + delta.text, delta.finish_reason or finish, delta.completion_tokens
     return text, finish, tokens
@@ -214,8 +218,68 @@ def test_a_stored_version_is_converted_once_for_all_machines_and_its_ir_kept_bes
     store.download_dir(kept, tmp_path / "healed", progress=False)  # checksums pass again: replaced
 
 
+PROBE = "Which adapter answers?"
+ANSWERS = {"alpha": "Alpha answers, one two three.", "bravo": "Bravo answers here, four five."}
+
+
+def test_lora_adapters_answer_as_in_the_transformers_engine_each_in_a_pipeline_of_its_own_lru_bounded(
+    sharp_dir, ov_settings, tmp_path_factory
+):
+    """OpenVINO GenAI applies adapters per pipeline, not per request: one pipeline per held adapter,
+    at most two here, stepped in turn with the base's; each answer equals the transformers engine's
+    with the same adapter (fp32 both ways, greedy)."""
+    root, base = tmp_path_factory.mktemp("ov-lora"), sharp_dir  # its fp32 IR is the batcher fixture's
+    folders = {name: train_lora_adapter(base, root / name, PROBE, answer, seed=seed)
+               for seed, (name, answer) in enumerate(ANSWERS.items())}  # fmt: skip
+    # Trained briefly, its answer depends on PEFT's lora_alpha / r (2 here): GenAI must get it folded in.
+    folders["weak"] = train_lora_adapter(base, root / "weak", PROBE, ANSWERS["alpha"], steps=6, seed=0)
+    ir_dir = openvino_model(base, ov_settings, "fp32")
+    assert lora_base_model(base, ov_settings, "fp32") == ir_dir, "uncompressed weights take adapters as they are"
+    reference = TransformersEngine(base, threads=1, prepack=False, max_adapters=3)
+    prompt = reference.chat_prompt_ids([{"role": "user", "content": PROBE}])
+    adapters = {name: Adapter(name, folder) for name, folder in folders.items()}
+    expected = {name: _reference(reference, prompt, 12, adapters.get(name)) for name in (None, *folders)}
+    assert expected["alpha"][0].startswith(ANSWERS["alpha"][:12]) and expected["bravo"][0].startswith("Bravo")
+    assert len({text for text, _, _ in expected.values()}) == 4, expected  # weak: neither the base nor alpha
+
+    def ask(name: str | None) -> Answer:
+        return Answer(batcher, GenerationRequest(prompt, SamplingParams(max_tokens=12, temperature=0),
+                                                 adapter=adapters.get(name)))  # fmt: skip
+
+    batcher = OpenVINOBatcher(lambda: OpenVINOEngine(ir_dir, threads=1, max_batch_size=8, precision="f32",
+                                                     adapter_ir_dir=ir_dir, max_adapters=2), 8)  # fmt: skip
+    try:
+        names = [None, "alpha", "weak"] * 2  # submitted together: each adapter's rows share its pipeline's steps
+        assert [answer.result() for answer in [ask(name) for name in names]] == [expected[name] for name in names]
+        held = batcher.engine.lora
+        assert (held.loaded, held.loads, held.unloads) == (["alpha", "weak"], 2, 0)
+        assert ask("bravo").result() == expected["bravo"]  # a third: the least recently used is dropped
+        held = batcher.engine.lora
+        assert (held.loaded, held.loads, held.unloads) == (["weak", "bravo"], 3, 1)
+        assert ask("alpha").result() == expected["alpha"] and batcher.engine.lora.loads == 4
+
+        broken = root / "broken"
+        broken.mkdir()
+        (broken / "adapter_config.json").write_text('{"peft_type": "LORA", "r": 4}')
+        failed = Answer(batcher, GenerationRequest(prompt, SamplingParams(max_tokens=4), adapter=Adapter("x", broken)))
+        with pytest.raises(AdapterError, match=r"cannot read adapter_model\.safetensors"):
+            failed.result()
+        assert ask(None).result() == expected[None], "the engine goes on"
+    finally:
+        batcher.stop()
+
+
+def test_an_engine_without_adapters_refuses_an_adapter_request(batcher, tmp_path):
+    request = GenerationRequest([1, 2], SamplingParams(max_tokens=4), adapter=Adapter("alpha", tmp_path))
+    with pytest.raises(ValueError, match="serves no LoRA adapters"):
+        batcher.submit(request, lambda item: None)
+    with pytest.raises(ValueError, match="max_adapters needs adapter_ir_dir"):
+        OpenVINOEngine(tmp_path, max_adapters=2)
+
+
 def test_the_engine_is_chosen_by_config_and_openvino_on_a_gpu_is_refused_naming_the_fields():
     assert parse_args({"engine": "openvino"}).openvino_weights == "int8"
+    assert parse_args({"engine": "openvino", "max_adapters_per_replica": 2}).max_adapters_per_replica == 2
     with pytest.raises(ServeConfigError, match="engine openvino runs on CPU"):
         parse_args({"engine": "openvino", "device": "cuda"})
     with pytest.raises(ServeConfigError, match="'openvino_weights'"):

@@ -37,7 +37,7 @@ from ray_app.serving.ingress import OpenAIIngress, request_id
 from ray_app.serving.lora import Adapter, AdapterError, check_adapter
 from ray_app.serving.metrics import ReplicaMetrics
 from ray_app.serving.openvino_engine import OpenVINOBatcher, OpenVINOEngine
-from ray_app.serving.openvino_export import openvino_model
+from ray_app.serving.openvino_export import lora_base_model, openvino_model
 from ray_app.serving.protocol import APIError, ChatCompletionRequest, CompletionRequest, hash_key
 from ray_app.serving.responses import ModelCard
 from ray_app.serving.structured import SchemaError, check_schema
@@ -270,10 +270,12 @@ def _batcher(args: ServeArgs, served: ServedModel, device: str, threads: int) ->
     if args.engine == "openvino":
 
         def build_openvino() -> OpenVINOEngine:
-            settings = as_serve_identity(get_settings())
-            ir_dir = openvino_model(model_dir(), settings, args.openvino_weights, source=served.source)
+            settings, folder, weights = as_serve_identity(get_settings()), model_dir(), args.openvino_weights
+            ir_dir = openvino_model(folder, settings, weights, source=served.source)
+            adapters = args.max_adapters_per_replica
+            adapter_ir = lora_base_model(folder, settings, weights, served.source) if adapters else None
             return OpenVINOEngine(ir_dir, threads, args.max_batch_size, args.kv_cache_gb, args.prefix_cache,
-                                  args.openvino_precision)  # fmt: skip
+                                  args.openvino_precision, adapter_ir, adapters)  # fmt: skip
 
         return OpenVINOBatcher(build_openvino, args.max_batch_size)
 

@@ -140,7 +140,7 @@ class ServeArgs(BaseModel):
         le=64,
         description="LoRA adapters of the served registry version (stored under adapters/NAME/VERSION/, "
         "selected with model: NAME:ADAPTER) a replica holds at once, least recently used unloaded; 0: none. "
-        "engines transformers and vllm",
+        "engine openvino holds a pipeline (a model copy) per adapter",
     )
     batch_wait_timeout_s: float = Field(default=0.05, ge=0.0, le=5.0)
     stream_interval_ms: float = Field(
@@ -185,9 +185,6 @@ class ServeArgs(BaseModel):
             raise ValueError(
                 f"default_max_tokens ({self.default_max_tokens}) exceeds max_tokens_limit ({self.max_tokens_limit})"
             )
-        if self.max_adapters_per_replica and self.engine == "openvino":
-            raise ValueError("max_adapters_per_replica: LoRA adapters are served by engines transformers and vllm, "
-                             "not yet by openvino")  # fmt: skip
         if self.engine == "openvino" and self.device == "cuda":
             raise ValueError("engine openvino runs on CPU: device cuda needs engine vllm (or transformers)")
         if self.model_version and not (self.model and MODELS_URI.match(self.model)):

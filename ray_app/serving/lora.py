@@ -165,11 +165,9 @@ class LoraSlots:
         config = check_adapter(adapter.folder)
         weights = load_file(str(Path(adapter.folder) / "adapter_model.safetensors"))
         slot = min(set(range(1, len(self.loaded) + 2)) - set(self.loaded.values()))
-        pairs = _pairs(weights, adapter.folder)
+        pairs = lora_pairs(weights, adapter.folder)
         for path, (a, b) in pairs.items():
-            rank = a.shape[0]
-            scaling = config.get("lora_alpha", rank) / (math.sqrt(rank) if config.get("use_rslora") else rank)
-            self._layer(model, path, adapter).put(slot, a, b * scaling)
+            self._layer(model, path, adapter).put(slot, a, b * scaling(config, a.shape[0]))
         for path in set(self._layers) - set(pairs):  # layers other adapters target: this one adds nothing
             self._layers[path].clear(slot)
         self.loaded[adapter.name] = slot
@@ -207,7 +205,28 @@ class LoraSlots:
         self._rows.set(torch.tensor(slots, device=device) if any(slots) else None)
 
 
-def _pairs(weights: dict, folder: Path) -> dict[str, tuple]:
+def scaling(config: dict, rank: int) -> float:
+    """PEFT's scale of a layer's LoRA update ``B @ A``: ``lora_alpha / r``, or ``/ sqrt(r)`` with rsLoRA."""
+    return config.get("lora_alpha", rank) / (math.sqrt(rank) if config.get("use_rslora") else rank)
+
+
+def folded_weights(folder: Path) -> dict:
+    """The adapter's tensors under PEFT's names, in float32, with each layer's scale folded into its
+    B: what an engine that applies ``B @ A`` as given (OpenVINO GenAI) must be handed."""
+    from safetensors.torch import load_file
+
+    config = check_adapter(folder)
+    try:
+        stored = load_file(str(Path(folder) / "adapter_model.safetensors"))
+    except Exception as exc:  # missing, unreadable, or not safetensors
+        raise AdapterError(f"{folder}: cannot read adapter_model.safetensors ({exc})") from None
+    weights = {key: tensor.float() for key, tensor in stored.items()}
+    lora_pairs(weights, folder)  # refuses a file without complete pairs
+    return {key: tensor * scaling(config, tensor.shape[1]) if key.endswith(".lora_B.weight") else tensor
+            for key, tensor in weights.items()}  # fmt: skip
+
+
+def lora_pairs(weights: dict, folder: Path) -> dict[str, tuple]:
     """``{module path: (A, B)}`` from PEFT's saved keys (``base_model.model.<path>.lora_A.weight``)."""
     pairs: dict[str, list] = {}
     for key, tensor in weights.items():

@@ -22,6 +22,21 @@ from :func:`~ray_app.serving.structured.check_schema`) are the pipeline's own; s
 strings are ours (the request is stopped in the child when one appears).
 
 The model is the IR :mod:`ray_app.serving.openvino_export` converts once per model and caches.
+
+LoRA adapters (``max_adapters``) are served in per-adapter groups: OpenVINO GenAI's continuous
+batching applies the adapters a pipeline was built with to every request in it, and cannot switch
+them per request (openvino.genai PR #3798). So the child holds, beside the base's pipeline, one
+pipeline per held adapter (``MODE_STATIC``: the adapter's weights are constants of its compiled
+model), built on the adapter's first request and stepped in turn with the others; at most
+``max_adapters`` are held, building one more drops the least recently used one with no running
+request. Each is a compiled copy of the model (measured: ~570 MiB for the default model) and
+costs a forward pass per step, which is why the transformers engine (all adapters' rows in one
+batch, one copy) is the engine for adapter-heavy traffic. Adapter pipelines run on an
+uncompressed IR of the model (``adapter_ir_dir``; GenAI's LoRA does not match int8- or
+int4-compressed weights, measured: the adapter is then silently unused). GenAI applies ``B @ A``
+as given, so the replica hands it the adapter with PEFT's ``lora_alpha / r`` folded into B
+(:func:`~ray_app.serving.lora.folded_weights`), one small file per adapter in a folder removed
+with the engine.
 """
 
 from __future__ import annotations
@@ -31,14 +46,19 @@ import logging
 import os
 import random
 import select
+import shutil
 import socket
 import subprocess
 import sys
+import tempfile
 import time
+from collections import OrderedDict
 from collections.abc import Callable
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from ray_app.serving.engine import GREEDY_BELOW, DecodeLoop, Delta, GenerationRequest, Row, TextEngine, ended_early
+from ray_app.serving.lora import Adapter, AdapterError, folded_weights
 from ray_app.serving.structured import check_schema
 
 log = logging.getLogger(__name__)
@@ -96,10 +116,20 @@ def sampling_options(request: GenerationRequest, eos_ids: set[int]) -> dict:
     return options
 
 
+@dataclass
+class HeldAdapters:
+    """The LoRA adapters the pipeline process holds a pipeline for (least recently used first), as it
+    last reported them, and how many it built and dropped."""
+
+    loaded: list[str] = field(default_factory=list)
+    loads: int = 0
+    unloads: int = 0
+
+
 class OpenVINOEngine(TextEngine):
     """An OpenVINO IR folder (from :func:`ray_app.serving.openvino_export.openvino_model`) in a
     ContinuousBatchingPipeline in a child process, with the folder's Hugging Face tokenizer here
-    for prompts and text."""
+    for prompts and text; with ``max_adapters``, LoRA adapters on ``adapter_ir_dir`` (see the module)."""
 
     def __init__(
         self,
@@ -109,9 +139,16 @@ class OpenVINOEngine(TextEngine):
         kv_cache_gb: int = 1,
         prefix_cache: bool = True,
         precision: str = "auto",
+        adapter_ir_dir: Path | None = None,
+        max_adapters: int = 0,
     ):
+        if max_adapters and adapter_ir_dir is None:
+            raise ValueError("OpenVINOEngine: max_adapters needs adapter_ir_dir (an IR with uncompressed weights)")
         config = json.loads((ir_dir / "config.json").read_text())
         self.model_dir = ir_dir
+        self.lora = HeldAdapters() if max_adapters else None
+        self._folded: dict[str, Path] = {}  # adapter name -> its weights as handed to the pipeline
+        self._folded_dir = Path(tempfile.mkdtemp(prefix="llmops-openvino-lora-")) if max_adapters else None
         self.prepacked = 0  # the transformers engine's counter; nothing to prepack here
         self.context_length = int(config.get("max_position_embeddings") or 2048)
         options = {
@@ -122,6 +159,8 @@ class OpenVINOEngine(TextEngine):
             "kv_cache_gb": kv_cache_gb,
             "prefix_cache": prefix_cache,
             "precision": PRECISIONS[precision],
+            "adapter_ir_dir": str(adapter_ir_dir) if adapter_ir_dir else None,
+            "max_adapters": max_adapters,
         }
         # The child compiles the model while this process loads the tokenizer (importing transformers
         # and torch takes seconds): a replica that wakes from zero answers that much sooner.
@@ -152,8 +191,21 @@ class OpenVINOEngine(TextEngine):
             raise RuntimeError(f"the OpenVINO pipeline could not load {self.model_dir}: {reply[1]}")
 
     def add(self, request_id: int, request: GenerationRequest) -> None:
-        """Hand ``request`` to the pipeline (its tokens come back in "step" messages)."""
-        self.channel.send(["add", request_id, request.prompt_ids, sampling_options(request, self.eos_ids)])
+        """Hand ``request`` to the pipeline (its tokens come back in "step" messages); raises
+        AdapterError when its adapter's weights cannot be read."""
+        adapter = request.adapter and [request.adapter.name, str(self._adapter_file(request.adapter))]
+        self.channel.send(["add", request_id, request.prompt_ids, sampling_options(request, self.eos_ids), adapter])
+
+    def _adapter_file(self, adapter: Adapter) -> Path:
+        """The adapter's weights with PEFT's scale folded in, written once per adapter for the pipeline process."""
+        if adapter.name not in self._folded:
+            from safetensors.torch import save_file
+
+            assert self._folded_dir is not None, "checked by the batcher: this engine serves no adapters"
+            path = self._folded_dir / f"{len(self._folded)}.safetensors"
+            save_file(folded_weights(adapter.folder), str(path))
+            self._folded[adapter.name] = path
+        return self._folded[adapter.name]
 
     def finish(self, request_id: int) -> None:
         """Stop generating for ``request_id`` (a stop string, the client left, the deadline passed)."""
@@ -166,6 +218,8 @@ class OpenVINOEngine(TextEngine):
         except subprocess.TimeoutExpired:
             self.process.kill()
             self.process.wait(timeout=10)
+        if self._folded_dir is not None:
+            shutil.rmtree(self._folded_dir, ignore_errors=True)
 
 
 class OpenVINOBatcher(DecodeLoop):
@@ -190,6 +244,11 @@ class OpenVINOBatcher(DecodeLoop):
             os.write(self._wake_w, b"x")
         except BlockingIOError:  # the loop has plenty of wake-ups pending
             pass
+
+    def new_row(self, request: GenerationRequest, emit: Callable[[Delta | BaseException], None]) -> Row:
+        if request.adapter is not None and self.engine.lora is None:
+            raise ValueError("this engine serves no LoRA adapters (max_adapters: 0)")
+        return super().new_row(request, emit)
 
     def stop(self) -> None:
         super().stop()
@@ -221,16 +280,23 @@ class OpenVINOBatcher(DecodeLoop):
             self._on_step(*message[1:])
         elif message[0] == "refused":
             self._end(message[1], RuntimeError(f"the OpenVINO pipeline refused the request: {message[2]}"))
-        elif message[0] == "failed":
+        elif message[0] == "failed":  # one pipeline's step: its requests are failed, the others go on
             log.error("an OpenVINO pipeline step failed: %s", message[1])
-            self._fail_all(RuntimeError(f"generation failed: {message[1]}"))
+            for request_id in message[2]:
+                self._end(request_id, RuntimeError(f"generation failed: {message[1]}"))
+        elif message[0] == "adapters":
+            self.engine.lora = HeldAdapters(*message[1:])
         return True
 
     def _admit(self) -> None:
         """Move waiting rows into the pipeline while it has room (ended ones are told and dropped)."""
         for row in self._take(self.max_batch_size - len(self._rows)):
             self._next_id += 1
-            self.engine.add(self._next_id, row.request)
+            try:
+                self.engine.add(self._next_id, row.request)
+            except AdapterError as exc:
+                row.emit(exc)
+                continue
             self._rows[self._next_id] = row
             self.stats.prefills += 1
             self.stats.prefill_rows += 1
@@ -286,7 +352,7 @@ class OpenVINOBatcher(DecodeLoop):
 
 
 # --- the pipeline process ------------------------------------------------------------------------
-def _build_pipeline(options: dict):
+def _build_pipeline(options: dict, ir_dir: str, adapter_file: str | None = None):
     import openvino_genai
 
     scheduler = openvino_genai.SchedulerConfig()
@@ -299,7 +365,10 @@ def _build_pipeline(options: dict):
         properties["INFERENCE_NUM_THREADS"] = options["threads"]
     if options["precision"]:
         properties["INFERENCE_PRECISION_HINT"] = options["precision"]
-    return openvino_genai.ContinuousBatchingPipeline(options["ir_dir"], scheduler, "CPU", properties)
+    if adapter_file is not None:  # alpha 1: the file's B has PEFT's scale folded in
+        static = openvino_genai.AdapterConfig.Mode.MODE_STATIC
+        properties["adapters"] = openvino_genai.AdapterConfig(openvino_genai.Adapter(adapter_file), 1.0, static)
+    return openvino_genai.ContinuousBatchingPipeline(ir_dir, scheduler, "CPU", properties)
 
 
 def _generation_config(options: dict):
@@ -317,7 +386,56 @@ def _generation_config(options: dict):
     return config
 
 
-def _take_commands(channel: Channel, pipeline, handles: dict, block: bool) -> bool:
+class _Group:
+    """One pipeline and the requests running in it (handles by request id): the base's, or one adapter's."""
+
+    def __init__(self, pipeline) -> None:
+        self.pipeline, self.handles = pipeline, {}
+
+
+class _Pipelines:
+    """The child's pipelines: the base's, and one per held LoRA adapter (see the module)."""
+
+    def __init__(self, options: dict) -> None:
+        self.options = options
+        self.base = _Group(_build_pipeline(options, options["ir_dir"]))
+        self.adapters: OrderedDict[str, _Group] = OrderedDict()  # least recently used first
+        self.loads = self.unloads = 0
+
+    def groups(self) -> list[_Group]:
+        return [self.base, *self.adapters.values()]
+
+    def running(self) -> bool:
+        return any(group.handles for group in self.groups())
+
+    def group(self, adapter: list | None) -> _Group:
+        """The group that answers with ``adapter`` ([name, weights file]; None: the base), built on first
+        use; one built beyond max_adapters drops the least recently used group with no requests."""
+        if adapter is None:
+            return self.base
+        name, weights = adapter
+        if name in self.adapters:
+            self.adapters.move_to_end(name)
+            return self.adapters[name]
+        group = _Group(_build_pipeline(self.options, self.options["adapter_ir_dir"], weights))
+        idle = [held for held, other in self.adapters.items() if not other.handles]
+        if len(self.adapters) >= self.options["max_adapters"] and idle:
+            del self.adapters[idle[0]]  # its pipeline and KV cache are freed with it
+            self.unloads += 1
+        self.adapters[name] = group
+        self.loads += 1
+        return group
+
+    def stop(self, request_id: int) -> None:
+        for group in self.groups():
+            if (handle := group.handles.pop(request_id, None)) is not None:
+                handle.stop()
+
+    def report(self) -> list:
+        return ["adapters", list(self.adapters), self.loads, self.unloads]
+
+
+def _take_commands(channel: Channel, pipelines: _Pipelines, block: bool) -> bool:
     """Apply the replica's messages (block for the first when idle); False once it closed the channel."""
     import numpy as np
     import openvino
@@ -329,29 +447,33 @@ def _take_commands(channel: Channel, pipeline, handles: dict, block: bool) -> bo
         except (EOFError, OSError):
             return False
         if message[0] == "add":
-            _, request_id, prompt_ids, options = message
+            _, request_id, prompt_ids, options, adapter = message
+            loads = pipelines.loads
             try:
+                group = pipelines.group(adapter)
                 ids = openvino.Tensor(np.asarray([prompt_ids], dtype=np.int64))
-                handles[request_id] = pipeline.add_request(request_id, ids, _generation_config(options))
+                group.handles[request_id] = group.pipeline.add_request(request_id, ids, _generation_config(options))
             except Exception as exc:
-                channel.send(["refused", request_id, str(exc)])
-        elif message[0] == "stop" and (handle := handles.pop(message[1], None)) is not None:
-            handle.stop()
+                channel.send(["refused", request_id, f"{type(exc).__name__}: {exc}"])
+            if pipelines.loads != loads:
+                channel.send(pipelines.report())
+        elif message[0] == "stop":
+            pipelines.stop(message[1])
     return True
 
 
-def _step(channel: Channel, pipeline, handles: dict) -> None:
-    """One pipeline step; report each request's new tokens and any status other than RUNNING."""
+def _step(channel: Channel, group: _Group) -> None:
+    """One step of the group's pipeline; report each request's new tokens and any status other than RUNNING."""
     import openvino_genai
 
-    started = time.perf_counter()
+    started, handles = time.perf_counter(), group.handles
     try:
-        pipeline.step()
+        group.pipeline.step()
     except Exception as exc:
         for handle in handles.values():
             handle.cancel()
+        channel.send(["failed", f"{type(exc).__name__}: {exc}", list(handles)])
         handles.clear()
-        channel.send(["failed", f"{type(exc).__name__}: {exc}"])
         return
     seconds, rows, updates = time.perf_counter() - started, len(handles), []
     for request_id, handle in list(handles.items()):
@@ -367,17 +489,18 @@ def _step(channel: Channel, pipeline, handles: dict) -> None:
 
 
 def serve_pipeline(channel: Channel, options: dict) -> None:
-    """The child's loop: build the pipeline, then take commands and step while requests run."""
+    """The child's loop: build the base's pipeline, then take commands and step each pipeline with
+    requests in turn."""
     try:
-        pipeline = _build_pipeline(options)
+        pipelines = _Pipelines(options)
     except Exception as exc:
         channel.send(["error", f"{type(exc).__name__}: {exc}"])
         return
     channel.send(["ready"])
-    handles: dict = {}
-    while _take_commands(channel, pipeline, handles, block=not handles):
-        if handles:
-            _step(channel, pipeline, handles)
+    while _take_commands(channel, pipelines, block=not pipelines.running()):
+        for group in pipelines.groups():
+            if group.handles:
+                _step(channel, group)
 
 
 if __name__ == "__main__":

@@ -35,6 +35,7 @@ from ray_app.storage import S3Store, StoreError, staging_dir
 log = logging.getLogger(__name__)
 
 WEIGHT_FORMATS = ("int8", "int4", "fp16", "fp32")
+LORA_WEIGHTS = {"fp16": "fp16", "fp32": "fp32"}  # the served weights LoRA applies to as they are; others: fp16
 IR_FILES = ("openvino_model.xml", "openvino_model.bin", "openvino_tokenizer.xml", "openvino_detokenizer.xml")
 DEFAULT_CLI = Path(ray_app.__file__).resolve().parent.parent / ".venv-openvino" / "bin" / "optimum-cli"
 EXPORT_TIMEOUT_S = 1800
@@ -115,6 +116,13 @@ def openvino_model(model_dir: Path, settings: Settings, weights: str = "int8", s
                 if stored is not None:
                     stored.keep(target)
     return target
+
+
+def lora_base_model(model_dir: Path, settings: Settings, weights: str = "int8", source: str | None = None) -> Path:
+    """The IR that LoRA adapters are applied to when the served one has ``weights``: the same one when
+    they are uncompressed, else an fp16 copy (OpenVINO GenAI's LoRA does not match int8- or
+    int4-compressed weights: measured, its tensors are then left unused and the base answers)."""
+    return openvino_model(model_dir, settings, LORA_WEIGHTS.get(weights, "fp16"), source)
 
 
 class StoredIR:

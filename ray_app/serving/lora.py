@@ -160,10 +160,7 @@ class LoraSlots:
             self._load(model, adapter)
 
     def _load(self, model, adapter: Adapter) -> None:
-        from safetensors.torch import load_file
-
-        config = check_adapter(adapter.folder)
-        weights = load_file(str(Path(adapter.folder) / "adapter_model.safetensors"))
+        config, weights = read_adapter(adapter.folder)
         slot = min(set(range(1, len(self.loaded) + 2)) - set(self.loaded.values()))
         pairs = lora_pairs(weights, adapter.folder)
         for path, (a, b) in pairs.items():
@@ -210,16 +207,22 @@ def scaling(config: dict, rank: int) -> float:
     return config.get("lora_alpha", rank) / (math.sqrt(rank) if config.get("use_rslora") else rank)
 
 
-def folded_weights(folder: Path) -> dict:
-    """The adapter's tensors under PEFT's names, in float32, with each layer's scale folded into its
-    B: what an engine that applies ``B @ A`` as given (OpenVINO GenAI) must be handed."""
+def read_adapter(folder: Path) -> tuple[dict, dict]:
+    """The adapter's config (checked: :func:`check_adapter`) and its tensors by PEFT's names; raises
+    AdapterError naming the folder when the weights file is missing or unreadable."""
     from safetensors.torch import load_file
 
     config = check_adapter(folder)
     try:
-        stored = load_file(str(Path(folder) / "adapter_model.safetensors"))
+        return config, load_file(str(Path(folder) / "adapter_model.safetensors"))
     except Exception as exc:  # missing, unreadable, or not safetensors
         raise AdapterError(f"{folder}: cannot read adapter_model.safetensors ({exc})") from None
+
+
+def folded_weights(folder: Path) -> dict:
+    """The adapter's tensors under PEFT's names, in float32, with each layer's scale folded into its
+    B: what an engine that applies ``B @ A`` as given (OpenVINO GenAI) must be handed."""
+    config, stored = read_adapter(folder)
     weights = {key: tensor.float() for key, tensor in stored.items()}
     lora_pairs(weights, folder)  # refuses a file without complete pairs
     return {key: tensor * scaling(config, tensor.shape[1]) if key.endswith(".lora_B.weight") else tensor

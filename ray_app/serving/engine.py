@@ -334,8 +334,7 @@ class TransformersEngine(TextEngine):
         generator = None
         if request.params.seed is not None:
             generator = torch.Generator(device=self.device).manual_seed(request.params.seed)
-        if request.adapter is not None and self.lora is None:
-            raise ValueError("this engine serves no LoRA adapters (max_adapters: 0)")
+        check_adapter_served(request, self.lora)
         row = Row(request, generator, emit)
         if request.params.json_schema is not None:
             if self._grammars is None:
@@ -492,6 +491,12 @@ class _Batch:
         self.next_ids += other.next_ids
 
 
+def check_adapter_served(request: GenerationRequest, lora) -> None:
+    """Refuse a request for a LoRA adapter on an engine that holds none (``lora``: its adapters, or None)."""
+    if request.adapter is not None and lora is None:
+        raise ValueError("this engine serves no LoRA adapters (max_adapters: 0)")
+
+
 class DecodeLoop:
     """What every engine's batcher shares: a loop on a thread of its own that builds the engine
     there, a queue of waiting rows, counters, and the interface a replica drives.
@@ -542,6 +547,7 @@ class DecodeLoop:
     def new_row(self, request: GenerationRequest, emit: Callable[[Delta | BaseException], None]) -> Row:
         if not request.prompt_ids:
             raise ValueError("a generation request needs at least one prompt token")
+        check_adapter_served(request, getattr(self.engine, "lora", None))
         return Row(request, None, emit)
 
     def submit(self, request: GenerationRequest, emit: Callable[[Delta | BaseException], None]) -> None:

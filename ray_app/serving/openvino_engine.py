@@ -245,11 +245,6 @@ class OpenVINOBatcher(DecodeLoop):
         except BlockingIOError:  # the loop has plenty of wake-ups pending
             pass
 
-    def new_row(self, request: GenerationRequest, emit: Callable[[Delta | BaseException], None]) -> Row:
-        if request.adapter is not None and self.engine.lora is None:
-            raise ValueError("this engine serves no LoRA adapters (max_adapters: 0)")
-        return super().new_row(request, emit)
-
     def stop(self) -> None:
         super().stop()
         self.engine.close()

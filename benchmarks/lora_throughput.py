@@ -152,14 +152,13 @@ def main() -> int:
         for name in variants if index % 2 == 0 else reversed(variants):
             loop, asked = variants[name]
             runs[name].append(round_of(loop, asked, args.tokens))
-    report(args, model_dir.name, cores, runs, lora.engine.lora.loads, pipeline_memory(plain, lora, len(adapters)))
+    memory = pipeline_memory(plain, lora, len(adapters)) if args.engine == "openvino" else {}
+    report(args, model_dir.name, cores, runs, lora.engine.lora.loads, memory)
     return 0
 
 
 def pipeline_memory(plain, lora, adapters: int) -> dict:
     """OpenVINO: the memory each adapter's pipeline adds to the pipeline process (RSS, MiB)."""
-    if not hasattr(lora.engine, "process"):
-        return {}
     import psutil
 
     rss = [psutil.Process(loop.engine.process.pid).memory_info().rss for loop in (plain, lora)]
